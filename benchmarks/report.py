@@ -1,0 +1,93 @@
+"""Turn pytest-benchmark JSON into the Markdown table of the README and a PNG plot.
+
+Usage: python benchmarks/report.py RESULTS.json [--markdown OUT.md] [--plot OUT.png] [--machine "..."]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections import defaultdict
+
+IMPL_ORDER = ("fused", "reference", "official")
+
+
+def load(path: str) -> dict:
+    """(op, size, device, dtype, pass) -> impl -> (median seconds, peak MiB)."""
+    with open(path) as f:
+        data = json.load(f)
+    table = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        key = (info["op"], info["size"], info["device"], info["dtype"], info["pass_name"])
+        table[key][info["impl"]] = (bench["stats"]["median"], info.get("peak_mib", float("nan")))
+    return table, data.get("machine_info", {})
+
+
+def _ratio(num: float, den: float) -> str:
+    return f"{num / den:.1f}x" if den > 0 else "n/a"
+
+
+def markdown(table: dict, machine: str) -> str:
+    lines = [
+        f"Machine: {machine}. Median time (ms) and peak memory growth (MiB) per pass; "
+        "speed-up and memory saving of the fused op against the official CAML computation.",
+        "",
+        "| op | size | device | pass | fused ms | reference ms | official ms | fused MiB | reference MiB "
+        "| official MiB | speed-up | memory saving |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for (op, size, device, dtype, pass_name), impls in sorted(table.items()):
+        times = [impls.get(i, (float("nan"),) * 2)[0] * 1e3 for i in IMPL_ORDER]
+        mems = [impls.get(i, (float("nan"),) * 2)[1] for i in IMPL_ORDER]
+        lines.append(
+            f"| {op} | {size} | {device} {dtype} | {pass_name} | "
+            + " | ".join(f"{t:.1f}" for t in times) + " | "
+            + " | ".join(f"{m:.0f}" for m in mems)
+            + f" | {_ratio(times[2], times[0])} | {_ratio(mems[2], mems[0])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(k for k in table if k[4] == "forward+backward")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(keys) + 2))
+    labels = [f"{op} {size} {device}" for op, size, device, _, _ in keys]
+    for ax, index, title in ((axes[0], 0, "forward+backward time (ms)"), (axes[1], 1, "peak memory (MiB)")):
+        for offset, impl in enumerate(IMPL_ORDER):
+            values = [table[k].get(impl, (0, 0))[index] * (1e3 if index == 0 else 1) for k in keys]
+            ax.barh([i + offset * 0.27 for i in range(len(keys))], values, height=0.27, label=impl)
+        ax.set_yticks([i + 0.27 for i in range(len(keys))], labels)
+        ax.set_xscale("log")
+        ax.set_title(title)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results")
+    parser.add_argument("--markdown", help="write the table here (default: print it)")
+    parser.add_argument("--plot", help="write a PNG bar chart here")
+    parser.add_argument("--machine", help="the machine's name for the table (default: from the JSON)")
+    args = parser.parse_args()
+    table, info = load(args.results)
+    machine = args.machine or f"{info.get('cpu', {}).get('brand_raw', platform.processor())}"
+    text = markdown(table, machine)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    if args.plot:
+        plot(table, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Segmentation metrics with the definitions of ``medpy.metric.binary`` (the
+numbers the semi-supervised LA literature reports): ``dc``, ``jc``, ``hd95``
+and ``asd``.
+
+Masks are binary: any nonzero voxel is foreground. Inputs may be numpy arrays
+or torch tensors (any device) of the same shape, 2D or 3D. ``spacing`` is the
+voxel size per axis (a number or one value per axis; ``None`` means 1), so
+distances come out in the units of the spacing (voxels by default, as the
+official CAML evaluation reports them).
+
+Surface distances follow medpy exactly: a mask's surface is the mask minus its
+binary erosion with connectivity 1 (faces only; voxels on the volume border
+count as surface), and a surface voxel's distance is the Euclidean distance
+transform (with spacing) to the nearest surface voxel of the other mask.
+The distance transform runs on the joint bounding box of both masks plus a
+one-voxel margin, which gives the same numbers as on the whole volume.
+
+Empty masks (where medpy's dc returns 0 for two empty masks and its distances
+raise RuntimeError):
+
+- ``dice`` and ``jaccard``: 0 when exactly one mask is empty, 1 when both are
+  (perfect agreement on "nothing here").
+- ``hd95`` and ``asd``: ``nan`` when either mask is empty (no surface to
+  measure from or to); average per-case results with ``numpy.nanmean``
+  and report how many cases were empty.
+
+The official CAML/MC-Net evaluation instead scores an empty prediction as
+(dice, jaccard, hd95, asd) = (0, 0, 0, 0), which makes its distance means
+flattering; ``nan`` keeps such cases out of the distance means instead.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from scipy import ndimage
+
+Spacing = Optional[Union[float, Sequence[float]]]
+
+__all__ = ["dice", "jaccard", "hd95", "asd", "surface_distances", "case_metrics"]
+
+
+def _as_bool_array(mask) -> np.ndarray:
+    if hasattr(mask, "detach"):  # torch.Tensor, without importing torch here
+        mask = mask.detach().cpu().numpy()
+    return np.asarray(mask).astype(bool, copy=False)
+
+
+def _pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+    pred, gt = _as_bool_array(pred), _as_bool_array(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt must have the same shape, got {pred.shape} and {gt.shape}")
+    return pred, gt
+
+
+def _spacing(spacing: Spacing, ndim: int) -> Optional[np.ndarray]:
+    if spacing is None:
+        return None
+    values = np.asarray(spacing, dtype=np.float64)
+    if values.ndim == 0:
+        values = np.full(ndim, float(values))
+    if values.shape != (ndim,) or not np.all(values > 0):
+        raise ValueError(f"spacing must be a positive number or {ndim} positive numbers, got {spacing!r}")
+    return np.ascontiguousarray(values)
+
+
+def dice(pred, gt) -> float:
+    """Dice coefficient 2|P & G| / (|P| + |G|) (medpy ``dc``); 1 if both are empty."""
+    pred, gt = _pair(pred, gt)
+    total = np.count_nonzero(pred) + np.count_nonzero(gt)
+    if total == 0:
+        return 1.0
+    return 2.0 * np.count_nonzero(pred & gt) / total
+
+
+def jaccard(pred, gt) -> float:
+    """Jaccard index |P & G| / |P | G| (medpy ``jc``); 1 if both are empty."""
+    pred, gt = _pair(pred, gt)
+    union = np.count_nonzero(pred | gt)
+    if union == 0:
+        return 1.0
+    return np.count_nonzero(pred & gt) / union
+
+
+def _crop_to_masks(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to their joint bounding box plus one voxel (clipped at the volume border)."""
+    nonzero = np.nonzero(pred | gt)
+    box = tuple(slice(max(int(idx.min()) - 1, 0), int(idx.max()) + 2) for idx in nonzero)
+    return pred[box], gt[box]
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask ^ ndimage.binary_erosion(mask, structure=structure, iterations=1)
+
+
+def _directed_distances(src_surface: np.ndarray, dst_surface: np.ndarray, spacing) -> np.ndarray:
+    distance_to_dst = ndimage.distance_transform_edt(~dst_surface, sampling=spacing)
+    return distance_to_dst[src_surface]
+
+
+def surface_distances(pred, gt, spacing: Spacing = None) -> tuple[np.ndarray, np.ndarray]:
+    """Directed surface distances (pred surface -> gt surface, gt surface -> pred surface).
+
+    Raises ValueError if either mask is empty (there is no surface).
+    """
+    pred, gt = _pair(pred, gt)
+    sampling = _spacing(spacing, pred.ndim)
+    if not pred.any() or not gt.any():
+        raise ValueError("surface distances need a nonempty pred and gt")
+    pred, gt = _crop_to_masks(pred, gt)
+    pred_surface, gt_surface = _surface(pred), _surface(gt)
+    return (_directed_distances(pred_surface, gt_surface, sampling),
+            _directed_distances(gt_surface, pred_surface, sampling))
+
+
+def _distance_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Spacing) -> tuple[float, float]:
+    """(hd95, asd) of boolean masks; (nan, nan) if either is empty."""
+    if not pred.any() or not gt.any():
+        _spacing(spacing, pred.ndim)  # still reject a malformed spacing
+        return float("nan"), float("nan")
+    to_gt, to_pred = surface_distances(pred, gt, spacing)
+    return float(np.percentile(np.concatenate((to_gt, to_pred)), 95)), float(to_gt.mean())
+
+
+def hd95(pred, gt, spacing: Spacing = None) -> float:
+    """95th percentile of both directed surface distance sets together (medpy ``hd95``); nan if either is empty."""
+    return _distance_metrics(*_pair(pred, gt), spacing)[0]
+
+
+def asd(pred, gt, spacing: Spacing = None) -> float:
+    """Mean distance from pred's surface to gt's surface (medpy ``asd``, not symmetric); nan if either is empty."""
+    return _distance_metrics(*_pair(pred, gt), spacing)[1]
+
+
+def case_metrics(pred, gt, spacing: Spacing = None) -> dict[str, float]:
+    """``{"dice", "jaccard", "hd95", "asd"}`` for one case (empty masks as in the module docstring)."""
+    pred, gt = _pair(pred, gt)
+    hd95_value, asd_value = _distance_metrics(pred, gt, spacing)
+    return {"dice": dice(pred, gt), "jaccard": jaccard(pred, gt), "hd95": hd95_value, "asd": asd_value}

@@ -1,0 +1,191 @@
+"""CAML3d: the two-sub-model V-Net of CAML (Gao et al., MICCAI 2023), official ``CAML3d_v1`` layout.
+
+Sub-model v: encoder 1 + decoder 1 (up-sampling by transposed conv). Sub-model a: encoder 2 with CMA
+(intra- then inter-sample attention, :class:`caml_ops.nn.CrossSampleMutualAttention`) after block four,
+active only in training, + decoder 2 (trilinear up-sampling + conv). Projection and prediction heads
+(Linear, BatchNorm1d, ReLU, Linear) map voxel embeddings to the ``feat_dim``-wide features of the
+omni-correlation loss. Module names and shapes are the official ones: official checkpoints load with
+``strict=True`` (:func:`load_checkpoint`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from caml_ops.nn import CrossSampleMutualAttention
+
+from .vnet import DEPTH, Decoder, Encoder
+
+SUB_MODELS = ("v", "a")
+_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
+
+
+class CAML3dOutput(NamedTuple):
+    """The official model's outputs, in its order."""
+
+    logits_v: Tensor  # [B, num_classes, *spatial], sub-model v (decoder 1)
+    logits_a: Tensor  # [B, num_classes, *spatial], sub-model a (decoder 2)
+    embedding_v: Tensor  # [B, n_filters, *spatial], decoder 1's last features
+    embedding_a: Tensor  # [B, n_filters, *spatial], decoder 2's last features
+
+
+class AuxiliaryEncoder(Encoder):
+    """Encoder 2: the V-Net encoder with CMA on the block-four features.
+
+    The official auxiliary encoder holds the CMA's two stages itself (``intra_attention.encoder_layers``,
+    ``inter_attention.encoder_layers``), so they are registered here under those names and applied in
+    the CMA's order.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        n_filters: int = 16,
+        normalization: str = "none",
+        has_dropout: bool = False,
+        cma_heads: int = 4,
+        cma_dropout: float = 0.5,
+    ) -> None:
+        super().__init__(in_channels, n_filters, normalization, has_dropout)
+        cma = CrossSampleMutualAttention(8 * n_filters, nhead=cma_heads, ffn_mult=4, dropout=cma_dropout)
+        self.intra_attention = cma.intra_attention
+        self.inter_attention = cma.inter_attention
+
+    def after_block_four(self, x4: Tensor) -> Tensor:
+        return self.intra_attention(self.inter_attention(x4))
+
+
+def _head(in_features: int, feat_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_features, feat_dim), nn.BatchNorm1d(feat_dim), nn.ReLU(inplace=True), nn.Linear(feat_dim, feat_dim)
+    )
+
+
+class CAML3d(nn.Module):
+    """CAML's model (official ``CAML3d_v1``; defaults: the official configuration).
+
+    Args:
+        in_channels: image channels (LA: 1).
+        num_classes: segmentation classes, background included (LA: 2).
+        n_filters: V-Net base width; the voxel embeddings are ``n_filters`` wide.
+        feat_dim: width of the projection / prediction heads' output (official: 32, see DESIGN).
+        normalization: ``"batchnorm"``, ``"groupnorm"``, ``"instancenorm"`` or ``"none"``.
+        has_dropout: 3D dropout (p = 0.5) on the bottlenecks and before the output convs in training
+            (the official training model; its test model has none, which changes nothing in eval mode).
+        cma_heads, cma_dropout: heads and dropout of the CMA transformer layers (official: 4, 0.5).
+
+    ``forward(x)``, x: [B, in_channels, D, H, W] with D, H, W multiples of 16, returns
+    :class:`CAML3dOutput` ``(logits_v, logits_a, embedding_v, embedding_a)``. CMA mixes the samples of
+    the batch in training mode only; in eval mode every sample is processed independently.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        n_filters: int = 16,
+        feat_dim: int = 32,
+        normalization: str = "batchnorm",
+        has_dropout: bool = True,
+        cma_heads: int = 4,
+        cma_dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.num_classes, self.n_filters, self.feat_dim = in_channels, num_classes, n_filters, feat_dim
+        self.encoder1 = Encoder(in_channels, n_filters, normalization, has_dropout)
+        self.encoder2 = AuxiliaryEncoder(in_channels, n_filters, normalization, has_dropout, cma_heads, cma_dropout)
+        self.decoder1 = Decoder(num_classes, n_filters, normalization, has_dropout, up_mode="deconv")
+        self.decoder2 = Decoder(num_classes, n_filters, normalization, has_dropout, up_mode="trilinear")
+        self.projection_head1 = _head(n_filters, feat_dim)
+        self.prediction_head1 = _head(feat_dim, feat_dim)
+        self.projection_head2 = _head(n_filters, feat_dim)
+        self.prediction_head2 = _head(feat_dim, feat_dim)
+
+    def forward(self, x: Tensor) -> CAML3dOutput:
+        multiple = 2**DEPTH
+        if x.dim() != 5 or x.shape[1] != self.in_channels or any(s % multiple for s in x.shape[2:]):
+            raise ValueError(
+                f"x must be [B, {self.in_channels}, D, H, W] with D, H, W multiples of {multiple}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        features_v = self.encoder1(x)
+        features_a = self.encoder2(x)
+        logits_v, embedding_v = self.decoder1(features_v)
+        logits_a, embedding_a = self.decoder2(features_a)
+        return CAML3dOutput(logits_v, logits_a, embedding_v, embedding_a)
+
+    def project(self, embeddings: Tensor, sub_model: str) -> Tensor:
+        """Projection head of sub-model ``"v"`` or ``"a"``: [N, n_filters] -> [N, feat_dim]."""
+        return (self.projection_head1 if _sub_model(sub_model) == "v" else self.projection_head2)(embeddings)
+
+    def predict(self, embeddings: Tensor, sub_model: str) -> Tensor:
+        """Prediction head after the projection head of sub-model ``"v"`` or ``"a"``: [N, n_filters] -> [N, feat_dim]."""
+        head = self.prediction_head1 if _sub_model(sub_model) == "v" else self.prediction_head2
+        return head(self.project(embeddings, sub_model))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+            f"n_filters={self.n_filters}, feat_dim={self.feat_dim}"
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> "CAML3d":
+        """A model built to the checkpoint's sizes (in_channels, num_classes, n_filters, feat_dim, read
+        from its shapes; other arguments from ``kwargs``), its weights loaded with ``strict=True``."""
+        state = read_state_dict(path)
+        try:
+            n_filters, in_channels = state["encoder1.block_one.conv.0.weight"].shape[:2]
+            sizes = dict(
+                in_channels=in_channels,
+                num_classes=state["decoder1.out_conv.weight"].shape[0],
+                n_filters=n_filters,
+                feat_dim=state["projection_head1.0.weight"].shape[0],
+            )
+        except KeyError as err:
+            raise ValueError(f"{os.fspath(path)} is not a CAML3d checkpoint: no {err.args[0]!r}") from None
+        model = cls(**{**sizes, **kwargs})
+        model.load_state_dict(state, strict=True)
+        return model
+
+
+def _sub_model(name: str) -> str:
+    if name not in SUB_MODELS:
+        raise ValueError(f"sub_model must be 'v' (decoder 1) or 'a' (decoder 2), got {name!r}")
+    return name
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The model state_dict in a checkpoint file, read with ``weights_only=True`` onto the CPU.
+
+    Accepts a raw state_dict (the official ``torch.save(model.state_dict(), path)``) or a dict holding
+    it under ``"model"``, ``"state_dict"``, ``"model_state_dict"`` or ``"net"``; a ``"module."`` prefix
+    on every key (a DistributedDataParallel model's state_dict) is removed.
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not _is_state_dict(obj):
+        inner = [obj[k] for k in _WRAPPER_KEYS if isinstance(obj, Mapping) and _is_state_dict(obj.get(k))]
+        if not inner:
+            found = sorted(obj.keys()) if isinstance(obj, Mapping) else type(obj).__name__
+            raise ValueError(
+                f"{os.fspath(path)} holds neither a state_dict nor a dict with one under {_WRAPPER_KEYS}: {found}"
+            )
+        obj = inner[0]
+    state = dict(obj)
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a checkpoint file (official or ours, see :func:`read_state_dict`) into ``model`` with
+    ``strict=True``; returns the model."""
+    model.load_state_dict(read_state_dict(path), strict=True)
+    return model

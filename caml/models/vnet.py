@@ -1,0 +1,165 @@
+"""V-Net pieces of the CAML / MC-Net code: convolution stages, down- and up-sampling blocks, the encoder
+and the decoder, with the official module names (``block_one`` ... ``block_nine``, ``conv.<i>``) so the
+official checkpoints load with ``strict=True``."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
+DEPTH = 4  # down-samplings by 2: the spatial sizes must be multiples of 2**DEPTH
+
+
+def _norm(normalization: str, channels: int) -> list[nn.Module]:
+    if normalization == "batchnorm":
+        return [nn.BatchNorm3d(channels)]
+    if normalization == "groupnorm":
+        return [nn.GroupNorm(num_groups=16, num_channels=channels)]
+    if normalization == "instancenorm":
+        return [nn.InstanceNorm3d(channels)]
+    if normalization == "none":
+        return []
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+class ConvBlock(nn.Module):
+    """``n_stages`` x (3x3x3 conv, norm, ReLU)."""
+
+    def __init__(self, n_stages: int, in_channels: int, out_channels: int, normalization: str = "none") -> None:
+        super().__init__()
+        ops: list[nn.Module] = []
+        for stage in range(n_stages):
+            ops.append(nn.Conv3d(in_channels if stage == 0 else out_channels, out_channels, 3, padding=1))
+            ops += _norm(normalization, out_channels)
+            ops.append(nn.ReLU(inplace=True))
+        self.conv = nn.Sequential(*ops)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class DownsamplingConvBlock(nn.Module):
+    """Strided conv (kernel = stride), norm, ReLU: halves each spatial size for stride 2."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none") -> None:
+        super().__init__()
+        ops = [nn.Conv3d(in_channels, out_channels, stride, padding=0, stride=stride)]
+        self.conv = nn.Sequential(*ops, *_norm(normalization, out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class UpsamplingDeconvBlock(nn.Module):
+    """Transposed conv (kernel = stride), norm, ReLU (decoder 1 of CAML)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none") -> None:
+        super().__init__()
+        ops = [nn.ConvTranspose3d(in_channels, out_channels, stride, padding=0, stride=stride)]
+        self.conv = nn.Sequential(*ops, *_norm(normalization, out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsampling(nn.Module):
+    """Interpolation (``"trilinear"``, align_corners=True, or ``"nearest"``), 3x3x3 conv, norm, ReLU
+    (decoder 2 of CAML: trilinear)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none", mode: str = "trilinear"
+    ) -> None:
+        super().__init__()
+        if mode == "trilinear":
+            upsample = nn.Upsample(scale_factor=stride, mode="trilinear", align_corners=True)
+        elif mode == "nearest":
+            upsample = nn.Upsample(scale_factor=stride, mode="nearest")
+        else:
+            raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
+        ops = [upsample, nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)]
+        self.conv = nn.Sequential(*ops, *_norm(normalization, out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Encoder(nn.Module):
+    """V-Net encoder: five stages (1, 2, 3, 3, 3 convs; n, 2n, 4n, 8n, 16n channels) with four
+    down-samplings; returns the five stages' features (skips and bottleneck). With ``has_dropout``,
+    3D dropout (p = 0.5) on the bottleneck in training."""
+
+    def __init__(
+        self, in_channels: int = 1, n_filters: int = 16, normalization: str = "none", has_dropout: bool = False
+    ) -> None:
+        super().__init__()
+        n = n_filters
+        self.has_dropout = has_dropout
+        self.block_one = ConvBlock(1, in_channels, n, normalization)
+        self.block_one_dw = DownsamplingConvBlock(n, 2 * n, normalization=normalization)
+        self.block_two = ConvBlock(2, 2 * n, 2 * n, normalization)
+        self.block_two_dw = DownsamplingConvBlock(2 * n, 4 * n, normalization=normalization)
+        self.block_three = ConvBlock(3, 4 * n, 4 * n, normalization)
+        self.block_three_dw = DownsamplingConvBlock(4 * n, 8 * n, normalization=normalization)
+        self.block_four = ConvBlock(3, 8 * n, 8 * n, normalization)
+        self.block_four_dw = DownsamplingConvBlock(8 * n, 16 * n, normalization=normalization)
+        self.block_five = ConvBlock(3, 16 * n, 16 * n, normalization)
+        self.dropout = nn.Dropout3d(p=0.5)
+
+    def after_block_four(self, x4: Tensor) -> Tensor:
+        """Hook on the block-four features (the CAML auxiliary encoder puts CMA here)."""
+        return x4
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x1 = self.block_one(x)
+        x2 = self.block_two(self.block_one_dw(x1))
+        x3 = self.block_three(self.block_two_dw(x2))
+        x4 = self.after_block_four(self.block_four(self.block_three_dw(x3)))
+        x5 = self.block_five(self.block_four_dw(x4))
+        if self.has_dropout:
+            x5 = self.dropout(x5)
+        return [x1, x2, x3, x4, x5]
+
+
+class Decoder(nn.Module):
+    """V-Net decoder: four up-samplings, each added to the encoder's skip feature, then a 1x1x1 conv to
+    ``num_classes`` logits. ``up_mode``: ``"deconv"`` (transposed conv), ``"trilinear"`` or ``"nearest"``
+    (interpolation + conv). With ``has_dropout``, 3D dropout (p = 0.5) before the output conv in training.
+    ``forward(features)`` returns ``(logits, last features)``; the last features (``n_filters`` wide)
+    are CAML's voxel embeddings."""
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        n_filters: int = 16,
+        normalization: str = "none",
+        has_dropout: bool = False,
+        up_mode: str = "deconv",
+    ) -> None:
+        super().__init__()
+        n = n_filters
+        self.has_dropout = has_dropout
+
+        def up(in_channels: int, out_channels: int) -> nn.Module:
+            if up_mode == "deconv":
+                return UpsamplingDeconvBlock(in_channels, out_channels, normalization=normalization)
+            return Upsampling(in_channels, out_channels, normalization=normalization, mode=up_mode)
+
+        self.block_five_up = up(16 * n, 8 * n)
+        self.block_six = ConvBlock(3, 8 * n, 8 * n, normalization)
+        self.block_six_up = up(8 * n, 4 * n)
+        self.block_seven = ConvBlock(3, 4 * n, 4 * n, normalization)
+        self.block_seven_up = up(4 * n, 2 * n)
+        self.block_eight = ConvBlock(2, 2 * n, 2 * n, normalization)
+        self.block_eight_up = up(2 * n, n)
+        self.block_nine = ConvBlock(1, n, n, normalization)
+        self.out_conv = nn.Conv3d(n, num_classes, 1, padding=0)
+        self.dropout = nn.Dropout3d(p=0.5)
+
+    def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        x1, x2, x3, x4, x5 = features
+        x6 = self.block_six(self.block_five_up(x5) + x4)
+        x7 = self.block_seven(self.block_six_up(x6) + x3)
+        x8 = self.block_eight(self.block_seven_up(x7) + x2)
+        x9 = self.block_nine(self.block_eight_up(x8) + x1)
+        if self.has_dropout:
+            x9 = self.dropout(x9)
+        return self.out_conv(x9), x9

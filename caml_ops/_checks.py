@@ -1,0 +1,55 @@
+"""Input validation shared by the public ops: clear errors that name the argument."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_floating(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+    return x
+
+
+def check_rank(x: Tensor, name: str, ndim: int, form: str) -> None:
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {form}, got shape {tuple(x.shape)}")
+
+
+def check_same(tensors: Sequence[Tensor], names: Sequence[str]) -> None:
+    """All tensors on one device with one dtype."""
+    first, first_name = tensors[0], names[0]
+    for x, name in zip(tensors[1:], names[1:]):
+        if x.device != first.device:
+            raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}; move them to one device")
+        if x.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}; use one dtype")
+
+
+def check_positive(value: float, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def check_non_negative(value: float, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(value: str, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def compute_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
+    """The dtype a backend's kernels take: the CPU kernels upcast half types to float32."""
+    if backend == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype

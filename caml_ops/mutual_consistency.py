@@ -1,0 +1,113 @@
+"""Mutual consistency loss between S sub-models' predictions, fused.
+
+One pass over the logits per direction; no probability copies are kept. The
+kernels live in csrc/cpu, csrc/cuda (C++/CUDA) and caml_ops/triton.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._backend import resolve
+from ._checks import check_floating, check_positive, check_same, compute_dtype
+from ._registry import op_variants, register_variants, resolve_op
+
+
+def _triton_kernels():
+    from .triton import mutual_consistency  # deferred: importing Triton is slow and optional
+
+    return mutual_consistency
+
+
+@torch.library.custom_op("caml_ops::mutual_consistency_forward_triton", mutates_args=())
+def _mutual_consistency_forward_triton(logits: list[Tensor], temperature: float) -> Tensor:
+    return _triton_kernels().mutual_consistency_forward(logits, temperature)
+
+
+@torch.library.custom_op("caml_ops::mutual_consistency_backward_triton", mutates_args=())
+def _mutual_consistency_backward_triton(grad: Tensor, logits: list[Tensor], temperature: float) -> list[Tensor]:
+    return _triton_kernels().mutual_consistency_backward(grad, logits, temperature)
+
+
+def _fake_forward(logits, temperature):
+    dtype = torch.float64 if logits[0].dtype == torch.float64 else torch.float32
+    return logits[0].new_empty((), dtype=dtype)
+
+
+def _fake_backward(grad, logits, temperature):
+    return [torch.empty_like(x) for x in logits]
+
+
+def _setup(ctx, inputs, output):
+    logits, temperature = inputs
+    ctx.save_for_backward(*logits)
+    ctx.temperature = temperature
+
+
+def _backward(backward_op, ctx, grad):
+    logits = list(ctx.saved_tensors)
+    return backward_op(grad, logits, ctx.temperature), None
+
+
+_OPS = op_variants("mutual_consistency_forward", "mutual_consistency_backward")
+register_variants(_OPS, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup, backward=_backward)
+
+
+def _as_list(logits: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    if isinstance(logits, Tensor):
+        check_floating(logits, "logits")
+        if logits.dim() < 3:
+            raise ValueError(
+                f"logits as one tensor must be stacked [S, B, C, *spatial], got shape {tuple(logits.shape)}"
+            )
+        return list(logits.unbind(0))
+    if not isinstance(logits, (list, tuple)):
+        raise TypeError(f"logits must be a sequence of tensors or one stacked tensor, got {type(logits).__name__}")
+    return list(logits)
+
+
+def mutual_consistency_loss(
+    logits: Sequence[Tensor] | Tensor, *, temperature: float = 0.1, backend: str = "auto"
+) -> Tensor:
+    """Mutual consistency of S >= 2 sub-models (CAML, MC-Net), fused.
+
+    With ``p_s = softmax(logits[s], dim=1)`` and ``sharpen(p) = p^(1/T) / (p^(1/T) + (1-p)^(1/T))``::
+
+        loss = sum over ordered pairs s != t of mean((p_s - sharpen(p_t)) ** 2)
+
+    Gradients flow through both terms (nothing is detached).
+
+    Args:
+        logits: a sequence of S >= 2 tensors [B, C, *spatial] (same shape, dtype and device, C >= 2),
+            or one stacked tensor [S, B, C, *spatial].
+        temperature: sharpening temperature T, > 0.
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        a 0-dim tensor in the logits' dtype.
+    """
+    logits = _as_list(logits)
+    if len(logits) < 2:
+        raise ValueError(f"logits must hold S >= 2 sub-models' predictions, got S = {len(logits)}")
+    names = [f"logits[{s}]" for s in range(len(logits))]
+    for x, name in zip(logits, names):
+        check_floating(x, name)
+    check_same(logits, names)
+    first = logits[0]
+    if first.dim() < 2 or first.shape[1] < 2:
+        raise ValueError(f"logits[0] must be [B, C, *spatial] with C >= 2 classes, got shape {tuple(first.shape)}")
+    for x, name in zip(logits[1:], names[1:]):
+        if x.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but logits[0] has {tuple(first.shape)}; they must match")
+    if first.numel() == 0:
+        raise ValueError(f"logits are empty (shape {tuple(first.shape)}): the mean over no voxels is undefined")
+    temperature = check_positive(temperature, "temperature")
+    impl = resolve("mutual_consistency_loss", backend, first.device)
+    if impl == "reference":
+        return reference.mutual_consistency_loss(logits, temperature)
+    dtype = compute_dtype(first.dtype, impl)
+    forward = resolve_op(_OPS[impl][0])
+    return forward([x.to(dtype) for x in logits], temperature).to(first.dtype)

@@ -1,0 +1,206 @@
+"""nn modules on the caml_ops ops: CAML's cross-sample mutual attention (CMA) and the two losses.
+
+The transformer layer keeps the parameters and the semantics of ``nn.TransformerEncoderLayer``
+(post-norm, ReLU, dropout on the attention probabilities, after the attention, after the FFN's
+activation and after the FFN), so weights move between the two with ``load_state_dict(strict=True)``;
+only the attention is replaced by :func:`caml_ops.cross_sample_attention` (across the samples of the
+batch at every position) or :func:`caml_ops.intra_sample_attention` (over the positions of each sample).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_choice
+from .attention import cross_sample_attention, intra_sample_attention
+from .mutual_consistency import mutual_consistency_loss
+from .omni_correlation import omni_correlation_loss
+
+__all__ = [
+    "CrossSampleTransformerLayer",
+    "CrossSampleMutualAttention",
+    "OmniCorrelationLoss",
+    "MutualConsistencyLoss",
+]
+
+ATTENTIONS = ("inter", "intra")
+
+
+def _check_dropout(dropout: float) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+class _SampleSelfAttention(nn.Module):
+    """The parameters of ``nn.MultiheadAttention`` (``in_proj_weight``, ``in_proj_bias``, ``out_proj``),
+    its initialisation, and the attention done by the caml_ops ops on tokens [B, L, C]."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float, attention: str, backend: str) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.attention, self.backend = attention, backend
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        batch, length, channels = tokens.shape
+        # q, k, v are [B, L, H, d] views of the one projection: no permute copies.
+        qkv = F.linear(tokens, self.in_proj_weight, self.in_proj_bias).view(
+            batch, length, 3, self.num_heads, channels // self.num_heads
+        )
+        q, k, v = qkv.unbind(2)
+        attend = cross_sample_attention if self.attention == "inter" else intra_sample_attention
+        out = attend(q, k, v, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        return self.out_proj(out.reshape(batch, length, channels))
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, attention={self.attention!r}"
+
+
+class CrossSampleTransformerLayer(nn.Module):
+    """``nn.TransformerEncoderLayer`` on channel-first feature maps, with sample-wise attention.
+
+    Input and output: [B, C, *spatial] with C = ``d_model``; the L = prod(spatial) positions of each
+    sample are its tokens. ``attention="inter"`` attends across the B samples at every position and head
+    (CAML's inter-sample attention: the official code feeds tokens [B, L, C] to a sequence-first layer);
+    ``"intra"`` attends over the L positions of each sample (tokens [L, B, C] in the official code).
+
+    Post-norm, ReLU, ``dropout`` on the attention probabilities, after the attention's output projection
+    (``dropout1``), after the FFN's activation (``dropout``) and after the FFN (``dropout2``), as torch does.
+    The parameters and their state_dict keys are those of ``nn.TransformerEncoderLayer(d_model, nhead,
+    dim_feedforward, dropout)``. In eval mode the layer is the identity (CAML applies CMA only in
+    training) unless ``active_in_eval=True``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int,
+        dropout: float,
+        attention: str = "inter",
+        active_in_eval: bool = False,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if d_model <= 0 or nhead <= 0 or d_model % nhead:
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of nhead ({nhead})")
+        if dim_feedforward <= 0:
+            raise ValueError(f"dim_feedforward must be > 0, got {dim_feedforward}")
+        dropout = _check_dropout(dropout)
+        check_choice(attention, "attention", ATTENTIONS)
+        self.d_model, self.nhead, self.dim_feedforward = d_model, nhead, dim_feedforward
+        self.attention, self.active_in_eval = attention, bool(active_in_eval)
+        self.self_attn = _SampleSelfAttention(d_model, nhead, dropout, attention, backend)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training or self.active_in_eval):
+            return x
+        if x.dim() < 3 or x.shape[1] != self.d_model:
+            raise ValueError(
+                f"x must be [B, C, *spatial] with C = d_model = {self.d_model}, got shape {tuple(x.shape)}"
+            )
+        # One copy into the token layout [B, L, C]; q, k, v and the FFN then work on it in place.
+        tokens = x.flatten(2).transpose(1, 2).contiguous()
+        h = self.norm1(tokens + self.dropout1(self.self_attn(tokens)))
+        h = self.norm2(h + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(h))))))
+        return h.transpose(1, 2).reshape(x.shape).contiguous()
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, nhead={self.nhead}, dim_feedforward={self.dim_feedforward}, "
+            f"dropout={self.self_attn.dropout}, attention={self.attention!r}, active_in_eval={self.active_in_eval}"
+        )
+
+
+class CrossSampleMutualAttention(nn.Module):
+    """CAML's CMA block: intra-sample attention, then inter-sample attention, on [B, C, *spatial].
+
+    Each stage is a :class:`CrossSampleTransformerLayer` (``nhead`` heads, FFN width ``ffn_mult * channels``,
+    ``dropout``). The submodule names follow the official CAML auxiliary encoder, whose
+    IntraSampleAttention and InterSampleAttention each hold one transformer layer as ``encoder_layers``:
+    the state_dict keys are ``intra_attention.encoder_layers.*`` and ``inter_attention.encoder_layers.*``,
+    so official CMA weights load as they are. Identity in eval mode unless ``active_in_eval=True``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        nhead: int = 4,
+        ffn_mult: int = 4,
+        dropout: float = 0.5,
+        *,
+        active_in_eval: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.channels, self.nhead, self.ffn_mult, self.dropout = channels, nhead, ffn_mult, dropout
+
+        def stage(attention: str) -> nn.Sequential:
+            layer = CrossSampleTransformerLayer(
+                channels, nhead, ffn_mult * channels, dropout, attention, active_in_eval, backend=backend
+            )
+            return nn.Sequential(OrderedDict(encoder_layers=layer))
+
+        self.intra_attention = stage("intra")
+        self.inter_attention = stage("inter")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inter_attention(self.intra_attention(x))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, nhead={self.nhead}, ffn_mult={self.ffn_mult}, dropout={self.dropout}"
+
+
+class OmniCorrelationLoss(nn.Module):
+    """Module form of :func:`caml_ops.omni_correlation_loss`: ``forward(feat_v, feat_a, memory)``."""
+
+    def __init__(self, temperature: float = 0.1, eps: float = 1e-8, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.eps, self.reduction, self.backend = temperature, eps, reduction, backend
+
+    def forward(self, feat_v: Tensor, feat_a: Tensor, memory: Tensor) -> Tensor:
+        return omni_correlation_loss(
+            feat_v, feat_a, memory, temperature=self.temperature, eps=self.eps,
+            reduction=self.reduction, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, eps={self.eps}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class MutualConsistencyLoss(nn.Module):
+    """Module form of :func:`caml_ops.mutual_consistency_loss`.
+
+    ``forward(logits_1, logits_2, ...)`` with S >= 2 tensors [B, C, *spatial], or ``forward(logits)``
+    with one sequence of them or one stacked [S, B, C, *spatial] tensor.
+    """
+
+    def __init__(self, temperature: float = 0.1, backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.backend = temperature, backend
+
+    def forward(self, *logits: Tensor | Sequence[Tensor]) -> Tensor:
+        return mutual_consistency_loss(
+            logits[0] if len(logits) == 1 else logits, temperature=self.temperature, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, backend={self.backend!r}"

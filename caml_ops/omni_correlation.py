@@ -1,0 +1,223 @@
+"""Omni-correlation: CAML's OCC loss and the correlation matrix, fused.
+
+Public ops :func:`omni_correlation_loss` and :func:`omni_correlation`; the
+kernels live in csrc/cpu (C++) and caml_ops/triton (Triton); this module holds
+the Triton custom-op wrappers, the fake kernels and the autograd formula that
+all backends share.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._backend import resolve
+from ._checks import (
+    check_choice,
+    check_floating,
+    check_non_negative,
+    check_positive,
+    check_rank,
+    check_same,
+    compute_dtype,
+)
+from ._registry import op_variants, register_variants, resolve_op
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _triton_kernels():
+    from .triton import omni_correlation  # deferred: importing Triton is slow and optional
+
+    return omni_correlation
+
+
+# --- Triton variants as custom ops (same schemas as the C++ ops in csrc/caml_ops.cpp) ---
+
+
+@torch.library.custom_op("caml_ops::occ_loss_forward_triton", mutates_args=())
+def _occ_loss_forward_triton(
+    feat_v: Tensor, feat_a: Tensor, memory: Tensor, temperature: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _triton_kernels().occ_loss_forward(feat_v, feat_a, memory, temperature, eps)
+
+
+@torch.library.custom_op("caml_ops::occ_loss_backward_triton", mutates_args=())
+def _occ_loss_backward_triton(
+    grad_rows: Tensor,
+    feat_v: Tensor,
+    feat_a: Tensor,
+    memory: Tensor,
+    loss_rows: Tensor,
+    lse_v: Tensor,
+    lse_a: Tensor,
+    r_sum: Tensor,
+    temperature: float,
+    eps: float,
+    memory_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _triton_kernels().occ_loss_backward(
+        grad_rows, feat_v, feat_a, memory, loss_rows, lse_v, lse_a, r_sum, temperature, eps, memory_grad
+    )
+
+
+@torch.library.custom_op("caml_ops::omni_correlation_forward_triton", mutates_args=())
+def _omni_correlation_forward_triton(feat: Tensor, memory: Tensor, temperature: float) -> Tensor:
+    return _triton_kernels().omni_correlation_forward(feat, memory, temperature)
+
+
+@torch.library.custom_op("caml_ops::omni_correlation_backward_triton", mutates_args=())
+def _omni_correlation_backward_triton(
+    grad_out: Tensor, probs: Tensor, feat: Tensor, memory: Tensor, temperature: float, memory_grad: bool
+) -> tuple[Tensor, Tensor]:
+    return _triton_kernels().omni_correlation_backward(grad_out, probs, feat, memory, temperature, memory_grad)
+
+
+# --- fakes and autograd, shared by the C++ and Triton variants ---
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_occ_forward(feat_v, feat_a, memory, temperature, eps):
+    rows = feat_v.new_empty(feat_v.shape[0], dtype=_stats_dtype(feat_v.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
+
+
+def _fake_occ_backward(grad_rows, feat_v, feat_a, memory, *stats_and_scalars):
+    return torch.empty_like(feat_v), torch.empty_like(feat_a), torch.empty_like(memory)
+
+
+def _setup_occ(ctx, inputs, output):
+    feat_v, feat_a, memory, temperature, eps = inputs
+    ctx.save_for_backward(feat_v, feat_a, memory, *output)
+    ctx.temperature, ctx.eps = temperature, eps
+
+
+def _occ_backward(backward_op, ctx, grad_rows, *_stat_grads):
+    # lse_v, lse_a and r_sum are saved statistics, not differentiable outputs.
+    feat_v, feat_a, memory, rows, lse_v, lse_a, r_sum = ctx.saved_tensors
+    grad_v, grad_a, grad_m = backward_op(
+        grad_rows.to(rows.dtype).contiguous(),
+        feat_v, feat_a, memory, rows, lse_v, lse_a, r_sum,
+        ctx.temperature, ctx.eps, ctx.needs_input_grad[2],
+    )
+    return grad_v, grad_a, (grad_m if ctx.needs_input_grad[2] else None), None, None
+
+
+def _fake_corr_forward(feat, memory, temperature):
+    return feat.new_empty(feat.shape[0], memory.shape[0])
+
+
+def _fake_corr_backward(grad_out, probs, feat, memory, temperature, memory_grad):
+    return torch.empty_like(feat), torch.empty_like(memory)
+
+
+def _setup_corr(ctx, inputs, output):
+    feat, memory, temperature = inputs
+    ctx.save_for_backward(output, feat, memory)
+    ctx.temperature = temperature
+
+
+def _corr_backward(backward_op, ctx, grad_out):
+    probs, feat, memory = ctx.saved_tensors
+    grad_f, grad_m = backward_op(
+        grad_out.contiguous(), probs, feat, memory, ctx.temperature, ctx.needs_input_grad[1]
+    )
+    return grad_f, (grad_m if ctx.needs_input_grad[1] else None), None
+
+
+_OCC_OPS = op_variants("occ_loss_forward", "occ_loss_backward")
+_CORR_OPS = op_variants("omni_correlation_forward", "omni_correlation_backward")
+register_variants(
+    _OCC_OPS, fake_forward=_fake_occ_forward, fake_backward=_fake_occ_backward,
+    setup_context=_setup_occ, backward=_occ_backward,
+)
+register_variants(
+    _CORR_OPS, fake_forward=_fake_corr_forward, fake_backward=_fake_corr_backward,
+    setup_context=_setup_corr, backward=_corr_backward,
+)
+
+
+# --- public API ---
+
+
+def _check_features(feat: Tensor, memory: Tensor, feat_name: str) -> None:
+    check_rank(feat, feat_name, 2, "[N, D] (one embedding per row)")
+    check_rank(memory, "memory", 2, "[K, D] (one memory-bank embedding per row)")
+    if memory.shape[0] == 0:
+        raise ValueError("memory is empty (K = 0): the memory bank needs at least one embedding")
+    if feat.shape[1] != memory.shape[1]:
+        raise ValueError(
+            f"{feat_name} has embedding width D = {feat.shape[1]} but memory has D = {memory.shape[1]}; they must match"
+        )
+
+
+def omni_correlation_loss(
+    feat_v: Tensor,
+    feat_a: Tensor,
+    memory: Tensor,
+    *,
+    temperature: float = 0.1,
+    eps: float = 1e-8,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """CAML's omni-correlation consistency loss, fused (memory O((N + K) D), never N x K).
+
+    For row i, with p = softmax(feat_v[i] @ memory.T / temperature) and q the
+    same for feat_a: ``l_i = -sum_j q_j log(p_j + eps)``.
+
+    Args:
+        feat_v: [N, D] embeddings of the first sub-model (the "prediction").
+        feat_a: [N, D] embeddings of the second sub-model (the target; gradients flow to it too, as in CAML).
+        memory: [K, D] labeled embeddings of the memory bank, K >= 1; gets gradients if it requires them.
+        temperature: softmax temperature, > 0.
+        eps: added inside the log (CAML: 1e-8); 0 gives the exact cross-entropy ``lse(s_v) - q . s_v``.
+        reduction: "mean" (sum / N; the CAML loss), "sum" or "none" ([N]). N = 0 gives 0 with zero gradients.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see caml_ops.set_backend).
+
+    Returns:
+        a 0-dim tensor, or [N] for reduction="none", in the dtype of the features.
+    """
+    for x, name in ((feat_v, "feat_v"), (feat_a, "feat_a"), (memory, "memory")):
+        check_floating(x, name)
+    check_same((feat_v, feat_a, memory), ("feat_v", "feat_a", "memory"))
+    _check_features(feat_v, memory, "feat_v")
+    if feat_a.shape != feat_v.shape:
+        raise ValueError(f"feat_a must have the shape of feat_v {tuple(feat_v.shape)}, got {tuple(feat_a.shape)}")
+    temperature = check_positive(temperature, "temperature")
+    eps = check_non_negative(eps, "eps")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    impl = resolve("omni_correlation_loss", backend, feat_v.device)
+    if impl == "reference":
+        return reference.omni_correlation_loss(feat_v, feat_a, memory, temperature, eps, reduction)
+    dtype = compute_dtype(feat_v.dtype, impl)
+    forward = resolve_op(_OCC_OPS[impl][0])
+    rows = forward(feat_v.to(dtype), feat_a.to(dtype), memory.to(dtype), temperature, eps)[0]
+    return reference._reduce(rows.to(feat_v.dtype), reduction)
+
+
+def omni_correlation(feat: Tensor, memory: Tensor, *, temperature: float = 0.1, backend: str = "auto") -> Tensor:
+    """Correlation matrix ``softmax(feat @ memory.T / temperature, dim=1)``, fused GEMM + softmax.
+
+    Args:
+        feat: [N, D] embeddings; memory: [K, D] memory-bank embeddings (K >= 1).
+        temperature: softmax temperature, > 0.
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        [N, K] row-stochastic matrix in the dtype of `feat`; differentiable in feat and memory.
+    """
+    check_floating(feat, "feat")
+    check_floating(memory, "memory")
+    check_same((feat, memory), ("feat", "memory"))
+    _check_features(feat, memory, "feat")
+    temperature = check_positive(temperature, "temperature")
+    impl = resolve("omni_correlation", backend, feat.device)
+    if impl == "reference":
+        return reference.omni_correlation(feat, memory, temperature)
+    dtype = compute_dtype(feat.dtype, impl)
+    forward = resolve_op(_CORR_OPS[impl][0])
+    return forward(feat.to(dtype), memory.to(dtype), temperature).to(feat.dtype)

@@ -1,0 +1,100 @@
+"""Reference implementations: plain PyTorch, the definition of every op.
+
+They run on any device and dtype (float64 included) and differentiate with
+autograd; tests compare every fused backend against them in float64.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _reduce(rows: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / max(rows.shape[0], 1)  # N = 0 gives 0, not NaN
+
+
+def omni_correlation(feat: Tensor, memory: Tensor, temperature: float = 0.1) -> Tensor:
+    """softmax(feat @ memory.T / temperature, dim=1): [N, D], [K, D] -> [N, K]."""
+    return torch.softmax(feat @ memory.T / temperature, dim=1)
+
+
+def omni_correlation_loss_rows(
+    feat_v: Tensor, feat_a: Tensor, memory: Tensor, temperature: float = 0.1, eps: float = 1e-8
+) -> Tensor:
+    """Per-row loss l_i = -sum_j q_j log(p_j + eps), p/q the correlations of feat_v/feat_a."""
+    s_v = feat_v @ memory.T / temperature
+    q = torch.softmax(feat_a @ memory.T / temperature, dim=1)
+    if eps == 0:
+        return torch.logsumexp(s_v, dim=1) - (q * s_v).sum(dim=1)
+    return -(q * torch.log(torch.softmax(s_v, dim=1) + eps)).sum(dim=1)
+
+
+def omni_correlation_loss(
+    feat_v: Tensor,
+    feat_a: Tensor,
+    memory: Tensor,
+    temperature: float = 0.1,
+    eps: float = 1e-8,
+    reduction: str = "mean",
+) -> Tensor:
+    """CAML's omni-correlation consistency loss (see DESIGN.md)."""
+    return _reduce(omni_correlation_loss_rows(feat_v, feat_a, memory, temperature, eps), reduction)
+
+
+def sharpen(p: Tensor, temperature: float = 0.1) -> Tensor:
+    """p^(1/T) / (p^(1/T) + (1 - p)^(1/T)), elementwise."""
+    pt = p ** (1.0 / temperature)
+    return pt / (pt + (1 - p) ** (1.0 / temperature))
+
+
+def mutual_consistency_loss(logits: Sequence[Tensor] | Tensor, temperature: float = 0.1) -> Tensor:
+    """sum over ordered pairs s != t of mean((softmax(x_s) - sharpen(softmax(x_t)))^2)."""
+    probs = [torch.softmax(x, dim=1) for x in logits]
+    sharp = [sharpen(p, temperature) for p in probs]
+    loss = probs[0].new_zeros(())
+    for s, p in enumerate(probs):
+        for t, q in enumerate(sharp):
+            if s != t:
+                loss = loss + torch.mean((p - q) ** 2)
+    return loss
+
+
+def _attention_dropout(attn: Tensor, dropout_p: float, dropout_mask: Tensor | None) -> Tensor:
+    if dropout_mask is not None:
+        return attn * dropout_mask.to(attn.dtype) / (1.0 - dropout_p)
+    return torch.nn.functional.dropout(attn, dropout_p) if dropout_p > 0 else attn
+
+
+def cross_sample_attention(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: float | None = None,
+    dropout_mask: Tensor | None = None,
+) -> Tensor:
+    """Attention across the B samples at every position and head.
+
+    q, k, v, output: [B, L, H, d]. `dropout_mask` ([L, H, B, B], True = keep) replaces
+    the random dropout mask on the attention probabilities.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    attn = torch.softmax(torch.einsum("blhd,clhd->lhbc", q, k) * scale, dim=-1)
+    return torch.einsum("lhbc,clhd->blhd", _attention_dropout(attn, dropout_p, dropout_mask), v)
+
+
+def intra_sample_attention(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: float | None = None,
+    dropout_mask: Tensor | None = None,
+) -> Tensor:
+    """Attention over the L positions of each sample and head.
+
+    q, k, v, output: [B, L, H, d]. `dropout_mask` ([B, H, L, L], True = keep) replaces
+    the random dropout mask on the attention probabilities.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    attn = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) * scale, dim=-1)
+    return torch.einsum("bhlm,bmhd->blhd", _attention_dropout(attn, dropout_p, dropout_mask), v)

@@ -1,0 +1,583 @@
+"""Fused Triton kernels for the omni-correlation ops (loss and correlation matrix).
+
+Flash-attention style: the logits S = feat @ memory.T / temperature are built
+tile by tile from the [K, D] memory bank and never stored as an N x K matrix
+(except for `omni_correlation_forward`, whose output *is* that matrix).
+
+- loss forward: one program per block of rows streams over the column tiles of
+  the bank with an online softmax (one pass when eps = 0, two when eps > 0) and
+  keeps per row only lse_v, lse_a, l and R.
+- backward: a row-block kernel recomputes the S tiles and accumulates
+  grad_feat in registers; a (column tile, row chunk) kernel writes float32
+  partials of grad_memory [num_chunks, K, D], summed over the chunks in a fixed
+  order by a third kernel (deterministic, no atomics).
+
+Accumulation is float32 (float64 for float64 inputs). The host functions mirror
+the schemas in csrc/caml_ops.cpp; autograd and fake kernels live elsewhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------
+# Shared device helpers
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _scalar(hi, lo, FP64: tl.constexpr):
+    # Float kernel arguments are float32; float64 runs get the value as hi + lo.
+    if FP64:
+        x = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        x = hi
+    return x
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr, FP64: tl.constexpr):
+    """a [M, L] @ b [L, N], accumulated in float32 (float64 for FP64)."""
+    if FP64:
+        # tl.dot has no float64 path on every Triton/GPU version; float64 is
+        # for tests only, so a broadcast product-sum is enough.
+        c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        c = tl.dot(a, b, input_precision=PREC)
+    return c
+
+
+@triton.jit
+def _tile_ptrs_mask(ptr, rows, row_ok, s0, s1, cols, D: tl.constexpr, BD: tl.constexpr):
+    ptrs = ptr + rows[:, None] * s0 + cols[None, :] * s1
+    if D == BD:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (cols[None, :] < D)
+    return ptrs, mask
+
+
+@triton.jit
+def _load_tile(ptr, rows, row_ok, s0, s1, cols, D: tl.constexpr, BD: tl.constexpr):
+    ptrs, mask = _tile_ptrs_mask(ptr, rows, row_ok, s0, s1, cols, D, BD)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, val, rows, row_ok, s0, cols, D: tl.constexpr, BD: tl.constexpr):
+    ptrs, mask = _tile_ptrs_mask(ptr, rows, row_ok, s0, 1, cols, D, BD)
+    tl.store(ptrs, val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, ACC: tl.constexpr):
+    return tl.load(ptr + rows, mask=row_ok, other=0.0).to(ACC)
+
+
+@triton.jit
+def _occ_dscores(s_v, s_a, g, l, lse_v, lse_a, r_sum, eps, col_ok, EPS_ZERO: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """dl/ds_v and dl/ds_a of a tile, scaled by the row gradient g."""
+    p = tl.exp(s_v - lse_v[:, None])
+    q = tl.exp(s_a - lse_a[:, None])
+    if EPS_ZERO:
+        # -log p = lse_v - s_v: exact even where p underflows.
+        ds_a = q * (lse_v[:, None] - s_v - l[:, None])
+        ds_v = p - q
+    else:
+        pe = p + eps
+        ds_a = q * (-tl.log(pe) - l[:, None])
+        ds_v = p * r_sum[:, None] - q * p / pe
+    ds_a = ds_a * g[:, None]
+    ds_v = ds_v * g[:, None]
+    if not EVEN_K:
+        # Padded columns (memory rows loaded as 0) may give inf/NaN: drop them.
+        ds_a = tl.where(col_ok[None, :], ds_a, 0.0)
+        ds_v = tl.where(col_ok[None, :], ds_v, 0.0)
+    return ds_v, ds_a
+
+
+# ---------------------------------------------------------------------------
+# omni_correlation_loss
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _occ_fwd_kernel(
+    fv_ptr, fa_ptr, mem_ptr, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr,
+    N, K, s_fv0, s_fv1, s_fa0, s_fa1, s_m0, s_m1,
+    scale_hi, scale_lo, eps_hi, eps_lo,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    EPS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+    FP64: tl.constexpr, ACC: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    cd = tl.arange(0, BD)
+    fv = _load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
+    fa = _load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
+    scale = _scalar(scale_hi, scale_lo, FP64)
+    eps = _scalar(eps_hi, eps_lo, FP64)
+
+    m_v = tl.full([BM], float("-inf"), ACC)
+    m_a = tl.full([BM], float("-inf"), ACC)
+    z_v = tl.zeros([BM], ACC)
+    z_a = tl.zeros([BM], ACC)
+    # w = sum_j exp(s_a_j - m_a) (s_v_j - m_v) <= 0, so that (eps = 0)
+    # l = log z_v - w / z_a adds two non-negative terms: no cancellation.
+    w = tl.zeros([BM], ACC)
+    for n0 in range(0, K, BN):
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < K
+        mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        mem_t = tl.trans(mem)
+        s_v = _mm(fv, mem_t, PREC, FP64) * scale
+        s_a = _mm(fa, mem_t, PREC, FP64) * scale
+        if not EVEN_K:
+            s_v = tl.where(col_ok[None, :], s_v, float("-inf"))
+            s_a = tl.where(col_ok[None, :], s_a, float("-inf"))
+        mv_new = tl.maximum(m_v, tl.max(s_v, 1))
+        ma_new = tl.maximum(m_a, tl.max(s_a, 1))
+        z_v = z_v * tl.exp(m_v - mv_new) + tl.sum(tl.exp(s_v - mv_new[:, None]), 1)
+        alpha_a = tl.exp(m_a - ma_new)
+        e_a = tl.exp(s_a - ma_new[:, None])
+        if EPS_ZERO:
+            dv = s_v - mv_new[:, None]
+            if not EVEN_K:
+                dv = tl.where(col_ok[None, :], dv, 0.0)
+            # Re-reference w to the new maxima (z_a = 0 on the first tile, where m_v = -inf).
+            shift = z_a * tl.where(z_a > 0, mv_new - m_v, 0.0)
+            w = (w - shift) * alpha_a + tl.sum(e_a * dv, 1)
+        z_a = z_a * alpha_a + tl.sum(e_a, 1)
+        m_v = mv_new
+        m_a = ma_new
+
+    log_zv = tl.log(z_v)
+    lse_v = m_v + log_zv
+    lse_a = m_a + tl.log(z_a)
+    if EPS_ZERO:
+        loss = log_zv - w / z_a
+        r_sum = tl.full([BM], 1.0, ACC)
+    else:
+        # Second pass: l = -sum q log(p + eps), R = sum q p / (p + eps).
+        loss = tl.zeros([BM], ACC)
+        r_sum = tl.zeros([BM], ACC)
+        for n0 in range(0, K, BN):
+            cols = n0 + tl.arange(0, BN)
+            col_ok = cols < K
+            mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+            mem_t = tl.trans(mem)
+            s_v = _mm(fv, mem_t, PREC, FP64) * scale
+            s_a = _mm(fa, mem_t, PREC, FP64) * scale
+            if not EVEN_K:
+                s_v = tl.where(col_ok[None, :], s_v, float("-inf"))
+                s_a = tl.where(col_ok[None, :], s_a, float("-inf"))
+            p = tl.exp(s_v - lse_v[:, None])
+            q = tl.exp(s_a - lse_a[:, None])
+            pe = p + eps
+            loss -= tl.sum(q * tl.log(pe), 1)
+            r_sum += tl.sum(q * p / pe, 1)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(lse_v_ptr + rows, lse_v, mask=row_ok)
+    tl.store(lse_a_ptr + rows, lse_a, mask=row_ok)
+    tl.store(r_ptr + rows, r_sum, mask=row_ok)
+
+
+@triton.jit
+def _occ_bwd_feat_kernel(
+    g_ptr, fv_ptr, fa_ptr, mem_ptr, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr, gfv_ptr, gfa_ptr,
+    N, K, s_g, s_fv0, s_fv1, s_fa0, s_fa1, s_m0, s_m1,
+    scale_hi, scale_lo, eps_hi, eps_lo,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    EPS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+    FP64: tl.constexpr, ACC: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    cd = tl.arange(0, BD)
+    fv = _load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
+    fa = _load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
+    g = tl.load(g_ptr + rows * s_g, mask=row_ok, other=0.0).to(ACC)
+    l = _load_rows(loss_ptr, rows, row_ok, ACC)
+    lse_v = _load_rows(lse_v_ptr, rows, row_ok, ACC)
+    lse_a = _load_rows(lse_a_ptr, rows, row_ok, ACC)
+    r_sum = _load_rows(r_ptr, rows, row_ok, ACC)
+    scale = _scalar(scale_hi, scale_lo, FP64)
+    eps = _scalar(eps_hi, eps_lo, FP64)
+
+    acc_v = tl.zeros([BM, BD], ACC)
+    acc_a = tl.zeros([BM, BD], ACC)
+    for n0 in range(0, K, BN):
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < K
+        mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        mem_t = tl.trans(mem)
+        s_v = _mm(fv, mem_t, PREC, FP64) * scale
+        s_a = _mm(fa, mem_t, PREC, FP64) * scale
+        ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, lse_v, lse_a, r_sum, eps, col_ok, EPS_ZERO, EVEN_K)
+        acc_v += _mm(ds_v.to(mem.dtype), mem, PREC, FP64)
+        acc_a += _mm(ds_a.to(mem.dtype), mem, PREC, FP64)
+    _store_tile(gfv_ptr, acc_v * scale, rows, row_ok, D, cd, D, BD)
+    _store_tile(gfa_ptr, acc_a * scale, rows, row_ok, D, cd, D, BD)
+
+
+@triton.jit
+def _occ_bwd_mem_kernel(
+    g_ptr, fv_ptr, fa_ptr, mem_ptr, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr, part_ptr,
+    N, K, s_g, s_fv0, s_fv1, s_fa0, s_fa1, s_m0, s_m1,
+    scale_hi, scale_lo, eps_hi, eps_lo, num_col_tiles, blocks_per_chunk,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    EPS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+    FP64: tl.constexpr, ACC: tl.constexpr,
+):
+    # Column tiles vary fastest, so the programs sharing a row chunk run
+    # together and read its features from L2.
+    pid = tl.program_id(0)
+    chunk = pid // num_col_tiles
+    cols = (pid % num_col_tiles).to(tl.int64) * BN + tl.arange(0, BN)
+    col_ok = cols < K
+    cd = tl.arange(0, BD)
+    mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+    mem_t = tl.trans(mem)
+    scale = _scalar(scale_hi, scale_lo, FP64)
+    eps = _scalar(eps_hi, eps_lo, FP64)
+
+    acc = tl.zeros([BN, BD], ACC)
+    rows = chunk.to(tl.int64) * blocks_per_chunk * BM + tl.arange(0, BM)
+    num_blocks = tl.minimum(blocks_per_chunk, tl.cdiv(N, BM) - chunk * blocks_per_chunk)
+    for _ in range(0, num_blocks):
+        row_ok = rows < N
+        fv = _load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
+        fa = _load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
+        g = tl.load(g_ptr + rows * s_g, mask=row_ok, other=0.0).to(ACC)
+        l = _load_rows(loss_ptr, rows, row_ok, ACC)
+        lse_v = _load_rows(lse_v_ptr, rows, row_ok, ACC)
+        lse_a = _load_rows(lse_a_ptr, rows, row_ok, ACC)
+        r_sum = _load_rows(r_ptr, rows, row_ok, ACC)
+        s_v = _mm(fv, mem_t, PREC, FP64) * scale
+        s_a = _mm(fa, mem_t, PREC, FP64) * scale
+        ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, lse_v, lse_a, r_sum, eps, col_ok, EPS_ZERO, EVEN_K)
+        acc += _mm(tl.trans(ds_v).to(fv.dtype), fv, PREC, FP64)
+        acc += _mm(tl.trans(ds_a).to(fa.dtype), fa, PREC, FP64)
+        rows += BM
+    _store_tile(part_ptr + chunk.to(tl.int64) * K * D, acc * scale, cols, col_ok, D, cd, D, BD)
+
+
+@triton.jit
+def _sum_chunks_kernel(part_ptr, out_ptr, num_chunks, KD, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """out = sum over the leading axis of part [num_chunks, KD], in chunk order."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < KD
+    ptrs = part_ptr + offs
+    acc = tl.zeros([BLOCK], ACC)
+    for _ in range(0, num_chunks):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += KD
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------
+# omni_correlation (the matrix itself)
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _corr_fwd_kernel(
+    f_ptr, mem_ptr, out_ptr, N, K, s_f0, s_f1, s_m0, s_m1, scale_hi, scale_lo,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    EVEN_K: tl.constexpr, PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    cd = tl.arange(0, BD)
+    f = _load_tile(f_ptr, rows, row_ok, s_f0, s_f1, cd, D, BD)
+    scale = _scalar(scale_hi, scale_lo, FP64)
+    m = tl.full([BM], float("-inf"), ACC)
+    z = tl.zeros([BM], ACC)
+    for n0 in range(0, K, BN):
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < K
+        mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        s = _mm(f, tl.trans(mem), PREC, FP64) * scale
+        if not EVEN_K:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m = m_new
+    lse = m + tl.log(z)
+    for n0 in range(0, K, BN):
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < K
+        mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        s = _mm(f, tl.trans(mem), PREC, FP64) * scale
+        p = tl.exp(s - lse[:, None])
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], p.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _corr_bwd_feat_kernel(
+    g_ptr, p_ptr, mem_ptr, gf_ptr, delta_ptr,
+    N, K, s_g0, s_g1, s_p0, s_p1, s_m0, s_m1, scale_hi, scale_lo,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    cd = tl.arange(0, BD)
+    scale = _scalar(scale_hi, scale_lo, FP64)
+    # delta = rowsum(G * P); masked entries load as 0.
+    delta = tl.zeros([BM], ACC)
+    for n0 in range(0, K, BN):
+        cols = n0 + tl.arange(0, BN)
+        mask = row_ok[:, None] & (cols[None, :] < K)
+        g = tl.load(g_ptr + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=mask, other=0.0)
+        p = tl.load(p_ptr + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0)
+        delta += tl.sum(g.to(ACC) * p.to(ACC), 1)
+    tl.store(delta_ptr + rows, delta, mask=row_ok)
+    acc = tl.zeros([BM, BD], ACC)
+    for n0 in range(0, K, BN):
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < K
+        mask = row_ok[:, None] & col_ok[None, :]
+        g = tl.load(g_ptr + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=mask, other=0.0)
+        p = tl.load(p_ptr + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0)
+        ds = p.to(ACC) * (g.to(ACC) - delta[:, None])
+        mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        acc += _mm(ds.to(mem.dtype), mem, PREC, FP64)
+    _store_tile(gf_ptr, acc * scale, rows, row_ok, D, cd, D, BD)
+
+
+@triton.jit
+def _corr_bwd_mem_kernel(
+    g_ptr, p_ptr, f_ptr, delta_ptr, part_ptr,
+    N, K, s_g0, s_g1, s_p0, s_p1, s_f0, s_f1, scale_hi, scale_lo, num_col_tiles, blocks_per_chunk,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    chunk = pid // num_col_tiles
+    cols = (pid % num_col_tiles).to(tl.int64) * BN + tl.arange(0, BN)
+    col_ok = cols < K
+    cd = tl.arange(0, BD)
+    scale = _scalar(scale_hi, scale_lo, FP64)
+    acc = tl.zeros([BN, BD], ACC)
+    rows = chunk.to(tl.int64) * blocks_per_chunk * BM + tl.arange(0, BM)
+    num_blocks = tl.minimum(blocks_per_chunk, tl.cdiv(N, BM) - chunk * blocks_per_chunk)
+    for _ in range(0, num_blocks):
+        row_ok = rows < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        g = tl.load(g_ptr + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=mask, other=0.0)
+        p = tl.load(p_ptr + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0)
+        delta = _load_rows(delta_ptr, rows, row_ok, ACC)
+        ds = p.to(ACC) * (g.to(ACC) - delta[:, None])
+        f = _load_tile(f_ptr, rows, row_ok, s_f0, s_f1, cd, D, BD)
+        acc += _mm(tl.trans(ds).to(f.dtype), f, PREC, FP64)
+        rows += BM
+    _store_tile(part_ptr + chunk.to(tl.int64) * K * D, acc * scale, cols, col_ok, D, cd, D, BD)
+
+
+# ---------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# grad_memory programs aimed at: enough to fill an H100 several times over while
+# the [num_chunks, K, D] partials stay a few MiB. A constant, so the chunking
+# (and with it the summation order) depends only on N, K and D.
+_MEM_GRAD_PROGRAMS = 1024
+_SUM_BLOCK = 1024
+
+
+def _config(D: int, dtype: torch.dtype) -> dict:
+    """Block sizes and warps per feature width (no autotuning: fixed and deterministic)."""
+    bd = max(16, triton.next_power_of_2(D))
+    if dtype == torch.float64:
+        # Broadcast product-sum path (tests): small tiles keep [BM, BN, BD] in check.
+        return dict(BD=bd, BM=16, BN=16, warps=4, MEM_BM=16, MEM_BN=16, mem_warps=4)
+    if bd <= 64:
+        return dict(BD=bd, BM=128, BN=64, warps=8, MEM_BM=64, MEM_BN=128, mem_warps=8)
+    return dict(BD=bd, BM=64, BN=64, warps=4, MEM_BM=64, MEM_BN=64, mem_warps=4)
+
+
+def _acc_dtypes(dtype: torch.dtype):
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _dot_precision(x: torch.Tensor) -> str:
+    # float32: TF32 tensor cores only where PyTorch's own matmuls would use them.
+    if x.dtype == torch.float32 and x.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs; float64 does not use tl.dot
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _split(x: float):
+    """x as float32 hi + lo (kernel float arguments are float32)."""
+    hi = _f32(x)
+    return hi, _f32(x - hi)
+
+
+def _device(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _check_matrix(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor [rows, D], got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {x.dtype}")
+
+
+def _check_inputs(feats: dict, memory: torch.Tensor, temperature: float) -> None:
+    _check_matrix("memory", memory)
+    if memory.shape[0] == 0:
+        raise ValueError("memory must have at least one row (K >= 1)")
+    for name, f in feats.items():
+        _check_matrix(name, f)
+        if f.shape[1] != memory.shape[1]:
+            raise ValueError(f"{name} must be [N, {memory.shape[1]}] (D of memory), got {tuple(f.shape)}")
+        if f.dtype != memory.dtype or f.device != memory.device:
+            raise ValueError(f"{name} and memory must share dtype and device, got "
+                             f"{f.dtype}/{f.device} and {memory.dtype}/{memory.device}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _chunking(N: int, K: int, bm: int, bn: int):
+    num_col_tiles = triton.cdiv(K, bn)
+    row_blocks = triton.cdiv(N, bm)
+    want = max(1, min(row_blocks, _MEM_GRAD_PROGRAMS // num_col_tiles))
+    blocks_per_chunk = triton.cdiv(row_blocks, want)
+    return num_col_tiles, triton.cdiv(row_blocks, blocks_per_chunk), blocks_per_chunk
+
+
+def _sum_chunks(part: torch.Tensor, out_dtype: torch.dtype, acc_tl) -> torch.Tensor:
+    num_chunks, K, D = part.shape
+    out = torch.empty(K, D, dtype=out_dtype, device=part.device)
+    _sum_chunks_kernel[(triton.cdiv(K * D, _SUM_BLOCK),)](
+        part, out, num_chunks, K * D, BLOCK=_SUM_BLOCK, ACC=acc_tl, num_warps=4)
+    return out
+
+
+def occ_loss_forward(feat_v: torch.Tensor, feat_a: torch.Tensor, memory: torch.Tensor,
+                     temperature: float, eps: float):
+    """Row statistics (loss_rows, lse_v, lse_a, r_sum), each [N], float32 (float64 for float64)."""
+    _check_inputs({"feat_v": feat_v, "feat_a": feat_a}, memory, temperature)
+    if feat_a.shape != feat_v.shape:
+        raise ValueError(f"feat_a must have the shape of feat_v {tuple(feat_v.shape)}, got {tuple(feat_a.shape)}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    N, D = feat_v.shape
+    K = memory.shape[0]
+    acc_t, acc_tl = _acc_dtypes(feat_v.dtype)
+    outs = [torch.empty(N, dtype=acc_t, device=feat_v.device) for _ in range(4)]
+    if N == 0:
+        return tuple(outs)
+    c = _config(D, feat_v.dtype)
+    with _device(feat_v):
+        _occ_fwd_kernel[(triton.cdiv(N, c["BM"]),)](
+            feat_v, feat_a, memory, *outs, N, K, *feat_v.stride(), *feat_a.stride(), *memory.stride(),
+            *_split(1.0 / temperature), *_split(eps),
+            D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EPS_ZERO=eps == 0, EVEN_K=K % c["BN"] == 0,
+            PREC=_dot_precision(memory), FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=c["warps"])
+    return tuple(outs)
+
+
+def occ_loss_backward(grad_rows: torch.Tensor, feat_v: torch.Tensor, feat_a: torch.Tensor,
+                      memory: torch.Tensor, loss_rows: torch.Tensor, lse_v: torch.Tensor,
+                      lse_a: torch.Tensor, r_sum: torch.Tensor, temperature: float, eps: float,
+                      memory_grad: bool):
+    """(grad_feat_v, grad_feat_a, grad_memory) in the input dtype; grad_memory is zeros unless memory_grad."""
+    _check_inputs({"feat_v": feat_v, "feat_a": feat_a}, memory, temperature)
+    N, D = feat_v.shape
+    K = memory.shape[0]
+    for name, v in (("grad_rows", grad_rows), ("loss_rows", loss_rows), ("lse_v", lse_v),
+                    ("lse_a", lse_a), ("r_sum", r_sum)):
+        if v.shape != (N,):
+            raise ValueError(f"{name} must be [N] = [{N}], got {tuple(v.shape)}")
+    acc_t, acc_tl = _acc_dtypes(feat_v.dtype)
+    grad_v = torch.empty(N, D, dtype=feat_v.dtype, device=feat_v.device)
+    grad_a = torch.empty(N, D, dtype=feat_v.dtype, device=feat_v.device)
+    if N == 0 or not memory_grad:
+        grad_m = torch.zeros(K, D, dtype=memory.dtype, device=memory.device)
+    if N == 0:
+        return grad_v, grad_a, grad_m
+    stats = [t.to(acc_t).contiguous() for t in (loss_rows, lse_v, lse_a, r_sum)]
+    c = _config(D, feat_v.dtype)
+    consts = dict(D=D, BD=c["BD"], EPS_ZERO=eps == 0, PREC=_dot_precision(memory),
+                  FP64=acc_t == torch.float64, ACC=acc_tl)
+    scalars = (*_split(1.0 / temperature), *_split(eps))
+    strides = (grad_rows.stride(0), *feat_v.stride(), *feat_a.stride(), *memory.stride())
+    with _device(feat_v):
+        _occ_bwd_feat_kernel[(triton.cdiv(N, c["BM"]),)](
+            grad_rows, feat_v, feat_a, memory, *stats, grad_v, grad_a, N, K, *strides, *scalars,
+            BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, num_warps=c["warps"], **consts)
+        if memory_grad:
+            tiles, chunks, per_chunk = _chunking(N, K, c["MEM_BM"], c["MEM_BN"])
+            part = torch.empty(chunks, K, D, dtype=acc_t, device=memory.device)
+            _occ_bwd_mem_kernel[(tiles * chunks,)](
+                grad_rows, feat_v, feat_a, memory, *stats, part, N, K, *strides, *scalars, tiles, per_chunk,
+                BM=c["MEM_BM"], BN=c["MEM_BN"], EVEN_K=K % c["MEM_BN"] == 0, num_warps=c["mem_warps"],
+                **consts)
+            grad_m = _sum_chunks(part, memory.dtype, acc_tl)
+    return grad_v, grad_a, grad_m
+
+
+def omni_correlation_forward(feat: torch.Tensor, memory: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(feat @ memory.T / temperature, dim=1): [N, K] in the input dtype."""
+    _check_inputs({"feat": feat}, memory, temperature)
+    N, D = feat.shape
+    K = memory.shape[0]
+    out = torch.empty(N, K, dtype=feat.dtype, device=feat.device)
+    if N == 0:
+        return out
+    acc_t, acc_tl = _acc_dtypes(feat.dtype)
+    c = _config(D, feat.dtype)
+    with _device(feat):
+        _corr_fwd_kernel[(triton.cdiv(N, c["BM"]),)](
+            feat, memory, out, N, K, *feat.stride(), *memory.stride(), *_split(1.0 / temperature),
+            D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, PREC=_dot_precision(memory),
+            FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=c["warps"])
+    return out
+
+
+def omni_correlation_backward(grad_out: torch.Tensor, probs: torch.Tensor, feat: torch.Tensor,
+                              memory: torch.Tensor, temperature: float, memory_grad: bool):
+    """(grad_feat, grad_memory) for dS = P * (G - rowsum(G * P)); grad_memory is zeros unless memory_grad."""
+    _check_inputs({"feat": feat}, memory, temperature)
+    N, D = feat.shape
+    K = memory.shape[0]
+    for name, v in (("grad_out", grad_out), ("probs", probs)):
+        if v.shape != (N, K):
+            raise ValueError(f"{name} must be [N, K] = [{N}, {K}], got {tuple(v.shape)}")
+    acc_t, acc_tl = _acc_dtypes(feat.dtype)
+    grad_f = torch.empty(N, D, dtype=feat.dtype, device=feat.device)
+    if N == 0 or not memory_grad:
+        grad_m = torch.zeros(K, D, dtype=memory.dtype, device=memory.device)
+    if N == 0:
+        return grad_f, grad_m
+    c = _config(D, feat.dtype)
+    consts = dict(D=D, BD=c["BD"], PREC=_dot_precision(memory), FP64=acc_t == torch.float64, ACC=acc_tl)
+    scale = _split(1.0 / temperature)
+    delta = torch.empty(N, dtype=acc_t, device=feat.device)
+    with _device(feat):
+        _corr_bwd_feat_kernel[(triton.cdiv(N, c["BM"]),)](
+            grad_out, probs, memory, grad_f, delta, N, K, *grad_out.stride(), *probs.stride(),
+            *memory.stride(), *scale, BM=c["BM"], BN=c["BN"], num_warps=c["warps"], **consts)
+        if memory_grad:
+            tiles, chunks, per_chunk = _chunking(N, K, c["MEM_BM"], c["MEM_BN"])
+            part = torch.empty(chunks, K, D, dtype=acc_t, device=memory.device)
+            _corr_bwd_mem_kernel[(tiles * chunks,)](
+                grad_out, probs, feat, delta, part, N, K, *grad_out.stride(), *probs.stride(),
+                *feat.stride(), *scale, tiles, per_chunk, BM=c["MEM_BM"], BN=c["MEM_BN"],
+                num_warps=c["mem_warps"], **consts)
+            grad_m = _sum_chunks(part, memory.dtype, acc_tl)
+    return grad_f, grad_m

@@ -1,0 +1,31 @@
+// Operator schemas of caml_ops. Kernels register per device in csrc/cpu and
+// csrc/cuda (TORCH_LIBRARY_IMPL); fake kernels and autograd are registered in
+// Python (caml_ops/*.py) with torch.library.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import caml_ops._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(caml_ops, m) {
+  // Omni-correlation loss. Row statistics (float32, or float64 for float64
+  // inputs): loss_rows l_i, lse_v, lse_a (log-sum-exp of the scaled logits)
+  // and r_sum R_i = sum_j q_j p_j / (p_j + eps).
+  m.def("occ_loss_forward(Tensor feat_v, Tensor feat_a, Tensor memory, float temperature, float eps)"
+        " -> (Tensor loss_rows, Tensor lse_v, Tensor lse_a, Tensor r_sum)");
+  m.def("occ_loss_backward(Tensor grad_rows, Tensor feat_v, Tensor feat_a, Tensor memory, Tensor loss_rows,"
+        " Tensor lse_v, Tensor lse_a, Tensor r_sum, float temperature, float eps, bool memory_grad)"
+        " -> (Tensor grad_feat_v, Tensor grad_feat_a, Tensor grad_memory)");
+  // Correlation matrix softmax(feat @ memory.T / temperature) and its backward.
+  m.def("omni_correlation_forward(Tensor feat, Tensor memory, float temperature) -> Tensor");
+  m.def("omni_correlation_backward(Tensor grad_out, Tensor probs, Tensor feat, Tensor memory, float temperature,"
+        " bool memory_grad) -> (Tensor grad_feat, Tensor grad_memory)");
+  // Mutual consistency over S >= 2 logit tensors [B, C, *spatial].
+  m.def("mutual_consistency_forward(Tensor[] logits, float temperature) -> Tensor");
+  m.def("mutual_consistency_backward(Tensor grad, Tensor[] logits, float temperature) -> Tensor[]");
+}

@@ -1,0 +1,461 @@
+// CPU kernels of the omni-correlation ops (see DESIGN.md, omni_correlation_loss
+// and omni_correlation).
+//
+// Rows are processed in tiles: a tile's logits S = feat[tile] @ (memory / t)^T
+// ([tile, K], a per-thread buffer that stays in cache) come from BLAS, the
+// softmax statistics and dS are computed in place with at::vec, and the
+// backward GEMMs (dS @ memory, dS^T @ feat) go back to BLAS. The loss ops never
+// hold more than one tile of the N x K matrices per thread.
+//
+// Determinism: tiles are grouped into a number of chunks fixed by the sizes
+// (never by the thread count); chunks run in parallel, the tiles of a chunk in
+// order, and each chunk owns its grad_memory partial; partials are summed in
+// chunk order. No float atomics.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+namespace caml_ops {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+// ---------------------------------------------------------------- vector math
+// float: the inline polynomials of at::vec (exp_u20) and below (log), so the
+// library needs no Sleef symbol from libtorch_cpu; float64 (the accuracy path)
+// uses std:: per lane.
+
+inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
+inline Vectorized<double> vexp(const Vectorized<double>& x) {
+  return x.map([](double v) { return std::exp(v); });
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// Natural log for x > 0 (cephes logf, ~1 ulp): x = 2^e * m with m in
+// [sqrt(1/2), sqrt(2)), log(x) = e log(2) + log1p(m - 1) by a minimax polynomial.
+inline Vectorized<float> vlog(const Vectorized<float>& v) {
+  __m256 x = v;
+  // Subnormals: scale into the normal range first (eps may be tiny).
+  const __m256 subnormal = _mm256_cmp_ps(x, _mm256_set1_ps(FLT_MIN), _CMP_LT_OQ);
+  x = _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(33554432.f)), subnormal);  // 2^25
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  e = _mm256_sub_ps(e, _mm256_and_ps(subnormal, _mm256_set1_ps(25.f)));
+  // mantissa in [0.5, 1)
+  __m256 m = _mm256_or_ps(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x007fffff))),
+                          _mm256_set1_ps(0.5f));
+  const __m256 below = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(below, _mm256_set1_ps(1.f)));
+  m = _mm256_add_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.f)), _mm256_and_ps(m, below));  // m - 1, or 2m - 1
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  for (const float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
+                        -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(c));
+  }
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+}
+#else
+inline Vectorized<float> vlog(const Vectorized<float>& x) {
+  return x.map([](float v) { return std::log(v); });
+}
+#endif
+inline Vectorized<double> vlog(const Vectorized<double>& x) {
+  return x.map([](double v) { return std::log(v); });
+}
+
+template <typename T>
+constexpr int64_t kLanes = Vectorized<T>::size();
+
+// Loads n <= kLanes values; the lanes past n hold `fill`.
+template <typename T>
+inline Vectorized<T> load(const T* p, int64_t n, T fill = T(0)) {
+  if (n == kLanes<T>) return Vectorized<T>::loadu(p);
+  return Vectorized<T>::set(Vectorized<T>(fill), Vectorized<T>::loadu(p, n), n);
+}
+
+// Zeroes the lanes past n (keeps tail garbage out of sums).
+template <typename T>
+inline Vectorized<T> head(const Vectorized<T>& v, int64_t n) {
+  return n == kLanes<T> ? v : Vectorized<T>::set(Vectorized<T>(T(0)), v, n);
+}
+
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  T lanes[kLanes<T>];
+  v.store(lanes);
+  T s = 0;
+  for (int64_t i = 0; i < kLanes<T>; ++i) s += lanes[i];
+  return s;
+}
+
+template <typename T>
+T row_max(const T* s, int64_t K) {
+  Vectorized<T> m(-std::numeric_limits<T>::infinity());
+  for (int64_t k = 0; k < K; k += kLanes<T>) {
+    m = at::vec::maximum(m, load(s + k, std::min(kLanes<T>, K - k), -std::numeric_limits<T>::infinity()));
+  }
+  T lanes[kLanes<T>];
+  m.store(lanes);
+  return *std::max_element(lanes, lanes + kLanes<T>);
+}
+
+// s <- exp(s - m) in place; returns the sum.
+template <typename T>
+T exp_shift_inplace(T* s, int64_t K, T m) {
+  const Vectorized<T> vm(m);
+  Vectorized<T> sum(T(0));
+  for (int64_t k = 0; k < K; k += kLanes<T>) {
+    const int64_t n = std::min(kLanes<T>, K - k);
+    const Vectorized<T> e = vexp(load(s + k, n) - vm);
+    e.store(s + k, n);
+    sum += head(e, n);
+  }
+  return hsum(sum);
+}
+
+// ---------------------------------------------------------------- row kernels
+
+struct LossRow {
+  double loss, lse_v, lse_a, r_sum;
+};
+
+// Loss statistics of one row from its scaled logits sv, sa (clobbered).
+template <typename T>
+LossRow occ_forward_row(T* sv, T* sa, int64_t K, T eps) {
+  const T mv = row_max(sv, K), ma = row_max(sa, K);
+  if (eps == T(0)) {
+    // l = lse_v - sum_j q_j s_v_j = log Zv - sum_j q_j (s_v_j - mv); R = 1.
+    const Vectorized<T> vmv(mv), vma(ma);
+    Vectorized<T> zv(T(0)), za(T(0)), dot(T(0));
+    for (int64_t k = 0; k < K; k += kLanes<T>) {
+      const int64_t n = std::min(kLanes<T>, K - k);
+      const Vectorized<T> xv = load(sv + k, n) - vmv;
+      const Vectorized<T> ea = head(vexp(load(sa + k, n) - vma), n);
+      zv += head(vexp(xv), n);
+      za += ea;
+      dot += ea * head(xv, n);
+    }
+    const double Zv = hsum(zv), Za = hsum(za);
+    return {std::log(Zv) - hsum(dot) / Za, mv + std::log(Zv), ma + std::log(Za), 1.0};
+  }
+  const T Zv = exp_shift_inplace(sv, K, mv), Za = exp_shift_inplace(sa, K, ma);
+  // With ev = exp(s_v - mv), ea likewise: p = ev / Zv, q = ea / Za.
+  const Vectorized<T> inv_zv(T(1) / Zv), veps(eps);
+  Vectorized<T> acc_log(T(0)), acc_r(T(0));
+  for (int64_t k = 0; k < K; k += kLanes<T>) {
+    const int64_t n = std::min(kLanes<T>, K - k);
+    const Vectorized<T> p = load(sv + k, n) * inv_zv;
+    const Vectorized<T> ea = load(sa + k, n);  // 0 past n
+    const Vectorized<T> pe = p + veps;
+    acc_log += ea * vlog(pe);
+    acc_r += ea * (p / pe);
+  }
+  const double Za_d = Za;
+  return {-hsum(acc_log) / Za_d, mv + std::log(double(Zv)), ma + std::log(Za_d), hsum(acc_r) / Za_d};
+}
+
+// dS of one loss row, in place of its scaled logits sv, sa.
+template <typename T>
+void occ_backward_row(T* sv, T* sa, int64_t K, T g, T loss, T lse_v, T lse_a, T r_sum, T eps) {
+  const Vectorized<T> vg(g), vl(loss), vlv(lse_v), vla(lse_a), vr(r_sum), veps(eps);
+  for (int64_t k = 0; k < K; k += kLanes<T>) {
+    const int64_t n = std::min(kLanes<T>, K - k);
+    const Vectorized<T> lp = load(sv + k, n) - vlv;  // log p
+    const Vectorized<T> p = vexp(lp);
+    const Vectorized<T> gq = vg * vexp(load(sa + k, n) - vla);
+    Vectorized<T> ds_v, ds_a;
+    if (eps == T(0)) {
+      ds_a = gq * (Vectorized<T>(T(0)) - lp - vl);  // c = -log p
+      ds_v = vg * p - gq;
+    } else {
+      const Vectorized<T> pe = p + veps;
+      ds_a = gq * (Vectorized<T>(T(0)) - vlog(pe) - vl);
+      ds_v = vg * p * vr - gq * (p / pe);
+    }
+    ds_v.store(sv + k, n);
+    ds_a.store(sa + k, n);
+  }
+}
+
+// Softmax of one row in place.
+template <typename T>
+void softmax_row(T* s, int64_t K) {
+  const T z = exp_shift_inplace(s, K, row_max(s, K));
+  const Vectorized<T> inv(T(1) / z);
+  for (int64_t k = 0; k < K; k += kLanes<T>) {
+    const int64_t n = std::min(kLanes<T>, K - k);
+    (load(s + k, n) * inv).store(s + k, n);
+  }
+}
+
+// dS = P * (G - sum(G * P)) of one softmax row.
+template <typename T>
+void softmax_backward_row(const T* g, const T* p, T* ds, int64_t K) {
+  Vectorized<T> acc(T(0));
+  for (int64_t k = 0; k < K; k += kLanes<T>) {
+    const int64_t n = std::min(kLanes<T>, K - k);
+    acc += load(g + k, n) * load(p + k, n);
+  }
+  const Vectorized<T> dot(hsum(acc));
+  for (int64_t k = 0; k < K; k += kLanes<T>) {
+    const int64_t n = std::min(kLanes<T>, K - k);
+    const Vectorized<T> pk = load(p + k, n);
+    (pk * (load(g + k, n) - dot)).store(ds + k, n);
+  }
+}
+
+// ---------------------------------------------------------------- tiling
+
+constexpr int64_t kTileBytes = 128 * 1024;                 // one [tile, K] buffer: stays in L2
+constexpr int64_t kMaxChunks = 64;                         // parallelism of the chunked loops
+constexpr int64_t kPartialBytes = int64_t(64) << 20;       // cap on the grad_memory partials
+
+struct Tiling {
+  int64_t tile = 1, rows_per_chunk = 1, chunks = 0;
+};
+
+// Tiles of rows and their grouping into chunks; depends only on the sizes. With
+// partial_bytes > 0 (one chunk's grad_memory partial) the chunk count is capped
+// so that the partials stay below kPartialBytes.
+Tiling make_tiling(int64_t N, int64_t K, int64_t elem_size, int64_t partial_bytes = 0) {
+  Tiling t;
+  t.tile = std::clamp<int64_t>(kTileBytes / (K * elem_size), 16, 256);
+  const int64_t tiles = (N + t.tile - 1) / t.tile;
+  int64_t chunks = std::min(tiles, kMaxChunks);
+  if (partial_bytes > 0) chunks = std::min(chunks, std::max<int64_t>(1, kPartialBytes / partial_bytes));
+  if (chunks == 0) return t;
+  t.rows_per_chunk = (tiles + chunks - 1) / chunks * t.tile;
+  t.chunks = (N + t.rows_per_chunk - 1) / t.rows_per_chunk;
+  return t;
+}
+
+// Runs fn(chunk, row0, rows, workspace) for every row tile; chunks in parallel,
+// the tiles of a chunk in order, each thread with its own workspace.
+template <typename Fn>
+void for_each_tile(int64_t N, const Tiling& t, at::IntArrayRef ws_shape, const at::TensorOptions& opts,
+                   const Fn& fn) {
+  at::parallel_for(0, t.chunks, 1, [&](int64_t c0, int64_t c1) {
+    Tensor ws = at::empty(ws_shape, opts);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t end = std::min(N, (c + 1) * t.rows_per_chunk);
+      for (int64_t r0 = c * t.rows_per_chunk; r0 < end; r0 += t.tile) {
+        fn(c, r0, std::min(t.tile, end - r0), ws);
+      }
+    }
+  });
+}
+
+// Backward GEMMs of one tile: grad_feat[rows] = dS @ (memory / t) and, when
+// partials is defined, partials[chunk] += dS^T @ feat[rows] / t.
+void tile_backward_gemms(const Tensor& ds, const Tensor& feat, const Tensor& mem_scaled, const Tensor& grad_feat,
+                         const Tensor& partials, int64_t chunk, int64_t r0, int64_t rows, double inv_t) {
+  Tensor out = grad_feat.narrow(0, r0, rows);
+  at::mm_out(out, ds, mem_scaled);
+  if (partials.defined()) partials[chunk].addmm_(ds.t(), feat.narrow(0, r0, rows), 1.0, inv_t);
+}
+
+// grad_memory from the chunk partials, summed in chunk order.
+Tensor reduce_partials(const Tensor& partials, const Tensor& memory) {
+  if (!partials.defined()) return at::zeros_like(memory);
+  if (partials.size(0) == 0) return at::zeros_like(memory);
+  Tensor out = partials[0].clone();
+  for (int64_t c = 1; c < partials.size(0); ++c) out.add_(partials[c]);
+  return out;
+}
+
+// ---------------------------------------------------------------- checks
+
+void check_cpu_float(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor for the caml_ops CPU kernel, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
+              " must be float32 or float64 (half types are upcast by caml_ops), got ", x.scalar_type());
+}
+
+// feat [N, D] and memory [K, D], same dtype, K > 0, temperature > 0.
+void check_features(const Tensor& feat, const char* feat_name, const Tensor& memory, double temperature) {
+  check_cpu_float(feat, feat_name);
+  check_cpu_float(memory, "memory");
+  TORCH_CHECK(feat.dim() == 2, feat_name, " must be [N, D], got shape ", feat.sizes());
+  TORCH_CHECK(memory.dim() == 2, "memory must be [K, D], got shape ", memory.sizes());
+  TORCH_CHECK(memory.size(0) > 0, "memory is empty (K = 0): the memory bank needs at least one embedding");
+  TORCH_CHECK(feat.size(1) == memory.size(1), feat_name, " has D = ", feat.size(1), " but memory has D = ",
+              memory.size(1), "; they must match");
+  TORCH_CHECK(feat.scalar_type() == memory.scalar_type(), feat_name, " (", feat.scalar_type(),
+              ") and memory (", memory.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ",
+              temperature);
+}
+
+void check_loss_inputs(const Tensor& feat_v, const Tensor& feat_a, const Tensor& memory, double temperature,
+                       double eps) {
+  check_features(feat_v, "feat_v", memory, temperature);
+  check_features(feat_a, "feat_a", memory, temperature);
+  TORCH_CHECK(feat_a.sizes() == feat_v.sizes(), "feat_a must have the shape of feat_v ", feat_v.sizes(), ", got ",
+              feat_a.sizes());
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+}
+
+// A per-row tensor [N] (grad_rows or a saved statistic), as contiguous `dtype`.
+Tensor row_vector(const Tensor& x, const char* name, int64_t N, at::ScalarType dtype) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == N, name, " must be [N] = [", N, "], got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating point, got ", x.scalar_type());
+  return x.to(dtype).contiguous();
+}
+
+// ---------------------------------------------------------------- ops
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> occ_loss_forward(const Tensor& feat_v_in, const Tensor& feat_a_in,
+                                                            const Tensor& memory_in, double temperature,
+                                                            double eps) {
+  check_loss_inputs(feat_v_in, feat_a_in, memory_in, temperature, eps);
+  const Tensor feat_v = feat_v_in.contiguous(), feat_a = feat_a_in.contiguous();
+  const Tensor mem_t = memory_in.div(temperature).t();  // [D, K]: S = feat @ mem_t
+  const int64_t N = feat_v.size(0), K = memory_in.size(0);
+  const auto opts = feat_v.options();
+  Tensor loss = at::empty({N}, opts), lse_v = at::empty({N}, opts), lse_a = at::empty({N}, opts),
+         r_sum = at::empty({N}, opts);
+  AT_DISPATCH_FLOATING_TYPES(feat_v.scalar_type(), "occ_loss_forward", [&] {
+    const Tiling t = make_tiling(N, K, sizeof(scalar_t));
+    auto* out_l = loss.data_ptr<scalar_t>();
+    auto* out_lv = lse_v.data_ptr<scalar_t>();
+    auto* out_la = lse_a.data_ptr<scalar_t>();
+    auto* out_r = r_sum.data_ptr<scalar_t>();
+    for_each_tile(N, t, {2, t.tile, K}, opts, [&](int64_t, int64_t r0, int64_t rows, const Tensor& ws) {
+      Tensor sv = ws[0].narrow(0, 0, rows), sa = ws[1].narrow(0, 0, rows);
+      at::mm_out(sv, feat_v.narrow(0, r0, rows), mem_t);
+      at::mm_out(sa, feat_a.narrow(0, r0, rows), mem_t);
+      scalar_t* pv = sv.data_ptr<scalar_t>();
+      scalar_t* pa = sa.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows; ++i) {
+        const LossRow r = occ_forward_row<scalar_t>(pv + i * K, pa + i * K, K, scalar_t(eps));
+        out_l[r0 + i] = r.loss;
+        out_lv[r0 + i] = r.lse_v;
+        out_la[r0 + i] = r.lse_a;
+        out_r[r0 + i] = r.r_sum;
+      }
+    });
+  });
+  return {loss, lse_v, lse_a, r_sum};
+}
+
+std::tuple<Tensor, Tensor, Tensor> occ_loss_backward(const Tensor& grad_rows, const Tensor& feat_v_in,
+                                                     const Tensor& feat_a_in, const Tensor& memory_in,
+                                                     const Tensor& loss_rows, const Tensor& lse_v_in,
+                                                     const Tensor& lse_a_in, const Tensor& r_sum_in,
+                                                     double temperature, double eps, bool memory_grad) {
+  check_loss_inputs(feat_v_in, feat_a_in, memory_in, temperature, eps);
+  const Tensor feat_v = feat_v_in.contiguous(), feat_a = feat_a_in.contiguous();
+  const int64_t N = feat_v.size(0), K = memory_in.size(0), D = memory_in.size(1);
+  const auto dtype = feat_v.scalar_type();
+  const Tensor g = row_vector(grad_rows, "grad_rows", N, dtype);
+  const Tensor loss = row_vector(loss_rows, "loss_rows", N, dtype);
+  const Tensor lse_v = row_vector(lse_v_in, "lse_v", N, dtype);
+  const Tensor lse_a = row_vector(lse_a_in, "lse_a", N, dtype);
+  const Tensor r_sum = row_vector(r_sum_in, "r_sum", N, dtype);
+  const Tensor mem_scaled = memory_in.div(temperature).contiguous();  // [K, D]
+  const Tensor mem_t = mem_scaled.t();
+  const auto opts = feat_v.options();
+  Tensor grad_v = at::empty_like(feat_v), grad_a = at::empty_like(feat_a);
+  Tensor partials;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "occ_loss_backward", [&] {
+    const Tiling t = make_tiling(N, K, sizeof(scalar_t), memory_grad ? K * D * int64_t(sizeof(scalar_t)) : 0);
+    if (memory_grad) partials = at::zeros({t.chunks, K, D}, opts);
+    const scalar_t* pg = g.data_ptr<scalar_t>();
+    const scalar_t* pl = loss.data_ptr<scalar_t>();
+    const scalar_t* plv = lse_v.data_ptr<scalar_t>();
+    const scalar_t* pla = lse_a.data_ptr<scalar_t>();
+    const scalar_t* pr = r_sum.data_ptr<scalar_t>();
+    for_each_tile(N, t, {2, t.tile, K}, opts, [&](int64_t chunk, int64_t r0, int64_t rows, const Tensor& ws) {
+      Tensor sv = ws[0].narrow(0, 0, rows), sa = ws[1].narrow(0, 0, rows);
+      at::mm_out(sv, feat_v.narrow(0, r0, rows), mem_t);
+      at::mm_out(sa, feat_a.narrow(0, r0, rows), mem_t);
+      scalar_t* pv = sv.data_ptr<scalar_t>();
+      scalar_t* pa = sa.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = r0 + i;
+        occ_backward_row<scalar_t>(pv + i * K, pa + i * K, K, pg[r], pl[r], plv[r], pla[r], pr[r], scalar_t(eps));
+      }
+      tile_backward_gemms(sv, feat_v, mem_scaled, grad_v, partials, chunk, r0, rows, 1.0 / temperature);
+      tile_backward_gemms(sa, feat_a, mem_scaled, grad_a, partials, chunk, r0, rows, 1.0 / temperature);
+    });
+  });
+  return {grad_v, grad_a, reduce_partials(partials, memory_in)};
+}
+
+Tensor omni_correlation_forward(const Tensor& feat_in, const Tensor& memory_in, double temperature) {
+  check_features(feat_in, "feat", memory_in, temperature);
+  const Tensor feat = feat_in.contiguous();
+  const Tensor mem_t = memory_in.div(temperature).t();
+  const int64_t N = feat.size(0), K = memory_in.size(0);
+  Tensor probs = at::empty({N, K}, feat.options());
+  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "omni_correlation_forward", [&] {
+    const Tiling t = make_tiling(N, K, sizeof(scalar_t));
+    for_each_tile(N, t, {0}, feat.options(), [&](int64_t, int64_t r0, int64_t rows, const Tensor&) {
+      Tensor s = probs.narrow(0, r0, rows);
+      at::mm_out(s, feat.narrow(0, r0, rows), mem_t);
+      scalar_t* ps = s.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows; ++i) softmax_row(ps + i * K, K);
+    });
+  });
+  return probs;
+}
+
+std::tuple<Tensor, Tensor> omni_correlation_backward(const Tensor& grad_out_in, const Tensor& probs_in,
+                                                     const Tensor& feat_in, const Tensor& memory_in,
+                                                     double temperature, bool memory_grad) {
+  check_features(feat_in, "feat", memory_in, temperature);
+  const int64_t N = feat_in.size(0), K = memory_in.size(0), D = memory_in.size(1);
+  for (const auto& [x, name] : {std::pair<const Tensor&, const char*>{grad_out_in, "grad_out"}, {probs_in, "probs"}}) {
+    TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == N && x.size(1) == K, name, " must be [N, K] = [", N, ", ", K,
+                "], got shape ", x.sizes());
+    TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating point, got ", x.scalar_type());
+  }
+  const auto dtype = feat_in.scalar_type();
+  const Tensor feat = feat_in.contiguous();
+  const Tensor grad_out = grad_out_in.to(dtype).contiguous(), probs = probs_in.to(dtype).contiguous();
+  const Tensor mem_scaled = memory_in.div(temperature).contiguous();
+  const auto opts = feat.options();
+  Tensor grad_feat = at::empty_like(feat);
+  Tensor partials;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "omni_correlation_backward", [&] {
+    const Tiling t = make_tiling(N, K, sizeof(scalar_t), memory_grad ? K * D * int64_t(sizeof(scalar_t)) : 0);
+    if (memory_grad) partials = at::zeros({t.chunks, K, D}, opts);
+    const scalar_t* pgo = grad_out.data_ptr<scalar_t>();
+    const scalar_t* pp = probs.data_ptr<scalar_t>();
+    for_each_tile(N, t, {t.tile, K}, opts, [&](int64_t chunk, int64_t r0, int64_t rows, const Tensor& ws) {
+      const Tensor ds = ws.narrow(0, 0, rows);
+      scalar_t* pds = ds.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows; ++i) {
+        softmax_backward_row(pgo + (r0 + i) * K, pp + (r0 + i) * K, pds + i * K, K);
+      }
+      tile_backward_gemms(ds, feat, mem_scaled, grad_feat, partials, chunk, r0, rows, 1.0 / temperature);
+    });
+  });
+  return {grad_feat, reduce_partials(partials, memory_in)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(caml_ops, CPU, m) {
+  m.impl("occ_loss_forward", &occ_loss_forward);
+  m.impl("occ_loss_backward", &occ_loss_backward);
+  m.impl("omni_correlation_forward", &omni_correlation_forward);
+  m.impl("omni_correlation_backward", &omni_correlation_backward);
+}
+
+}  // namespace caml_ops
