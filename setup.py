@@ -24,7 +24,7 @@ def _cuda_available() -> bool:
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec picks its AVX2 path from this macro; every x86-64 CPU we target has AVX2 + FMA.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
@@ -33,7 +33,7 @@ def _extension():
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
         extra["cxx"].append("-DWITH_CUDA")
         archs = os.environ.get("CAML_OPS_CUDA_ARCHS", "80;90").split(";")
-        extra["nvcc"] = ["-O3", "-std=c++17"] + [
+        extra["nvcc"] = ["-O3"] + [
             f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs
         ]
         return cpp_extension.CUDAExtension(

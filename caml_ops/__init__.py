@@ -1,10 +1,12 @@
 """caml-ops: fused kernels for semi-supervised 3D medical image segmentation (CAML)."""
+from . import nn
 from ._backend import BACKENDS, get_backend, set_backend
 from .attention import cross_sample_attention, intra_sample_attention
 from .mutual_consistency import mutual_consistency_loss
 from .omni_correlation import omni_correlation, omni_correlation_loss
 
 __all__ = [
+    "nn",
     "BACKENDS",
     "get_backend",
     "set_backend",

@@ -63,7 +63,10 @@ class _SampleSelfAttention(nn.Module):
         return self.out_proj(out.reshape(batch, length, channels))
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, attention={self.attention!r}"
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+            f"attention={self.attention!r}"
+        )
 
 
 class CrossSampleTransformerLayer(nn.Module):

@@ -14,7 +14,7 @@ from caml.models import CAML3d, CAML3dOutput, load_checkpoint, read_state_dict
 
 from .helpers import assert_close_to_reference, fresh_seed
 
-SHAPES_FILE = Path(__file__).parent / "data" / "caml3d_v1_state_dict_shapes.json"  # the official model's keys and shapes
+SHAPES_FILE = Path(__file__).parent / "data" / "caml3d_v1_state_dict_shapes.json"  # official keys and shapes
 SMALL = dict(n_filters=4, feat_dim=8)
 
 

@@ -33,7 +33,13 @@ def loss_and_grads(fn, inputs, weights, **kwargs):
     return rows.detach(), grads
 
 
+# Triton's interpreter runs a kernel program at a time in numpy: it gets the small shapes.
+INTERPRETER_MAX_ROWS, INTERPRETER_MAX_COLS = 97, 130
+
+
 def check_against_reference(backend, device, n, k, d, eps, temperature=0.1, scale=1.0):
+    if is_interpreted(backend, device):
+        n, k = min(n, INTERPRETER_MAX_ROWS), min(k, INTERPRETER_MAX_COLS)
     seed = fresh_seed()
     inputs = make_inputs(n, k, d, device=device, scale=scale)
     weights = torch.rand(n, dtype=torch.float64, device=device)
@@ -58,8 +64,9 @@ def test_loss_matches_reference_float64(backend, device, n, k, d, eps):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,device", LOSS_BACKENDS)
 def test_loss_large_n_matches_reference(backend, device):
-    n = 4_099 if is_interpreted(backend, device) else 33_333  # the interpreter is slow
-    check_against_reference(backend, device, n, 257, 32, 1e-8)
+    if is_interpreted(backend, device):
+        pytest.skip("too slow for Triton's interpreter; runs on the GPU")
+    check_against_reference(backend, device, 33_333, 257, 32, 1e-8)
 
 
 @pytest.mark.parametrize("backend,device", LOSS_BACKENDS)

@@ -55,7 +55,7 @@ class AuxiliaryEncoder(Encoder):
         self.inter_attention = cma.inter_attention
 
     def after_block_four(self, x4: Tensor) -> Tensor:
-        return self.intra_attention(self.inter_attention(x4))
+        return self.inter_attention(self.intra_attention(x4))
 
 
 def _head(in_features: int, feat_dim: int) -> nn.Sequential:
@@ -94,7 +94,8 @@ class CAML3d(nn.Module):
         cma_dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        self.in_channels, self.num_classes, self.n_filters, self.feat_dim = in_channels, num_classes, n_filters, feat_dim
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.n_filters, self.feat_dim = n_filters, feat_dim
         self.encoder1 = Encoder(in_channels, n_filters, normalization, has_dropout)
         self.encoder2 = AuxiliaryEncoder(in_channels, n_filters, normalization, has_dropout, cma_heads, cma_dropout)
         self.decoder1 = Decoder(num_classes, n_filters, normalization, has_dropout, up_mode="deconv")
@@ -122,7 +123,7 @@ class CAML3d(nn.Module):
         return (self.projection_head1 if _sub_model(sub_model) == "v" else self.projection_head2)(embeddings)
 
     def predict(self, embeddings: Tensor, sub_model: str) -> Tensor:
-        """Prediction head after the projection head of sub-model ``"v"`` or ``"a"``: [N, n_filters] -> [N, feat_dim]."""
+        """Projection then prediction head of sub-model ``"v"`` or ``"a"``: [N, n_filters] -> [N, feat_dim]."""
         head = self.prediction_head1 if _sub_model(sub_model) == "v" else self.prediction_head2
         return head(self.project(embeddings, sub_model))
 

@@ -2,10 +2,11 @@
 // and omni_correlation).
 //
 // Rows are processed in tiles: a tile's logits S = feat[tile] @ (memory / t)^T
-// ([tile, K], a per-thread buffer that stays in cache) come from BLAS, the
-// softmax statistics and dS are computed in place with at::vec, and the
-// backward GEMMs (dS @ memory, dS^T @ feat) go back to BLAS. The loss ops never
-// hold more than one tile of the N x K matrices per thread.
+// ([tile, K], a per-thread buffer that stays in cache) come from a
+// register-blocked GEMM, the softmax statistics and dS are computed in place
+// with at::vec, and the backward GEMMs (dS @ memory, dS^T @ feat) reuse the
+// same GEMM. The loss ops never hold more than one tile of the N x K matrices
+// per thread.
 //
 // Determinism: tiles are grouped into a number of chunks fixed by the sizes
 // (never by the thread count); chunks run in parallel, the tiles of a chunk in
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace caml_ops {
 namespace {
@@ -56,12 +58,15 @@ inline Vectorized<float> vlog(const Vectorized<float>& v) {
   const __m256 below = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
   e = _mm256_sub_ps(e, _mm256_and_ps(below, _mm256_set1_ps(1.f)));
   m = _mm256_add_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.f)), _mm256_and_ps(m, below));  // m - 1, or 2m - 1
-  const __m256 z = _mm256_mul_ps(m, m);
-  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
-  for (const float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
-                        -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
-    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(c));
-  }
+  // Degree-8 polynomial p0 m^8 + ... + p8, evaluated by Estrin's scheme (short dependency chains).
+  const auto c = [](float v) { return _mm256_set1_ps(v); };
+  const __m256 z = _mm256_mul_ps(m, m), z2 = _mm256_mul_ps(z, z);
+  const __m256 q0 = _mm256_fmadd_ps(c(-2.4999993993e-1f), m, c(3.3333331174e-1f));  // p7 m + p8
+  const __m256 q1 = _mm256_fmadd_ps(c(-1.6668057665e-1f), m, c(2.0000714765e-1f));   // p5 m + p6
+  const __m256 q2 = _mm256_fmadd_ps(c(-1.2420140846e-1f), m, c(1.4249322787e-1f));   // p3 m + p4
+  const __m256 q3 = _mm256_fmadd_ps(c(-1.1514610310e-1f), m, c(1.1676998740e-1f));   // p1 m + p2
+  const __m256 r0 = _mm256_fmadd_ps(q1, z, q0), r1 = _mm256_fmadd_ps(q3, z, q2);
+  __m256 y = _mm256_fmadd_ps(_mm256_fmadd_ps(c(7.0376836292e-2f), z2, r1), z2, r0);
   y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
   y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
   y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
@@ -217,11 +222,82 @@ void softmax_backward_row(const T* g, const T* p, T* ds, int64_t K) {
   }
 }
 
+// ---------------------------------------------------------------- GEMM
+// The GEMMs here are thin (one dimension is D, typically 16 to 128) and per
+// tile, where BLAS calls are slow; a register-blocked kernel does them:
+// C[m, j] (+)= alpha * sum_l A(m, l) B[l, j], A(m, l) = a[m * a_m + l * a_l]
+// (so A may be a transposed view), B and C row-major.
+
+// One block of R rows x (NV vectors of columns); kFull: all NV * lanes
+// columns valid, else only the first n.
+template <typename T, int R, int NV, bool kFull>
+inline void gemm_block(int64_t L, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c,
+                       int64_t ldc, int64_t n, T alpha, bool accumulate) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = kLanes<T>;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V(T(0));
+  for (int64_t l = 0; l < L; ++l) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = kFull ? V::loadu(b + l * ldb + v * W) : load(b + l * ldb + v * W, std::clamp<int64_t>(n - v * W, 0, W));
+    }
+    for (int r = 0; r < R; ++r) {
+      const V av(a[r * a_m + l * a_l]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+    }
+  }
+  const V valpha(alpha);
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      const int64_t cnt = kFull ? W : std::clamp<int64_t>(n - v * W, 0, W);
+      if (cnt == 0) continue;
+      T* out = c + r * ldc + v * W;
+      V res = acc[r][v] * valpha;
+      if (accumulate) res += load(out, cnt);
+      res.store(out, cnt);
+    }
+  }
+}
+
+template <typename T, int R>
+inline void gemm_rows(int64_t L, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c, int64_t ldc,
+                      int64_t n, T alpha, bool accumulate) {
+  if (n == 2 * kLanes<T>) {
+    gemm_block<T, R, 2, true>(L, a, a_m, a_l, b, ldb, c, ldc, n, alpha, accumulate);
+  } else {
+    gemm_block<T, R, 2, false>(L, a, a_m, a_l, b, ldb, c, ldc, n, alpha, accumulate);
+  }
+}
+
+// C[M, Ncol] (+)= alpha * A[M, L] @ B[L, Ncol].
+template <typename T>
+void gemm(int64_t M, int64_t Ncol, int64_t L, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c,
+          int64_t ldc, T alpha, bool accumulate) {
+  constexpr int64_t R = 6, NB = 2 * kLanes<T>;  // 12 accumulators + 2 B vectors + 1 broadcast: 15 registers
+  for (int64_t j = 0; j < Ncol; j += NB) {
+    const int64_t n = std::min(NB, Ncol - j);
+    int64_t i = 0;
+    for (; i + R <= M; i += R) gemm_rows<T, R>(L, a + i * a_m, a_m, a_l, b + j, ldb, c + i * ldc + j, ldc, n, alpha, accumulate);
+    const T* ai = a + i * a_m;
+    T* ci = c + i * ldc + j;
+    switch (M - i) {
+      case 5: gemm_rows<T, 5>(L, ai, a_m, a_l, b + j, ldb, ci, ldc, n, alpha, accumulate); break;
+      case 4: gemm_rows<T, 4>(L, ai, a_m, a_l, b + j, ldb, ci, ldc, n, alpha, accumulate); break;
+      case 3: gemm_rows<T, 3>(L, ai, a_m, a_l, b + j, ldb, ci, ldc, n, alpha, accumulate); break;
+      case 2: gemm_rows<T, 2>(L, ai, a_m, a_l, b + j, ldb, ci, ldc, n, alpha, accumulate); break;
+      case 1: gemm_rows<T, 1>(L, ai, a_m, a_l, b + j, ldb, ci, ldc, n, alpha, accumulate); break;
+      default: break;
+    }
+  }
+}
+
 // ---------------------------------------------------------------- tiling
 
-constexpr int64_t kTileBytes = 128 * 1024;                 // one [tile, K] buffer: stays in L2
-constexpr int64_t kMaxChunks = 64;                         // parallelism of the chunked loops
-constexpr int64_t kPartialBytes = int64_t(64) << 20;       // cap on the grad_memory partials
+constexpr int64_t kTileBytes = 64 * 1024;             // one [tile, K] buffer: stays in L2
+constexpr int64_t kMaxChunks = 64;                    // parallelism of the chunked loops
+constexpr int64_t kPartialBytes = int64_t(64) << 20;  // cap on the grad_memory partials
 
 struct Tiling {
   int64_t tile = 1, rows_per_chunk = 1, chunks = 0;
@@ -232,7 +308,7 @@ struct Tiling {
 // so that the partials stay below kPartialBytes.
 Tiling make_tiling(int64_t N, int64_t K, int64_t elem_size, int64_t partial_bytes = 0) {
   Tiling t;
-  t.tile = std::clamp<int64_t>(kTileBytes / (K * elem_size), 16, 256);
+  t.tile = std::clamp<int64_t>(kTileBytes / (K * elem_size), 6, 256) / 6 * 6;  // whole GEMM row blocks
   const int64_t tiles = (N + t.tile - 1) / t.tile;
   int64_t chunks = std::min(tiles, kMaxChunks);
   if (partial_bytes > 0) chunks = std::min(chunks, std::max<int64_t>(1, kPartialBytes / partial_bytes));
@@ -243,34 +319,38 @@ Tiling make_tiling(int64_t N, int64_t K, int64_t elem_size, int64_t partial_byte
 }
 
 // Runs fn(chunk, row0, rows, workspace) for every row tile; chunks in parallel,
-// the tiles of a chunk in order, each thread with its own workspace.
-template <typename Fn>
-void for_each_tile(int64_t N, const Tiling& t, at::IntArrayRef ws_shape, const at::TensorOptions& opts,
-                   const Fn& fn) {
+// the tiles of a chunk in order, each thread with its own workspace of ws_size.
+template <typename T, typename Fn>
+void for_each_tile(int64_t N, const Tiling& t, int64_t ws_size, const Fn& fn) {
   at::parallel_for(0, t.chunks, 1, [&](int64_t c0, int64_t c1) {
-    Tensor ws = at::empty(ws_shape, opts);
+    std::vector<T> ws(ws_size);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t end = std::min(N, (c + 1) * t.rows_per_chunk);
       for (int64_t r0 = c * t.rows_per_chunk; r0 < end; r0 += t.tile) {
-        fn(c, r0, std::min(t.tile, end - r0), ws);
+        fn(c, r0, std::min(t.tile, end - r0), ws.data());
       }
     }
   });
 }
 
-// Backward GEMMs of one tile: grad_feat[rows] = dS @ (memory / t) and, when
-// partials is defined, partials[chunk] += dS^T @ feat[rows] / t.
-void tile_backward_gemms(const Tensor& ds, const Tensor& feat, const Tensor& mem_scaled, const Tensor& grad_feat,
-                         const Tensor& partials, int64_t chunk, int64_t r0, int64_t rows, double inv_t) {
-  Tensor out = grad_feat.narrow(0, r0, rows);
-  at::mm_out(out, ds, mem_scaled);
-  if (partials.defined()) partials[chunk].addmm_(ds.t(), feat.narrow(0, r0, rows), 1.0, inv_t);
+// Scaled logits of a tile: s[rows, K] = feat[rows, D] @ mem_t[D, K] (mem_t = (memory / t)^T).
+template <typename T>
+void tile_logits(const T* feat, const T* mem_t, T* s, int64_t rows, int64_t K, int64_t D) {
+  gemm<T>(rows, K, D, feat, D, 1, mem_t, K, s, K, T(1), false);
+}
+
+// Backward GEMMs of a tile from its dS [rows, K]: grad_feat[rows] = dS @ mem_s
+// (mem_s = memory / t) and, when partial is given, partial += dS^T @ feat / t.
+template <typename T>
+void tile_backward_gemms(const T* ds, const T* feat, const T* mem_s, T* grad_feat, T* partial, int64_t rows,
+                         int64_t K, int64_t D, T inv_t) {
+  gemm<T>(rows, D, K, ds, K, 1, mem_s, D, grad_feat, D, T(1), false);
+  if (partial != nullptr) gemm<T>(K, D, rows, ds, 1, K, feat, D, partial, D, inv_t, true);
 }
 
 // grad_memory from the chunk partials, summed in chunk order.
 Tensor reduce_partials(const Tensor& partials, const Tensor& memory) {
-  if (!partials.defined()) return at::zeros_like(memory);
-  if (partials.size(0) == 0) return at::zeros_like(memory);
+  if (!partials.defined() || partials.size(0) == 0) return at::zeros_like(memory, at::MemoryFormat::Contiguous);
   Tensor out = partials[0].clone();
   for (int64_t c = 1; c < partials.size(0); ++c) out.add_(partials[c]);
   return out;
@@ -316,32 +396,42 @@ Tensor row_vector(const Tensor& x, const char* name, int64_t N, at::ScalarType d
   return x.to(dtype).contiguous();
 }
 
+// An [N, K] tensor (grad_out or probs of omni_correlation), as contiguous `dtype`.
+Tensor matrix_nk(const Tensor& x, const char* name, int64_t N, int64_t K, at::ScalarType dtype) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == N && x.size(1) == K, name, " must be [N, K] = [", N, ", ", K,
+              "], got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating point, got ", x.scalar_type());
+  return x.to(dtype).contiguous();
+}
+
 // ---------------------------------------------------------------- ops
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> occ_loss_forward(const Tensor& feat_v_in, const Tensor& feat_a_in,
-                                                            const Tensor& memory_in, double temperature,
-                                                            double eps) {
-  check_loss_inputs(feat_v_in, feat_a_in, memory_in, temperature, eps);
+                                                            const Tensor& memory, double temperature, double eps) {
+  check_loss_inputs(feat_v_in, feat_a_in, memory, temperature, eps);
   const Tensor feat_v = feat_v_in.contiguous(), feat_a = feat_a_in.contiguous();
-  const Tensor mem_t = memory_in.div(temperature).t();  // [D, K]: S = feat @ mem_t
-  const int64_t N = feat_v.size(0), K = memory_in.size(0);
+  const Tensor mem_t = memory.div(temperature).t().contiguous();  // [D, K]
+  const int64_t N = feat_v.size(0), K = memory.size(0), D = memory.size(1);
   const auto opts = feat_v.options();
   Tensor loss = at::empty({N}, opts), lse_v = at::empty({N}, opts), lse_a = at::empty({N}, opts),
          r_sum = at::empty({N}, opts);
   AT_DISPATCH_FLOATING_TYPES(feat_v.scalar_type(), "occ_loss_forward", [&] {
     const Tiling t = make_tiling(N, K, sizeof(scalar_t));
-    auto* out_l = loss.data_ptr<scalar_t>();
-    auto* out_lv = lse_v.data_ptr<scalar_t>();
-    auto* out_la = lse_a.data_ptr<scalar_t>();
-    auto* out_r = r_sum.data_ptr<scalar_t>();
-    for_each_tile(N, t, {2, t.tile, K}, opts, [&](int64_t, int64_t r0, int64_t rows, const Tensor& ws) {
-      Tensor sv = ws[0].narrow(0, 0, rows), sa = ws[1].narrow(0, 0, rows);
-      at::mm_out(sv, feat_v.narrow(0, r0, rows), mem_t);
-      at::mm_out(sa, feat_a.narrow(0, r0, rows), mem_t);
-      scalar_t* pv = sv.data_ptr<scalar_t>();
-      scalar_t* pa = sa.data_ptr<scalar_t>();
+    const scalar_t* fv = feat_v.data_ptr<scalar_t>();
+    const scalar_t* fa = feat_a.data_ptr<scalar_t>();
+    const scalar_t* mt = mem_t.data_ptr<scalar_t>();
+    scalar_t* out_l = loss.data_ptr<scalar_t>();
+    scalar_t* out_lv = lse_v.data_ptr<scalar_t>();
+    scalar_t* out_la = lse_a.data_ptr<scalar_t>();
+    scalar_t* out_r = r_sum.data_ptr<scalar_t>();
+    for_each_tile<scalar_t>(N, t, 2 * t.tile * K, [&](int64_t, int64_t r0, int64_t rows, scalar_t* ws) {
+      scalar_t* sv = ws;
+      scalar_t* sa = ws + t.tile * K;
+      tile_logits(fv + r0 * D, mt, sv, rows, K, D);
+      tile_logits(fa + r0 * D, mt, sa, rows, K, D);
       for (int64_t i = 0; i < rows; ++i) {
-        const LossRow r = occ_forward_row<scalar_t>(pv + i * K, pa + i * K, K, scalar_t(eps));
+        const LossRow r = occ_forward_row<scalar_t>(sv + i * K, sa + i * K, K, scalar_t(eps));
         out_l[r0 + i] = r.loss;
         out_lv[r0 + i] = r.lse_v;
         out_la[r0 + i] = r.lse_a;
@@ -353,100 +443,106 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> occ_loss_forward(const Tensor& feat_v
 }
 
 std::tuple<Tensor, Tensor, Tensor> occ_loss_backward(const Tensor& grad_rows, const Tensor& feat_v_in,
-                                                     const Tensor& feat_a_in, const Tensor& memory_in,
+                                                     const Tensor& feat_a_in, const Tensor& memory,
                                                      const Tensor& loss_rows, const Tensor& lse_v_in,
                                                      const Tensor& lse_a_in, const Tensor& r_sum_in,
                                                      double temperature, double eps, bool memory_grad) {
-  check_loss_inputs(feat_v_in, feat_a_in, memory_in, temperature, eps);
+  check_loss_inputs(feat_v_in, feat_a_in, memory, temperature, eps);
   const Tensor feat_v = feat_v_in.contiguous(), feat_a = feat_a_in.contiguous();
-  const int64_t N = feat_v.size(0), K = memory_in.size(0), D = memory_in.size(1);
+  const int64_t N = feat_v.size(0), K = memory.size(0), D = memory.size(1);
   const auto dtype = feat_v.scalar_type();
   const Tensor g = row_vector(grad_rows, "grad_rows", N, dtype);
   const Tensor loss = row_vector(loss_rows, "loss_rows", N, dtype);
   const Tensor lse_v = row_vector(lse_v_in, "lse_v", N, dtype);
   const Tensor lse_a = row_vector(lse_a_in, "lse_a", N, dtype);
   const Tensor r_sum = row_vector(r_sum_in, "r_sum", N, dtype);
-  const Tensor mem_scaled = memory_in.div(temperature).contiguous();  // [K, D]
-  const Tensor mem_t = mem_scaled.t();
+  const Tensor mem_s = memory.div(temperature).contiguous();  // [K, D]
+  const Tensor mem_t = mem_s.t().contiguous();                // [D, K]
   const auto opts = feat_v.options();
-  Tensor grad_v = at::empty_like(feat_v), grad_a = at::empty_like(feat_a);
+  Tensor grad_v = at::empty({N, D}, opts), grad_a = at::empty({N, D}, opts);
   Tensor partials;
   AT_DISPATCH_FLOATING_TYPES(dtype, "occ_loss_backward", [&] {
     const Tiling t = make_tiling(N, K, sizeof(scalar_t), memory_grad ? K * D * int64_t(sizeof(scalar_t)) : 0);
     if (memory_grad) partials = at::zeros({t.chunks, K, D}, opts);
+    scalar_t* part = memory_grad ? partials.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* fv = feat_v.data_ptr<scalar_t>();
+    const scalar_t* fa = feat_a.data_ptr<scalar_t>();
+    const scalar_t* ms = mem_s.data_ptr<scalar_t>();
+    const scalar_t* mt = mem_t.data_ptr<scalar_t>();
     const scalar_t* pg = g.data_ptr<scalar_t>();
     const scalar_t* pl = loss.data_ptr<scalar_t>();
     const scalar_t* plv = lse_v.data_ptr<scalar_t>();
     const scalar_t* pla = lse_a.data_ptr<scalar_t>();
     const scalar_t* pr = r_sum.data_ptr<scalar_t>();
-    for_each_tile(N, t, {2, t.tile, K}, opts, [&](int64_t chunk, int64_t r0, int64_t rows, const Tensor& ws) {
-      Tensor sv = ws[0].narrow(0, 0, rows), sa = ws[1].narrow(0, 0, rows);
-      at::mm_out(sv, feat_v.narrow(0, r0, rows), mem_t);
-      at::mm_out(sa, feat_a.narrow(0, r0, rows), mem_t);
-      scalar_t* pv = sv.data_ptr<scalar_t>();
-      scalar_t* pa = sa.data_ptr<scalar_t>();
+    scalar_t* gv = grad_v.data_ptr<scalar_t>();
+    scalar_t* ga = grad_a.data_ptr<scalar_t>();
+    const auto inv_t = scalar_t(1.0 / temperature);
+    for_each_tile<scalar_t>(N, t, 2 * t.tile * K, [&](int64_t chunk, int64_t r0, int64_t rows, scalar_t* ws) {
+      scalar_t* sv = ws;
+      scalar_t* sa = ws + t.tile * K;
+      tile_logits(fv + r0 * D, mt, sv, rows, K, D);
+      tile_logits(fa + r0 * D, mt, sa, rows, K, D);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
-        occ_backward_row<scalar_t>(pv + i * K, pa + i * K, K, pg[r], pl[r], plv[r], pla[r], pr[r], scalar_t(eps));
+        occ_backward_row<scalar_t>(sv + i * K, sa + i * K, K, pg[r], pl[r], plv[r], pla[r], pr[r], scalar_t(eps));
       }
-      tile_backward_gemms(sv, feat_v, mem_scaled, grad_v, partials, chunk, r0, rows, 1.0 / temperature);
-      tile_backward_gemms(sa, feat_a, mem_scaled, grad_a, partials, chunk, r0, rows, 1.0 / temperature);
+      scalar_t* chunk_part = part != nullptr ? part + chunk * K * D : nullptr;
+      tile_backward_gemms(sv, fv + r0 * D, ms, gv + r0 * D, chunk_part, rows, K, D, inv_t);
+      tile_backward_gemms(sa, fa + r0 * D, ms, ga + r0 * D, chunk_part, rows, K, D, inv_t);
     });
   });
-  return {grad_v, grad_a, reduce_partials(partials, memory_in)};
+  return {grad_v, grad_a, reduce_partials(partials, memory)};
 }
 
-Tensor omni_correlation_forward(const Tensor& feat_in, const Tensor& memory_in, double temperature) {
-  check_features(feat_in, "feat", memory_in, temperature);
+Tensor omni_correlation_forward(const Tensor& feat_in, const Tensor& memory, double temperature) {
+  check_features(feat_in, "feat", memory, temperature);
   const Tensor feat = feat_in.contiguous();
-  const Tensor mem_t = memory_in.div(temperature).t();
-  const int64_t N = feat.size(0), K = memory_in.size(0);
+  const Tensor mem_t = memory.div(temperature).t().contiguous();
+  const int64_t N = feat.size(0), K = memory.size(0), D = memory.size(1);
   Tensor probs = at::empty({N, K}, feat.options());
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "omni_correlation_forward", [&] {
     const Tiling t = make_tiling(N, K, sizeof(scalar_t));
-    for_each_tile(N, t, {0}, feat.options(), [&](int64_t, int64_t r0, int64_t rows, const Tensor&) {
-      Tensor s = probs.narrow(0, r0, rows);
-      at::mm_out(s, feat.narrow(0, r0, rows), mem_t);
-      scalar_t* ps = s.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < rows; ++i) softmax_row(ps + i * K, K);
+    const scalar_t* f = feat.data_ptr<scalar_t>();
+    const scalar_t* mt = mem_t.data_ptr<scalar_t>();
+    scalar_t* out = probs.data_ptr<scalar_t>();
+    for_each_tile<scalar_t>(N, t, 0, [&](int64_t, int64_t r0, int64_t rows, scalar_t*) {
+      tile_logits(f + r0 * D, mt, out + r0 * K, rows, K, D);
+      for (int64_t i = 0; i < rows; ++i) softmax_row(out + (r0 + i) * K, K);
     });
   });
   return probs;
 }
 
 std::tuple<Tensor, Tensor> omni_correlation_backward(const Tensor& grad_out_in, const Tensor& probs_in,
-                                                     const Tensor& feat_in, const Tensor& memory_in,
+                                                     const Tensor& feat_in, const Tensor& memory,
                                                      double temperature, bool memory_grad) {
-  check_features(feat_in, "feat", memory_in, temperature);
-  const int64_t N = feat_in.size(0), K = memory_in.size(0), D = memory_in.size(1);
-  for (const auto& [x, name] : {std::pair<const Tensor&, const char*>{grad_out_in, "grad_out"}, {probs_in, "probs"}}) {
-    TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == N && x.size(1) == K, name, " must be [N, K] = [", N, ", ", K,
-                "], got shape ", x.sizes());
-    TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating point, got ", x.scalar_type());
-  }
+  check_features(feat_in, "feat", memory, temperature);
+  const int64_t N = feat_in.size(0), K = memory.size(0), D = memory.size(1);
   const auto dtype = feat_in.scalar_type();
+  const Tensor grad_out = matrix_nk(grad_out_in, "grad_out", N, K, dtype);
+  const Tensor probs = matrix_nk(probs_in, "probs", N, K, dtype);
   const Tensor feat = feat_in.contiguous();
-  const Tensor grad_out = grad_out_in.to(dtype).contiguous(), probs = probs_in.to(dtype).contiguous();
-  const Tensor mem_scaled = memory_in.div(temperature).contiguous();
+  const Tensor mem_s = memory.div(temperature).contiguous();
   const auto opts = feat.options();
-  Tensor grad_feat = at::empty_like(feat);
+  Tensor grad_feat = at::empty({N, D}, opts);
   Tensor partials;
   AT_DISPATCH_FLOATING_TYPES(dtype, "omni_correlation_backward", [&] {
     const Tiling t = make_tiling(N, K, sizeof(scalar_t), memory_grad ? K * D * int64_t(sizeof(scalar_t)) : 0);
     if (memory_grad) partials = at::zeros({t.chunks, K, D}, opts);
+    scalar_t* part = memory_grad ? partials.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pgo = grad_out.data_ptr<scalar_t>();
     const scalar_t* pp = probs.data_ptr<scalar_t>();
-    for_each_tile(N, t, {t.tile, K}, opts, [&](int64_t chunk, int64_t r0, int64_t rows, const Tensor& ws) {
-      const Tensor ds = ws.narrow(0, 0, rows);
-      scalar_t* pds = ds.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < rows; ++i) {
-        softmax_backward_row(pgo + (r0 + i) * K, pp + (r0 + i) * K, pds + i * K, K);
-      }
-      tile_backward_gemms(ds, feat, mem_scaled, grad_feat, partials, chunk, r0, rows, 1.0 / temperature);
+    const scalar_t* f = feat.data_ptr<scalar_t>();
+    const scalar_t* ms = mem_s.data_ptr<scalar_t>();
+    scalar_t* gf = grad_feat.data_ptr<scalar_t>();
+    const auto inv_t = scalar_t(1.0 / temperature);
+    for_each_tile<scalar_t>(N, t, t.tile * K, [&](int64_t chunk, int64_t r0, int64_t rows, scalar_t* ds) {
+      for (int64_t i = 0; i < rows; ++i) softmax_backward_row(pgo + (r0 + i) * K, pp + (r0 + i) * K, ds + i * K, K);
+      tile_backward_gemms(ds, f + r0 * D, ms, gf + r0 * D, part != nullptr ? part + chunk * K * D : nullptr, rows, K,
+                          D, inv_t);
     });
   });
-  return {grad_feat, reduce_partials(partials, memory_in)};
+  return {grad_feat, reduce_partials(partials, memory)};
 }
 
 }  // namespace

@@ -1,0 +1,233 @@
+"""CAML's losses: Dice, the sigmoid ramp-up, the confidence filtering of unlabeled voxels and the
+assembly of the training objective, with the semantics of the official ``train_caml.py``.
+
+Per step, on a batch whose first ``labeled_bs`` samples are labeled::
+
+    loss = lamda * loss_s + lambda_c(t) * loss_c + lambda_o(t) * loss_o
+
+- ``loss_s``: for each decoder, Dice of the foreground softmax on the labeled half (the official
+  code computes no cross-entropy term; ``ce_weight`` adds one, off by default);
+- ``loss_c``: mutual consistency of the two sub-models' softmax and sharpened softmax over the
+  whole batch (:func:`caml_ops.mutual_consistency_loss`, temperature 0.1);
+- ``loss_o``: omni-correlation consistency (:func:`caml_ops.omni_correlation_loss`, temperature
+  0.1, eps 1e-8) of the filtered unlabeled voxels' predicted features against the memory bank;
+- ``lambda_c(t) = consistency * sigmoid_rampup(t // rampup_interval, rampup_length)``, ``lambda_o``
+  likewise with ``consistency_o``; ``t`` is the 1-based iteration.
+
+The memory bank is refreshed each step (before sampling) with the labeled voxels both sub-models
+predict correctly, projected by the projection heads in eval mode (running BatchNorm statistics),
+averaged over the two sub-models.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import caml_ops
+
+from .memory import MemoryBank
+
+__all__ = [
+    "dice_loss", "sigmoid_rampup", "official_rampup_length", "filter_consistent", "LossWeights",
+    "CAMLObjective", "unwrap",
+]
+
+# Official ramp-up lengths (in units of rampup_interval iterations) for 4 / 8 / 16 labeled LA cases.
+OFFICIAL_RAMPUP = {4: 40.0, 8: 20.0, 16: 15.0}
+
+
+def dice_loss(probs: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+    """Official ``Binary_dice_loss``: ``1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps)`` over all elements."""
+    target = target.to(probs.dtype)
+    return 1 - (2 * torch.sum(probs * target) + eps) / (torch.sum(probs) + torch.sum(target) + eps)
+
+
+def sigmoid_rampup(current: float, rampup_length: float) -> float:
+    """``exp(-5 (1 - clip(current, 0, L) / L)^2)``, 1 for L = 0 (Laine & Aila; official ``ramps.sigmoid_rampup``)."""
+    if rampup_length == 0:
+        return 1.0
+    current = min(max(float(current), 0.0), float(rampup_length))
+    phase = 1.0 - current / rampup_length
+    return float(math.exp(-5.0 * phase * phase))
+
+
+def official_rampup_length(labeled: int) -> float:
+    """The official ramp-up for ``labeled`` cases: 40 / 20 / 15 for 4 / 8 / 16; other counts take the
+    nearest of those (ties: the smaller count)."""
+    nearest = min(OFFICIAL_RAMPUP, key=lambda n: (abs(n - labeled), n))
+    return OFFICIAL_RAMPUP[nearest]
+
+
+def filter_consistent(prob_v: Tensor, pred_v: Tensor, pred_a: Tensor, num_filtered: int,
+                      num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Official per-class confidence filtering of unlabeled voxels.
+
+    Args:
+        prob_v: [...] model v's confidence (its max softmax probability) per voxel.
+        pred_v, pred_a: [...] the two sub-models' predicted classes.
+        num_filtered: voxels kept per class.
+
+    Returns ``(mask, rows, classes)``: ``mask`` [...] the voxels both sub-models agree on (the
+    "consistent set", row-major order); ``rows`` [M] indices into the consistent set: per class, its
+    voxels sorted by ``prob_v`` descending (stable), the first ``num_filtered``, classes in order,
+    a class kept only if it has more than one such voxel (as the official code); ``classes`` [M].
+    """
+    mask = pred_v == pred_a
+    labels, probs = pred_v[mask], prob_v[mask]
+    rows, classes = [], []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).squeeze(1)
+        order = torch.sort(probs[members], descending=True, stable=True).indices[:num_filtered]
+        if order.numel() > 1:
+            rows.append(members[order])
+            classes.append(torch.full_like(order, c))
+    if not rows:
+        empty = torch.empty(0, dtype=torch.int64, device=mask.device)
+        return mask, empty, empty
+    return mask, torch.cat(rows), torch.cat(classes)
+
+
+@dataclass
+class LossWeights:
+    """Weights and hyper-parameters of the objective (defaults: the official ones, 8 labels)."""
+
+    lamda: float = 0.5
+    consistency: float = 1.0
+    consistency_o: float = 0.05
+    rampup_length: float = 20.0
+    rampup_interval: int = 150
+    temperature: float = 0.1  # sharpening
+    occ_temperature: float = 0.1
+    occ_eps: float = 1e-8
+    memory_num: int = 256
+    num_filtered: int = 12800
+    ce_weight: float = 0.0
+
+    def ramp(self, iteration: int) -> float:
+        return sigmoid_rampup(iteration // self.rampup_interval, self.rampup_length)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _full(x: Tensor) -> Tensor:
+    """Half-precision results (under autocast) in float32; float32 / float64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _voxels(embedding: Tensor) -> Tensor:
+    """[B, C, *spatial] -> [B, V, C] (channels last, row-major voxels)."""
+    return embedding.flatten(2).transpose(1, 2)
+
+
+class CAMLObjective(nn.Module):
+    """The training objective as a module (so that DistributedDataParallel sees every parameter the
+    loss uses, the heads included): ``forward(volume, label, case_ids, iteration) -> (loss, parts)``.
+
+    Args:
+        model: a :class:`caml.models.CAML3d` (or anything with its outputs and ``projection_head1/2``,
+            ``prediction_head1/2``).
+        memory: the labeled-feature bank (``None`` for ``method="supervised"``).
+        labeled_bs: labeled samples at the head of each batch.
+        weights: :class:`LossWeights`.
+        method: ``"caml"`` or ``"supervised"`` (only ``lamda * loss_s``: the same model, batches and
+            budget without the unlabeled terms).
+        backend: caml_ops backend for the fused losses.
+        autocast_dtype: run the network (not the losses) under autocast in this dtype (bf16 on CUDA).
+    """
+
+    def __init__(self, model: nn.Module, memory: Optional[MemoryBank], labeled_bs: int,
+                 weights: LossWeights = LossWeights(), method: str = "caml", backend: str = "auto",
+                 autocast_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if method not in ("caml", "supervised"):
+            raise ValueError(f"method must be 'caml' or 'supervised', got {method!r}")
+        if method == "caml" and memory is None:
+            raise ValueError("method 'caml' needs a memory bank")
+        self.model, self.memory, self.labeled_bs = model, memory, labeled_bs
+        self.weights, self.method, self.backend = weights, method, backend
+        self.autocast_dtype = autocast_dtype
+
+    def _autocast(self, device: torch.device):
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
+
+    def forward(self, volume: Tensor, label: Tensor, case_ids: Sequence[int] | Tensor,
+                iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
+        w, lb = self.weights, self.labeled_bs
+        with self._autocast(volume.device):
+            logits_v, logits_a, embedding_v, embedding_a = self.model(volume)
+        logits = [_full(logits_v), _full(logits_a)]
+        probs = [torch.softmax(x, dim=1) for x in logits]
+        label_l = label[:lb]
+
+        loss_s = sum(self._supervised(x[:lb], p[:lb], label_l) for x, p in zip(logits, probs))
+        parts = {"loss_s": loss_s}
+        loss = w.lamda * loss_s
+        if self.method == "caml":
+            loss_c = caml_ops.mutual_consistency_loss(logits, temperature=w.temperature, backend=self.backend)
+            self._update_memory(probs, embedding_v, embedding_a, label_l, case_ids)
+            loss_o = self._occ(probs, embedding_v, embedding_a, volume.device)
+            ramp = w.ramp(iteration)
+            lambda_c, lambda_o = w.consistency * ramp, w.consistency_o * ramp
+            loss = loss + lambda_c * loss_c + lambda_o * loss_o
+            parts.update(loss_c=loss_c, loss_o=loss_o, lambda_c=torch.tensor(lambda_c), lambda_o=torch.tensor(lambda_o))
+        parts["loss"] = loss
+        return loss, {k: v.detach().float() for k, v in parts.items()}
+
+    def _supervised(self, logits: Tensor, probs: Tensor, label: Tensor) -> Tensor:
+        num_classes = probs.shape[1]
+        dice = sum(dice_loss(probs[:, c], label == c) for c in range(1, num_classes)) / (num_classes - 1)
+        if self.weights.ce_weight:
+            dice = dice + self.weights.ce_weight * F.cross_entropy(logits, label)
+        return dice
+
+    @torch.no_grad()
+    def _update_memory(self, probs, embedding_v, embedding_a, label_l, case_ids) -> None:
+        lb, model = self.labeled_bs, unwrap(self.model)
+        correct = (probs[0][:lb].argmax(1) == label_l) & (probs[1][:lb].argmax(1) == label_l)
+        heads = (model.projection_head1, model.projection_head2)
+        modes = [h.training for h in heads]
+        for h in heads:
+            h.eval()  # official: labeled features projected with running BatchNorm statistics
+        try:
+            features, labels = [], []
+            for i in range(lb):
+                mask = correct[i].flatten()
+                with self._autocast(label_l.device):
+                    proj_v = heads[0](_voxels(embedding_v[i: i + 1])[0][mask])
+                    proj_a = heads[1](_voxels(embedding_a[i: i + 1])[0][mask])
+                features.append((_full(proj_v) + _full(proj_a)) / 2)
+                labels.append(label_l[i].flatten()[mask])
+        finally:
+            for h, mode in zip(heads, modes):
+                h.train(mode)
+        ids = case_ids[:lb] if not isinstance(case_ids, Tensor) else case_ids[:lb].tolist()
+        self.memory.update(ids, features, labels)
+
+    def _occ(self, probs, embedding_v, embedding_a, device) -> Tensor:
+        w, lb, model = self.weights, self.labeled_bs, unwrap(self.model)
+        memory, _ = self.memory.sample(w.memory_num)
+        prob_v, pred_v = probs[0][lb:].max(dim=1)
+        pred_a = probs[1][lb:].argmax(dim=1)
+        mask, rows, _ = filter_consistent(prob_v, pred_v, pred_a, w.num_filtered, probs[0].shape[1])
+        if memory.shape[0] == 0 or rows.numel() == 0:
+            return torch.zeros((), device=device)
+        voxel_mask = mask.flatten()
+        with self._autocast(device):
+            # Official: the heads (train mode) see every consistent voxel; the filter picks rows after.
+            feat_v = model.prediction_head1(model.projection_head1(_voxels(embedding_v[lb:]).reshape(
+                -1, embedding_v.shape[1])[voxel_mask]))
+            feat_a = model.prediction_head2(model.projection_head2(_voxels(embedding_a[lb:]).reshape(
+                -1, embedding_a.shape[1])[voxel_mask]))
+        feat_v, feat_a = _full(feat_v[rows]), _full(feat_a[rows])
+        return caml_ops.omni_correlation_loss(
+            feat_v, feat_a, memory.to(feat_v.dtype),
+            temperature=w.occ_temperature, eps=w.occ_eps, backend=self.backend)

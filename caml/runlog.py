@@ -1,0 +1,147 @@
+"""Run-folder logging: CSV logs, an optional TensorBoard writer, and PNG plots (matplotlib, Agg)."""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["CSVLog", "TensorBoard", "plot_losses", "plot_validation", "plot_overlays"]
+
+
+class CSVLog:
+    """Rows appended to a CSV file with a fixed header; :meth:`truncate` drops rows past an iteration
+    (after a resume, the rows a killed run wrote after its last checkpoint)."""
+
+    def __init__(self, path: str, fields: Sequence[str]):
+        self.path, self.fields = path, list(fields)
+        if not os.path.isfile(path):
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(self.fields)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+
+    def rows(self) -> list[dict]:
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def truncate(self, iteration: int) -> None:
+        kept = [r for r in self.rows() if int(r["iteration"]) <= iteration]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+class TensorBoard:
+    """``torch.utils.tensorboard.SummaryWriter`` when the tensorboard package is installed; otherwise
+    a no-op (``available`` is False)."""
+
+    def __init__(self, log_dir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(log_dir)
+
+    @property
+    def available(self) -> bool:
+        return self.writer is not None
+
+    def scalars(self, values: dict, step: int, prefix: str = "") -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(prefix + key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(rows: Iterable[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [(int(r["iteration"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+    if not pairs:
+        return np.zeros(0), np.zeros(0)
+    x, y = zip(*pairs)
+    return np.asarray(x), np.asarray(y)
+
+
+def _smooth(y: np.ndarray, width: int) -> np.ndarray:
+    if width <= 1 or y.size < width:
+        return y
+    return np.convolve(y, np.ones(width) / width, mode="valid")
+
+
+def plot_losses(rows: list[dict], keys: Sequence[str], path: str) -> None:
+    """Loss curves (raw, faint, and a moving average) of the CSV rows, one panel per key."""
+    plt = _pyplot()
+    keys = [k for k in keys if _series(rows, k)[0].size]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        x, y = _series(rows, key)
+        width = max(1, len(y) // 25)
+        ax.plot(x, y, alpha=0.3, lw=0.8)
+        ax.plot(x[width - 1:], _smooth(y, width), lw=1.5)
+        ax.set_title(key)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_validation(rows: list[dict], path: str) -> None:
+    """Validation Dice against the iteration."""
+    x, y = _series(rows, "dice")
+    if not x.size:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(x, y, marker="o")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, Optional[float]]],
+                  path: str) -> None:
+    """One row per case ``(name, image, gt, pred, dice)``: the axial (last-axis) slice with the most
+    ground truth, then the middle slices along the other two axes; ground truth contour green,
+    prediction red."""
+    if not cases:
+        return
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
+    for row, (name, image, gt, pred, dice) in zip(axes, cases):
+        z = int(np.argmax(gt.reshape(-1, gt.shape[-1]).sum(0))) if gt.any() else gt.shape[-1] // 2
+        cuts = [(np.s_[:, :, z], f"z={z}"), (np.s_[image.shape[0] // 2], "x mid"), (np.s_[:, image.shape[1] // 2], "y mid")]
+        for ax, (cut, label) in zip(row, cuts):
+            ax.imshow(image[cut].T, cmap="gray", origin="lower")
+            for mask, color in ((gt, "lime"), (pred, "red")):
+                if mask[cut].any() and not mask[cut].all():
+                    ax.contour(mask[cut].T.astype(float), levels=[0.5], colors=color, linewidths=1)
+            ax.set_title(f"{name} {label}" + (f"  Dice {dice:.3f}" if dice is not None and label.startswith("z") else ""),
+                         fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

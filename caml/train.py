@@ -1,0 +1,520 @@
+"""Train CAML (or its supervised-only ablation) and evaluate it: ``python -m caml.train``.
+
+With no arguments: the ``small`` preset on the synthetic dataset (generated on first use into
+``$CAML_CACHE`` or ``~/.cache/caml``), a few minutes on a laptop CPU, then the test-split evaluation.
+``--preset la --data DIR --labeled 8`` is the paper's configuration. ``torchrun --nproc_per_node N
+-m caml.train ...`` trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU; each process
+takes its own batches of ``--batch-size``, the memory bank is gathered across the processes).
+
+The run folder (``--out``) holds ``config.json``, ``checkpoints/last.pt`` (atomic, every
+``--checkpoint-every`` iterations and at the end; ``--resume`` continues from it exactly),
+``train_log.csv``, ``val_log.csv``, ``tb/`` (TensorBoard, when installed), ``metrics.json`` (final
+test-split evaluation: mean and per-case Dice, Jaccard, 95HD, ASD) and PNG plots (``losses.png``,
+``val_dice.png``, ``overlays.png``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Optional, Sequence
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+import caml_ops
+
+from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from .config import PRESETS, TrainConfig, default_cache_dir, preset_config
+from .data import (CenterCrop, Compose, LAHeartH5, RandomCrop, RandomRotFlip, ToTensor, TwoStreamBatchSampler,
+                   case_path, read_case_list)
+from .data.la_h5 import load_case
+from .data.synthetic import ensure_synthetic_la
+from .inference import sliding_window_predict
+from .losses import CAMLObjective, LossWeights, unwrap
+from .memory import MemoryBank
+from .metrics import case_metrics, dice
+from .models import CAML3d
+from .runlog import CSVLog, TensorBoard, plot_losses, plot_overlays, plot_validation
+
+__all__ = ["main", "train", "build_parser", "evaluate_model"]
+
+TRAIN_FIELDS = ["iteration", "epoch", "loss", "loss_s", "loss_c", "loss_o", "lambda_c", "lambda_o", "lr", "seconds"]
+VAL_FIELDS = ["iteration", "dice"]
+NUM_CLASSES = 2
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise UsageError(message)
+
+
+# --- command line ---
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m caml.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small", help=f"configuration preset: {', '.join(PRESETS)} (default small)")
+    p.add_argument("--method", default=None, help="caml (default) or supervised (lamda * supervised loss only)")
+    p.add_argument("--data", default=None, help="LA h5 folder (train.list, test.list, 2018LA_Seg_Training Set/); "
+                   "default for small/tiny: the synthetic dataset in the cache")
+    p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<method>)")
+    p.add_argument("--labeled", type=int, default=None, help="labeled cases: the first N of train.list")
+    p.add_argument("--max-iters", type=int, default=None, help="training iterations")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size per process (labeled + unlabeled)")
+    p.add_argument("--labeled-bs", type=int, default=None, help="labeled samples per batch")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("W", "H", "D"))
+    p.add_argument("--n-filters", type=int, default=None, help="V-Net base width (official 16)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--memory-num", type=int, default=None, help="memory-bank samples per class and step")
+    p.add_argument("--num-filtered", type=int, default=None, help="unlabeled voxels per class in the OCC loss")
+    p.add_argument("--memory-cap", type=int, default=None, help="cap on stored memory-bank voxels per case")
+    p.add_argument("--eval-every", type=int, default=None, help="validation interval (iterations)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval (iterations)")
+    p.add_argument("--num-workers", type=int, default=None, help="data-loader worker processes")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    p.add_argument("--ops-backend", default=None, help=f"caml_ops backend: {', '.join(caml_ops.BACKENDS)}")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--no-eval", action="store_true", help="skip the final test-split evaluation")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    return p
+
+
+_OVERRIDES = {  # argparse dest -> TrainConfig field
+    "method": "method", "data": "data", "labeled": "labeled", "max_iters": "max_iters", "batch_size": "batch_size",
+    "labeled_bs": "labeled_bs", "patch_size": "patch_size", "n_filters": "n_filters", "lr": "lr",
+    "memory_num": "memory_num", "num_filtered": "num_filtered", "memory_cap": "memory_cap",
+    "eval_every": "eval_every", "checkpoint_every": "checkpoint_every", "num_workers": "num_workers",
+    "device": "device", "seed": "seed", "ops_backend": "ops_backend", "threads": "threads",
+}
+_RESUME_OVERRIDES = ("max_iters", "device", "ops_backend", "num_workers", "eval_every", "checkpoint_every", "threads")
+
+
+def config_from_args(args: argparse.Namespace, saved: Optional[dict] = None) -> TrainConfig:
+    """The preset with the given flags applied; when resuming, the saved config with only the flags
+    that do not change the training trajectory."""
+    if saved is not None:
+        cfg = TrainConfig.from_json(saved)
+        allowed = _RESUME_OVERRIDES
+    else:
+        cfg = preset_config(args.preset)
+        allowed = tuple(_OVERRIDES)
+    for dest, name in _OVERRIDES.items():
+        value = getattr(args, dest)
+        if value is not None and dest in allowed:
+            setattr(cfg, name, tuple(value) if isinstance(value, list) else value)
+    if args.no_amp:
+        cfg.amp = False
+    if cfg.data is not None:
+        cfg.data = os.path.abspath(os.path.expanduser(cfg.data))
+    if cfg.ops_backend not in caml_ops.BACKENDS:
+        raise UsageError(f"unknown ops backend {cfg.ops_backend!r} (choose from {', '.join(caml_ops.BACKENDS)})")
+    if cfg.preset == "la" and cfg.data is None:
+        raise UsageError("preset 'la' needs --data DIR (the LA h5 folder)")
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return cfg
+
+
+# --- distributed ---
+
+
+class Dist:
+    """The process group from torchrun's environment (or a single process)."""
+
+    def __init__(self, device_flag: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = _device(device_flag, local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _device(flag: str, local_rank: int) -> torch.device:
+    if flag == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise UsageError(f"unknown device {flag!r} (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {flag!r} requested but CUDA is not available")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"device cuda:{index} does not exist ({torch.cuda.device_count()} GPU(s))")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise UsageError(f"unsupported device {flag!r} (auto, cpu, cuda or cuda:N)")
+    return device
+
+
+# --- data ---
+
+
+class _Indexed(Dataset):
+    """Adds the dataset index as ``"idx"`` (the memory bank's case id for labeled cases)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = self.dataset[index]
+        return {"image": sample["image"], "label": sample["label"], "idx": index}
+
+
+def resolve_data(cfg: TrainConfig, ctx: Dist) -> str:
+    """The dataset folder: ``cfg.data`` or the preset's synthetic dataset (made by rank 0 if missing)."""
+    if cfg.data is not None:
+        if not os.path.isdir(cfg.data):
+            raise UsageError(f"data folder not found: {cfg.data}")
+        return cfg.data
+    syn = cfg.synthetic
+    root = os.path.join(default_cache_dir(), f"synthetic-{cfg.preset}")
+    if ctx.main:
+        if not os.path.isfile(os.path.join(root, "synthetic.json")):
+            print(f"generating the synthetic dataset ({syn['cases']} cases) in {root} ...", file=sys.stderr, flush=True)
+        ensure_synthetic_la(root, cases=syn["cases"], seed=syn["seed"], test_cases=syn["test_cases"],
+                            min_shape=syn["min_shape"], max_shape=syn["max_shape"])
+    ctx.barrier()
+    return root
+
+
+def check_cases(root: str, cases: Sequence[str]) -> None:
+    """Every case file exists and is a readable h5 with 3D ``image`` and ``label`` of one shape
+    (headers only: fast), so bad data fails before training with one line naming the file."""
+    for case in cases:
+        path = case_path(root, case)
+        if not os.path.isfile(path):
+            raise UsageError(f"case file not found: {path}")
+        try:
+            with h5py.File(path, "r") as f:
+                if "image" not in f or "label" not in f:
+                    raise UsageError(f"h5 file {path} lacks 'image' or 'label'")
+                shapes = f["image"].shape, f["label"].shape
+        except OSError as err:
+            raise UsageError(f"cannot read h5 file {path}: {' '.join(str(err).split())}") from None
+        if len(shapes[0]) != 3 or shapes[0] != shapes[1]:
+            raise UsageError(f"h5 file {path}: image and label must be 3D of one shape, got {shapes[0]} and {shapes[1]}")
+
+
+def _stream_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
+    return ((((seed * 1_000_003 + rank) * 1_000_033 + epoch) * 4 + stream) % (2**63 - 1))
+
+
+class TrainData:
+    """Training batches as a deterministic function of (seed, rank, epoch): each epoch's sampler,
+    augmentations (or worker seeds) are seeded afresh, so a resumed run replays the same batches."""
+
+    def __init__(self, cfg: TrainConfig, root: str, rank: int):
+        self.cfg, self.rank = cfg, rank
+        try:
+            train_cases = read_case_list(root, "train")
+            read_case_list(root, "test")
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(str(err)) from None
+        if cfg.max_train_cases is not None:
+            train_cases = train_cases[: cfg.max_train_cases]
+        if cfg.labeled >= len(train_cases):
+            raise UsageError(f"--labeled {cfg.labeled} leaves no unlabeled case: train.list of {root} has "
+                             f"{len(train_cases)} cases")
+        if len(train_cases) - cfg.labeled < cfg.batch_size - cfg.labeled_bs:
+            raise UsageError(f"{len(train_cases) - cfg.labeled} unlabeled cases are fewer than the unlabeled batch "
+                             f"size {cfg.batch_size - cfg.labeled_bs}")
+        check_cases(root, train_cases)
+        self.aug_generator = torch.Generator() if cfg.num_workers == 0 else None
+        transform = Compose([RandomRotFlip(self.aug_generator), RandomCrop(cfg.patch_size, self.aug_generator),
+                             ToTensor()])
+        self.dataset = _Indexed(LAHeartH5(root, "train", num=len(train_cases), transform=transform))
+        self.sampler_generator = torch.Generator()
+        self.sampler = TwoStreamBatchSampler(range(cfg.labeled), range(cfg.labeled, len(train_cases)),
+                                             cfg.batch_size, cfg.batch_size - cfg.labeled_bs, self.sampler_generator)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int) -> DataLoader:
+        seed = self.cfg.seed
+        self.sampler_generator.manual_seed(_stream_seed(seed, self.rank, epoch, 0))
+        loader_generator = torch.Generator().manual_seed(_stream_seed(seed, self.rank, epoch, 1))
+        if self.aug_generator is not None:
+            self.aug_generator.manual_seed(_stream_seed(seed, self.rank, epoch, 2))
+        return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.num_workers,
+                          generator=loader_generator, pin_memory=torch.cuda.is_available())
+
+
+# --- evaluation ---
+
+
+def evaluate_model(model: torch.nn.Module, root: str, cfg: TrainConfig, device: torch.device,
+                   full: bool = True) -> list[dict]:
+    """Sliding-window prediction (patch ``cfg.patch_size``, ``cfg.eval_strides``) of every test case;
+    per case ``{"case", "dice"[, "jaccard", "hd95", "asd"], "image", "gt", "pred"}`` (arrays for plots)."""
+    model.eval()
+    results = []
+    for case in read_case_list(root, "test"):
+        image, label = load_case(case_path(root, case))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+            _, pred = sliding_window_predict(image, model, cfg.patch_size, cfg.eval_strides,
+                                             sw_batch_size=cfg.eval_batch, device=device)
+        pred = pred.cpu().numpy().astype(np.uint8)
+        gt = label > 0
+        metrics = case_metrics(pred, gt) if full else {"dice": dice(pred, gt)}
+        results.append({"case": case, **metrics, "image": image, "gt": gt, "pred": pred > 0})
+    return results
+
+
+def _summary(results: list[dict]) -> dict:
+    keys = ("dice", "jaccard", "hd95", "asd")
+    mean = {k: float(np.nanmean([r[k] for r in results])) if any(not math.isnan(r[k]) for r in results)
+            else float("nan") for k in keys}
+    cases = {r["case"]: {k: r[k] for k in keys} for r in results}
+    empty = [r["case"] for r in results if math.isnan(r["hd95"])]
+    return {**mean, "cases": cases, "num_cases": len(results), "distance_nan_cases": empty}
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+# --- training ---
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(obj), f, indent=2)
+    os.replace(tmp, path)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, ncols=110, dynamic_ncols=False,
+                file=sys.stderr, mininterval=1.0)
+
+
+def train(cfg: TrainConfig, out: str, resume: bool = False, evaluate: bool = True) -> Optional[dict]:
+    """Runs training (and the final evaluation on rank 0); returns the metrics on rank 0."""
+    ctx = Dist(cfg.device)
+    try:
+        return _train(cfg, out, resume, evaluate, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, out: str, resume: bool, evaluate: bool, ctx: Dist) -> Optional[dict]:
+    device = ctx.device
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    elif device.type == "cpu" and ctx.world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
+    caml_ops.set_backend(cfg.ops_backend)
+    ckpt_path = os.path.join(out, "checkpoints", "last.pt")
+    checkpoint = load_checkpoint(ckpt_path) if resume else None
+    if checkpoint is not None and checkpoint.get("world_size", 1) != ctx.world:
+        raise UsageError(f"checkpoint was written by {checkpoint.get('world_size', 1)} process(es); resume with "
+                         f"the same number (got {ctx.world})")
+
+    torch.manual_seed(cfg.seed + ctx.rank)
+    random.seed(cfg.seed + ctx.rank)
+    np.random.seed((cfg.seed + ctx.rank) % 2**32)
+    root = resolve_data(cfg, ctx)
+    data = TrainData(cfg, root, ctx.rank)
+    if ctx.main:
+        check_cases(root, read_case_list(root, "test"))
+
+    model = CAML3d(1, NUM_CLASSES, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    memory = None
+    if cfg.method == "caml":
+        memory = MemoryBank(cfg.labeled, NUM_CLASSES, cfg.feat_dim, device, max_per_case=cfg.memory_cap,
+                            seed=cfg.seed)
+    weights = LossWeights(lamda=cfg.lamda, consistency=cfg.consistency, consistency_o=cfg.consistency_o,
+                          rampup_length=cfg.resolved_rampup(), rampup_interval=cfg.rampup_interval,
+                          temperature=cfg.temperature, memory_num=cfg.memory_num, num_filtered=cfg.num_filtered,
+                          ce_weight=cfg.ce_weight)
+    amp_dtype = torch.bfloat16 if cfg.amp and device.type == "cuda" else None
+    objective = CAMLObjective(model, memory, cfg.labeled_bs, weights, cfg.method, cfg.ops_backend, amp_dtype)
+
+    iteration = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if memory is not None:
+            memory.load_state_dict(checkpoint["memory"])
+        set_rng_state(checkpoint["rng"][ctx.rank])
+        iteration = int(checkpoint["iteration"])
+    step_fn = objective
+    if ctx.world > 1:
+        step_fn = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    train_log = val_log = board = None
+    if ctx.main:
+        _write_json(os.path.join(out, "config.json"), {**cfg.to_json(), "data_root": root, "world_size": ctx.world})
+        if not resume:
+            for name in ("train_log.csv", "val_log.csv"):
+                if os.path.exists(os.path.join(out, name)):
+                    os.unlink(os.path.join(out, name))
+        train_log, val_log = CSVLog(os.path.join(out, "train_log.csv"), TRAIN_FIELDS), \
+            CSVLog(os.path.join(out, "val_log.csv"), VAL_FIELDS)
+        train_log.truncate(iteration)
+        val_log.truncate(iteration)
+        board = TensorBoard(os.path.join(out, "tb"))
+
+    def save_checkpoint():
+        states = [None] * ctx.world
+        if ctx.world > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if ctx.main:
+            save_atomic({"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "memory": memory.state_dict() if memory is not None else None, "rng": states,
+                         "config": cfg.to_json(), "world_size": ctx.world}, ckpt_path)
+        ctx.barrier()
+
+    bar = _progress(cfg.max_iters, iteration, ctx.main)
+    start = time.perf_counter()
+    epoch_len = len(data)
+    while iteration < cfg.max_iters:
+        epoch, skip = divmod(iteration, epoch_len)
+        for position, batch in enumerate(data.epoch(epoch)):
+            if position < skip:  # replaying a partly done epoch after a resume
+                continue
+            model.train()
+            volume = batch["image"].to(device, non_blocking=True)
+            label = batch["label"].to(device, non_blocking=True)
+            loss, parts = step_fn(volume, label, batch["idx"], iteration + 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            values = {k: float(v) for k, v in parts.items()}
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"the loss is not finite at iteration {iteration}: {values}")
+            if ctx.main:
+                train_log.append({"iteration": iteration, "epoch": epoch, **values, "lr": cfg.lr,
+                                  "seconds": round(time.perf_counter() - start, 3)})
+                board.scalars(values, iteration, "train/")
+                bar.set_postfix({k: f"{values[k]:.3f}" for k in ("loss", "loss_s", "loss_c", "loss_o") if k in values},
+                                refresh=False)
+                bar.update(1)
+            if iteration % cfg.eval_every == 0 and iteration >= cfg.eval_start and iteration < cfg.max_iters:
+                if ctx.main:
+                    results = evaluate_model(model, root, cfg, device, full=False)
+                    val_dice = float(np.mean([r["dice"] for r in results]))
+                    val_log.append({"iteration": iteration, "dice": val_dice})
+                    board.scalars({"dice": val_dice}, iteration, "val/")
+                    bar.write(f"iteration {iteration}: validation Dice {val_dice:.4f}")
+                ctx.barrier()
+            if iteration % cfg.checkpoint_every == 0 or iteration == cfg.max_iters:
+                save_checkpoint()
+            if iteration >= cfg.max_iters:
+                break
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    metrics = None
+    if ctx.main:
+        rows = train_log.rows()
+        plot_losses(rows, ["loss", "loss_s", "loss_c", "loss_o"], os.path.join(out, "losses.png"))
+        if evaluate:
+            results = evaluate_model(model, root, cfg, device, full=True)
+            metrics = {**_summary(results), "iteration": iteration, "method": cfg.method, "preset": cfg.preset,
+                       "train_seconds_this_session": round(train_seconds, 1)}
+            _write_json(os.path.join(out, "metrics.json"), metrics)
+            val_log.append({"iteration": iteration, "dice": metrics["dice"]})
+            board.scalars({"dice": metrics["dice"]}, iteration, "val/")
+            plot_overlays([(r["case"], r["image"], r["gt"], r["pred"], r["dice"]) for r in results[:4]],
+                          os.path.join(out, "overlays.png"))
+        plot_validation(val_log.rows(), os.path.join(out, "val_dice.png"))
+        board.close()
+    ctx.barrier()
+    return metrics
+
+
+def _print_metrics(metrics: dict, out: str) -> None:
+    print(f"{'case':<24}{'dice':>8}{'jaccard':>9}{'hd95':>8}{'asd':>8}")
+    for case, m in metrics["cases"].items():
+        print(f"{case:<24}{m['dice']:>8.4f}{m['jaccard']:>9.4f}{m['hd95']:>8.2f}{m['asd']:>8.2f}")
+    print(f"{'mean':<24}{metrics['dice']:>8.4f}{metrics['jaccard']:>9.4f}{metrics['hd95']:>8.2f}{metrics['asd']:>8.2f}")
+    print(f"run folder: {out}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    prog = "python -m caml.train"
+    try:
+        args = build_parser().parse_args(argv)
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
+        method = args.method or "caml"
+        out = os.path.abspath(args.out or os.path.join("runs", f"{args.preset}-{method}"))
+        saved = None
+        if args.resume:
+            config_path = os.path.join(out, "config.json")
+            if not os.path.isfile(os.path.join(out, "checkpoints", "last.pt")) or not os.path.isfile(config_path):
+                raise UsageError(f"nothing to resume: {out} has no checkpoints/last.pt and config.json")
+            with open(config_path) as f:
+                saved = json.load(f)
+        cfg = config_from_args(args, saved)
+        metrics = train(cfg, out, resume=args.resume, evaluate=not args.no_eval)
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, FloatingPointError, RuntimeError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (resume with --resume --out ...)", file=sys.stderr)
+        return 130
+    if metrics is not None:
+        _print_metrics(metrics, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

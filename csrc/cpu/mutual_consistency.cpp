@@ -1,0 +1,283 @@
+// CPU kernels of the mutual consistency loss (see DESIGN.md, mutual_consistency_loss).
+//
+// Per voxel and class c, for models s = 0..S-1 (M = numel of one logits tensor):
+//   p_s = softmax(x_s)_c,   q_s = sharpen(p_s) = sigmoid(z_s),   z_s = (log p_s - log(1 - p_s)) / T
+//   loss = 1/M sum_{s != t} (p_s - q_t)^2
+// Everything is computed from e_j = exp(x_j - max) and E = sum_j e_j, with
+// D_c = sum_{j != c} e_j (so p = e_c / E, 1 - p = D_c / E):
+//   z_c = (x_c - max - log D_c) / T
+//   r_c = p dq/dp = q (1 - q) / (T (1 - p)) = exp(-|z| - log D_c) E / ((1 + exp(-|z|))^2 T)
+// which stays finite for tiny T and far-apart logits. D_c = E - e_c for every
+// class but the argmax (there D_c >= 1, so the subtraction loses nothing that
+// matters; D_c = 1 when C = 2); for the argmax D = sum of the others, and when that underflows it
+// is taken through the second largest logit m2: log D = m2 - max + log(sum_{j != am} exp(x_j - m2)).
+//
+// The pair sum is taken with values shifted by model 0's probability,
+// u_s = p_s - p_0, w_s = q_s - p_0, U = sum_s u_s, W = sum_s w_s, so its terms
+// are as small as the differences between models instead of O(1):
+//   sum_{s != t} (p_s - q_t)^2 = (S-1) sum_s (u_s^2 + w_s^2) - 2 (U W - sum_s u_s w_s)
+// Gradients, k = 2 grad / M:
+//   dL/dp_s = k ((S-1) u_s - (W - w_s)),   dL/dq_s = k ((S-1) w_s - (U - u_s))
+//   h_c = p_c dL/dp_c + r_c dL/dq_c,       dL/dx_c = h_c - p_c sum_j h_j   (softmax Jacobian)
+//
+// The CUDA kernels (csrc/cuda/mutual_consistency_kernel.cu) follow the same steps.
+// Here lanes of at::vec vectors are consecutive voxels of one sample (class c
+// of model s at logits[s][b, c, n]); voxels are grouped in tiles of one sample,
+// each tile writes its own loss partial, summed in tile order: the result does
+// not depend on the thread count, and there are no float atomics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace caml_ops {
+namespace {
+
+using at::Tensor;
+using vecmath::vexp;
+using vecmath::vlog;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+constexpr int64_t kLanes = Vec<T>::size();
+constexpr int64_t kTileVectors = 32;  // a tile: 32 vectors of voxels of one sample
+// Below this, sum_{j != argmax} exp(x_j - max) is recomputed through the second largest logit.
+constexpr double kTiny = 0x1p-100;
+
+template <typename T>
+inline Vec<T> load(const T* p, int64_t n) {
+  return n == kLanes<T> ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);  // zeros past n
+}
+
+template <typename T>
+inline Vec<T> head(const Vec<T>& v, int64_t n) {
+  return n == kLanes<T> ? v : Vec<T>::set(Vec<T>(T(0)), v, n);
+}
+
+template <typename T>
+inline double hsum(const Vec<T>& v) {
+  T lanes[kLanes<T>];
+  v.store(lanes);
+  double s = 0;
+  for (int64_t i = 0; i < kLanes<T>; ++i) s += lanes[i];
+  return s;
+}
+
+template <typename T>
+inline bool any(const Vec<T>& mask) {
+  return mask.zero_mask() != (1 << kLanes<T>) - 1;
+}
+
+// Softmax and sharpening of one model's C classes at n <= kLanes voxels (class c
+// at x + c * N): p, q = sharpen(p) and, if r is given, r = p dq/dp. xs: C vectors of scratch.
+template <typename T>
+void sharpen_voxels(const T* x, int64_t N, int64_t C, int64_t n, const Vec<T>& inv_t, Vec<T>* xs, Vec<T>* p,
+                    Vec<T>* q, Vec<T>* r) {
+  const Vec<T> zero(T(0)), one(T(1)), ninf(-INFINITY);
+  Vec<T> m = ninf, am = zero;  // max and first argmax (as a float class index)
+  for (int64_t c = 0; c < C; ++c) {
+    xs[c] = load(x + c * N, n);
+    const Vec<T> gt = xs[c] > m;
+    m = Vec<T>::blendv(m, xs[c], gt);
+    am = Vec<T>::blendv(am, Vec<T>(T(c)), gt);
+  }
+  Vec<T> others = zero;  // sum_{j != argmax} e_j
+  for (int64_t c = 0; c < C; ++c) {
+    xs[c] = xs[c] - m;
+    p[c] = vexp(xs[c]);
+    others += Vec<T>::blendv(p[c], zero, Vec<T>(T(c)) == am);
+  }
+  const Vec<T> sum = one + others, inv_sum = one / sum;
+  Vec<T> log_others = vlog(others);
+  const Vec<T> tiny = others < Vec<T>(T(kTiny));
+  if (any(tiny)) {  // rare: the argmax dominates so far that the others' sum underflows
+    Vec<T> m2 = ninf;
+    for (int64_t c = 0; c < C; ++c) m2 = at::vec::maximum(m2, Vec<T>::blendv(xs[c], ninf, Vec<T>(T(c)) == am));
+    Vec<T> rest = zero;
+    for (int64_t c = 0; c < C; ++c) rest += Vec<T>::blendv(vexp(xs[c] - m2), zero, Vec<T>(T(c)) == am);
+    log_others = Vec<T>::blendv(log_others, m2 + vlog(rest), tiny);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    // log D_c; for C = 2 the other class's D is e_argmax = 1 exactly.
+    const Vec<T> log_d = Vec<T>::blendv(C == 2 ? zero : vlog(sum - p[c]), log_others, Vec<T>(T(c)) == am);
+    const Vec<T> z = (xs[c] - log_d) * inv_t;
+    const Vec<T> nabs = zero - z.abs();
+    const Vec<T> a = vexp(nabs), inv_1a = one / (one + a);
+    q[c] = Vec<T>::blendv(a * inv_1a, inv_1a, z >= zero);
+    if (r != nullptr) r[c] = vexp(nabs - log_d) * sum * inv_1a * inv_1a * inv_t;
+    p[c] = p[c] * inv_sum;
+  }
+}
+
+// Voxel tiles: `per_sample` tiles of kTileVectors vectors per sample.
+template <typename T>
+struct Tiling {
+  int64_t B, N, per_sample, count;
+  Tiling(int64_t B_, int64_t N_) : B(B_), N(N_) {
+    per_sample = (N + kTileVectors * kLanes<T> - 1) / (kTileVectors * kLanes<T>);
+    count = B * per_sample;
+  }
+  // Calls f(b, i, n) for each vector of tile t: sample b, voxels i..i+n-1.
+  template <typename F>
+  void for_vectors(int64_t t, F&& f) const {
+    const int64_t b = t / per_sample, n0 = (t % per_sample) * kTileVectors * kLanes<T>;
+    const int64_t n1 = std::min(N, n0 + kTileVectors * kLanes<T>);
+    for (int64_t i = n0; i < n1; i += kLanes<T>) f(b, i, std::min(kLanes<T>, n1 - i));
+  }
+};
+
+struct Shape {
+  int64_t S, B, C, N;
+};
+
+Shape check_logits(const std::vector<Tensor>& logits, double temperature, const char* op) {
+  TORCH_CHECK(logits.size() >= 2, op, ": logits must hold S >= 2 tensors [B, C, *spatial], got ", logits.size());
+  const Tensor& x0 = logits[0];
+  TORCH_CHECK(x0.dim() >= 2 && x0.size(1) >= 2, op, ": logits[0] must be [B, C, *spatial] with C >= 2, got ",
+              x0.sizes());
+  TORCH_CHECK(x0.scalar_type() == at::kFloat || x0.scalar_type() == at::kDouble, op,
+              ": logits must be float32 or float64 on CPU (half types are upcast by caml_ops), got ",
+              x0.scalar_type());
+  TORCH_CHECK(x0.numel() > 0, op, ": logits must not be empty, got shape ", x0.sizes());
+  for (size_t s = 0; s < logits.size(); ++s) {
+    const Tensor& x = logits[s];
+    TORCH_CHECK(x.device().is_cpu(), op, ": logits[", s, "] must be a CPU tensor, got ", x.device());
+    TORCH_CHECK(x.scalar_type() == x0.scalar_type(), op, ": logits[", s, "] has dtype ", x.scalar_type(),
+                " but logits[0] has ", x0.scalar_type());
+    TORCH_CHECK(x.sizes() == x0.sizes(), op, ": logits[", s, "] has shape ", x.sizes(), " but logits[0] has ",
+                x0.sizes());
+  }
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  return {static_cast<int64_t>(logits.size()), x0.size(0), x0.size(1), x0.numel() / (x0.size(0) * x0.size(1))};
+}
+
+template <typename T>
+double forward_sum(const std::vector<const T*>& x, const Shape& sh, double temperature) {
+  const int64_t S = sh.S, C = sh.C, N = sh.N;
+  const Tiling<T> tiles(sh.B, N);
+  std::vector<double> partial(tiles.count);
+  const Vec<T> inv_t(T(1 / temperature)), s1(T(S - 1)), two(T(2));
+  at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Vec<T>> buf(6 * C);
+    Vec<T> *xs = buf.data(), *p = xs + C, *q = p + C, *ref = q + C, *U = ref + C, *W = U + C;
+    for (int64_t t = begin; t < end; ++t) {
+      Vec<T> acc(T(0));
+      tiles.for_vectors(t, [&](int64_t b, int64_t i, int64_t n) {
+        const int64_t base = b * C * N + i;
+        Vec<T> squares(T(0)), cross(T(0));
+        for (int64_t s = 0; s < S; ++s) {
+          sharpen_voxels<T>(x[s] + base, N, C, n, inv_t, xs, p, q, nullptr);
+          if (s == 0) std::copy(p, p + C, ref);
+          for (int64_t c = 0; c < C; ++c) {
+            const Vec<T> u = p[c] - ref[c], w = q[c] - ref[c];
+            U[c] = s == 0 ? u : U[c] + u;
+            W[c] = s == 0 ? w : W[c] + w;
+            squares += u * u + w * w;
+            cross += u * w;
+          }
+        }
+        Vec<T> uw(T(0));
+        for (int64_t c = 0; c < C; ++c) uw += U[c] * W[c];
+        acc += head(s1 * squares - two * (uw - cross), n);
+      });
+      partial[t] = hsum(acc);
+    }
+  });
+  double total = 0;
+  for (const double v : partial) total += v;
+  return total;
+}
+
+template <typename T>
+void backward_grads(const std::vector<const T*>& x, const std::vector<T*>& g, const Shape& sh, double temperature,
+                    double k_scale) {
+  const int64_t S = sh.S, C = sh.C, N = sh.N;
+  const Tiling<T> tiles(sh.B, N);
+  const Vec<T> inv_t(T(1 / temperature)), s1(T(S - 1)), k(static_cast<T>(k_scale));
+  at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Vec<T>> buf(4 * C + 3 * S * C);
+    Vec<T> *xs = buf.data(), *ref = xs + C, *U = ref + C, *W = U + C;
+    Vec<T> *P = W + C, *Q = P + S * C, *R = Q + S * C;  // [S][C] each
+    for (int64_t t = begin; t < end; ++t) {
+      tiles.for_vectors(t, [&](int64_t b, int64_t i, int64_t n) {
+        const int64_t base = b * C * N + i;
+        for (int64_t s = 0; s < S; ++s) {
+          Vec<T> *p = P + s * C, *q = Q + s * C;
+          sharpen_voxels(x[s] + base, N, C, n, inv_t, xs, p, q, R + s * C);
+          if (s == 0) std::copy(p, p + C, ref);
+          for (int64_t c = 0; c < C; ++c) {
+            U[c] = s == 0 ? p[c] - ref[c] : U[c] + (p[c] - ref[c]);
+            W[c] = s == 0 ? q[c] - ref[c] : W[c] + (q[c] - ref[c]);
+          }
+        }
+        for (int64_t s = 0; s < S; ++s) {
+          Vec<T> *p = P + s * C, *h = Q + s * C, *r = R + s * C;
+          Vec<T> h_sum(T(0));
+          for (int64_t c = 0; c < C; ++c) {
+            const Vec<T> u = p[c] - ref[c], w = h[c] - ref[c];
+            const Vec<T> gp = k * (s1 * u - (W[c] - w)), gq = k * (s1 * w - (U[c] - u));
+            h[c] = p[c] * gp + r[c] * gq;
+            h_sum += h[c];
+          }
+          for (int64_t c = 0; c < C; ++c) (h[c] - p[c] * h_sum).store(g[s] + base + c * N, n);
+        }
+      });
+    }
+  });
+}
+
+std::vector<Tensor> contiguous_all(const std::vector<Tensor>& logits) {
+  std::vector<Tensor> out;
+  out.reserve(logits.size());
+  for (const Tensor& x : logits) out.push_back(x.contiguous());
+  return out;
+}
+
+Tensor mutual_consistency_forward_cpu(at::TensorList logits_in, double temperature) {
+  const Shape sh = check_logits(logits_in.vec(), temperature, "mutual_consistency_forward");
+  const std::vector<Tensor> logits = contiguous_all(logits_in.vec());
+  const double M = static_cast<double>(logits[0].numel());
+  return AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "mutual_consistency_forward_cpu", [&] {
+    std::vector<const scalar_t*> x;
+    for (const Tensor& t : logits) x.push_back(t.const_data_ptr<scalar_t>());
+    const double loss = forward_sum<scalar_t>(x, sh, temperature) / M;
+    return at::scalar_tensor(loss, logits[0].options());
+  });
+}
+
+std::vector<Tensor> mutual_consistency_backward_cpu(const Tensor& grad, at::TensorList logits_in, double temperature) {
+  const Shape sh = check_logits(logits_in.vec(), temperature, "mutual_consistency_backward");
+  const std::vector<Tensor> logits = contiguous_all(logits_in.vec());
+  TORCH_CHECK(grad.numel() == 1 && grad.is_floating_point(),
+              "mutual_consistency_backward: grad must be a 0-dim floating tensor (the loss's gradient), got shape ",
+              grad.sizes(), " and dtype ", grad.scalar_type());
+  const double k = 2.0 * grad.item<double>() / static_cast<double>(logits[0].numel());
+  std::vector<Tensor> grads;
+  for (const Tensor& x : logits) grads.push_back(at::empty_like(x));
+  AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "mutual_consistency_backward_cpu", [&] {
+    std::vector<const scalar_t*> x;
+    std::vector<scalar_t*> g;
+    for (size_t s = 0; s < logits.size(); ++s) {
+      x.push_back(logits[s].const_data_ptr<scalar_t>());
+      g.push_back(grads[s].mutable_data_ptr<scalar_t>());
+    }
+    backward_grads<scalar_t>(x, g, sh, temperature, k);
+  });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(caml_ops, CPU, m) {
+  m.impl("mutual_consistency_forward", &mutual_consistency_forward_cpu);
+  m.impl("mutual_consistency_backward", &mutual_consistency_backward_cpu);
+}
+
+}  // namespace caml_ops

@@ -1,0 +1,307 @@
+// CUDA kernels of the mutual consistency loss (see DESIGN.md, mutual_consistency_loss).
+//
+// The math, step by step, is that of csrc/cpu/mutual_consistency.cpp (see its
+// header comment): softmax from e_j = exp(x_j - max), sharpening as a sigmoid of
+// z = (x_c - max - log D_c) / T with D_c = sum_{j != c} e_j, pair sums shifted
+// by model 0's probability, gradients through h_c = p dL/dp + r dL/dq.
+//
+// One thread per voxel (b, n): consecutive threads read consecutive voxels of
+// each (model, class) plane, so every load and store is coalesced. A voxel's C
+// classes live in registers (C <= kC, a template bound); the S models are
+// looped over. Forward reads each logit once and writes one float per block;
+// a one-block kernel sums those partials in a fixed order (no atomics, so the
+// loss is deterministic). Backward reads the logits in two sweeps over s (the
+// second one hits L1: the same thread read the same lines just before) and
+// writes each gradient once; it recomputes the softmax in the second sweep
+// instead of keeping S * C values per thread. float32 math for every dtype.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "mutual_consistency_kernel.h"
+
+namespace caml_ops {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Forward grid bound: the partial count depends on the sizes only.
+constexpr int64_t kMaxBlocks = 2048;
+// Below this, sum_{j != argmax} exp(x_j - max) is recomputed through the second largest logit.
+constexpr float kTiny = 0x1p-100f;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// The S models' tensors: pointers by value, or a device table when S > kMcInlineModels.
+template <typename T>
+struct Models {
+  const T* x[kMcInlineModels];
+  T* g[kMcInlineModels];
+  const T* const* x_table;
+  T* const* g_table;
+  __device__ __forceinline__ const T* in(int s) const { return x_table != nullptr ? x_table[s] : x[s]; }
+  __device__ __forceinline__ T* out(int s) const { return g_table != nullptr ? g_table[s] : g[s]; }
+};
+
+// Softmax and sharpening of one model's C <= kC classes at one voxel (class c at
+// x[c * N]): p, q = sharpen(p) and, if kWithR, r = p dq/dp. As sharpen_voxels on CPU.
+template <int kC, bool kWithR, typename T>
+__device__ __forceinline__ void sharpen_voxel(const T* __restrict__ x, int64_t N, int C, float inv_t, float* p,
+                                              float* q, float* r) {
+  float xs[kC];
+#pragma unroll
+  for (int c = 0; c < kC; ++c) {
+    if (c < C) xs[c] = to_float(x[c * N]);
+  }
+  float m = -INFINITY;
+  int am = 0;  // first argmax
+#pragma unroll
+  for (int c = 0; c < kC; ++c) {
+    if (c < C && xs[c] > m) {
+      m = xs[c];
+      am = c;
+    }
+  }
+  float others = 0.f;  // sum_{j != argmax} e_j
+#pragma unroll
+  for (int c = 0; c < kC; ++c) {
+    if (c < C) {
+      xs[c] -= m;
+      p[c] = expf(xs[c]);
+      if (c != am) others += p[c];
+    }
+  }
+  const float sum = 1.f + others, inv_sum = 1.f / sum;
+  float log_others;
+  if (others < kTiny) {  // rare: the argmax dominates so far that the others' sum underflows
+    float m2 = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+      if (c < C && c != am) m2 = fmaxf(m2, xs[c]);
+    }
+    float rest = 0.f;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+      if (c < C && c != am) rest += expf(xs[c] - m2);
+    }
+    log_others = m2 + logf(rest);
+  } else {
+    log_others = logf(others);
+  }
+#pragma unroll
+  for (int c = 0; c < kC; ++c) {
+    if (c < C) {
+      // log D_c; for C = 2 the other class's D is e_argmax = 1 exactly.
+      const float log_d = c == am ? log_others : (C == 2 ? 0.f : logf(sum - p[c]));
+      const float z = (xs[c] - log_d) * inv_t;
+      const float a = expf(-fabsf(z)), inv_1a = 1.f / (1.f + a);
+      q[c] = z >= 0.f ? inv_1a : a * inv_1a;
+      if constexpr (kWithR) r[c] = expf(-fabsf(z) - log_d) * sum * inv_1a * inv_1a * inv_t;
+      p[c] *= inv_sum;
+    }
+  }
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc block_sum(Acc v, Acc* smem) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
+  __syncthreads();
+  Acc total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kWarps; ++w) total += smem[w];
+  }
+  return total;  // valid in thread 0
+}
+
+template <typename T, int kC>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(Models<T> models, int S, int64_t B, int C, int64_t N, float inv_t, float* __restrict__ partials) {
+  const float s1 = static_cast<float>(S - 1);
+  float acc = 0.f;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    for (int64_t n = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; n < N;
+         n += static_cast<int64_t>(gridDim.x) * kThreads) {
+      const int64_t base = b * C * N + n;
+      float ref[kC], U[kC], W[kC], p[kC], q[kC];
+      float squares = 0.f, cross = 0.f;
+      for (int s = 0; s < S; ++s) {
+        sharpen_voxel<kC, false>(models.in(s) + base, N, C, inv_t, p, q, nullptr);
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          if (c < C) {
+            if (s == 0) ref[c] = p[c];
+            const float u = p[c] - ref[c], w = q[c] - ref[c];
+            U[c] = s == 0 ? u : U[c] + u;
+            W[c] = s == 0 ? w : W[c] + w;
+            squares += u * u + w * w;
+            cross += u * w;
+          }
+        }
+      }
+      float uw = 0.f;
+#pragma unroll
+      for (int c = 0; c < kC; ++c) {
+        if (c < C) uw += U[c] * W[c];
+      }
+      acc += s1 * squares - 2.f * (uw - cross);
+    }
+  }
+  __shared__ float smem[kWarps];
+  const float total = block_sum(acc, smem);
+  if (threadIdx.x == 0) partials[blockIdx.y * gridDim.x + blockIdx.x] = total;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const float* __restrict__ partials, int64_t count, double inv_m, float* __restrict__ loss) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) acc += partials[i];
+  __shared__ double smem[kWarps];
+  const double total = block_sum(acc, smem);
+  if (threadIdx.x == 0) loss[0] = static_cast<float>(total * inv_m);
+}
+
+template <typename T, int kC>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(Models<T> models, int S, int64_t B, int C, int64_t N, float inv_t, const float* __restrict__ grad,
+                    float two_over_m) {
+  const float s1 = static_cast<float>(S - 1), k = grad[0] * two_over_m;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    for (int64_t n = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; n < N;
+         n += static_cast<int64_t>(gridDim.x) * kThreads) {
+      const int64_t base = b * C * N + n;
+      float ref[kC], U[kC], W[kC], p[kC], q[kC], r[kC];
+      for (int s = 0; s < S; ++s) {
+        sharpen_voxel<kC, false>(models.in(s) + base, N, C, inv_t, p, q, nullptr);
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          if (c < C) {
+            if (s == 0) ref[c] = p[c];
+            U[c] = s == 0 ? p[c] - ref[c] : U[c] + (p[c] - ref[c]);
+            W[c] = s == 0 ? q[c] - ref[c] : W[c] + (q[c] - ref[c]);
+          }
+        }
+      }
+      for (int s = 0; s < S; ++s) {
+        sharpen_voxel<kC, true>(models.in(s) + base, N, C, inv_t, p, q, r);
+        float h_sum = 0.f;
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          if (c < C) {
+            const float u = p[c] - ref[c], w = q[c] - ref[c];
+            const float gp = k * (s1 * u - (W[c] - w)), gq = k * (s1 * w - (U[c] - u));
+            q[c] = p[c] * gp + r[c] * gq;  // h_c
+            h_sum += q[c];
+          }
+        }
+        T* g = models.out(s) + base;
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          if (c < C) g[c * N] = from_float<T>(q[c] - p[c] * h_sum);
+        }
+      }
+    }
+  }
+}
+
+dim3 grid_for(const McProblem& pb) {
+  const int64_t gy = pb.B < 65535 ? pb.B : 65535;
+  const int64_t per_sample = (pb.N + kThreads - 1) / kThreads;
+  int64_t gx = kMaxBlocks / gy;
+  gx = gx < 1 ? 1 : (gx > per_sample ? per_sample : gx);
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+}
+
+template <typename T>
+Models<T> models_of(const McProblem& pb, void* const* grads, void* const* grads_table) {
+  Models<T> m{};
+  if (pb.logits_table != nullptr) {
+    m.x_table = reinterpret_cast<const T* const*>(pb.logits_table);
+    m.g_table = reinterpret_cast<T* const*>(grads_table);
+  } else {
+    for (int64_t s = 0; s < pb.S; ++s) {
+      m.x[s] = static_cast<const T*>(pb.logits[s]);
+      if (grads != nullptr) m.g[s] = static_cast<T*>(grads[s]);
+    }
+  }
+  return m;
+}
+
+// Calls f(T{}, std::integral_constant<int, kC>{}) with the dtype and the smallest class bound kC >= C.
+template <typename F>
+void dispatch(const McProblem& pb, F&& f) {
+  auto with_c = [&](auto type_tag) {
+    if (pb.C <= 2) {
+      f(type_tag, std::integral_constant<int, 2>{});
+    } else if (pb.C <= 4) {
+      f(type_tag, std::integral_constant<int, 4>{});
+    } else if (pb.C <= 8) {
+      f(type_tag, std::integral_constant<int, 8>{});
+    } else if (pb.C <= 16) {
+      f(type_tag, std::integral_constant<int, 16>{});
+    } else {
+      f(type_tag, std::integral_constant<int, kMcMaxClasses>{});
+    }
+  };
+  switch (pb.dtype) {
+    case McDtype::kFloat32:
+      with_c(float{});
+      break;
+    case McDtype::kFloat16:
+      with_c(__half{});
+      break;
+    case McDtype::kBFloat16:
+      with_c(__nv_bfloat16{});
+      break;
+  }
+}
+
+}  // namespace
+
+int64_t mc_forward_partials(const McProblem& pb) {
+  const dim3 grid = grid_for(pb);
+  return static_cast<int64_t>(grid.x) * grid.y;
+}
+
+void mc_forward(const McProblem& pb, float* partials, float* loss, cudaStream_t stream) {
+  const dim3 grid = grid_for(pb);
+  dispatch(pb, [&](auto type_tag, auto c_bound) {
+    using T = decltype(type_tag);
+    constexpr int kC = decltype(c_bound)::value;
+    forward_kernel<T, kC><<<grid, kThreads, 0, stream>>>(models_of<T>(pb, nullptr, nullptr), static_cast<int>(pb.S),
+                                                         pb.B, static_cast<int>(pb.C), pb.N, 1.f / pb.temperature,
+                                                         partials);
+  });
+  finalize_kernel<<<1, kThreads, 0, stream>>>(partials, mc_forward_partials(pb),
+                                              1.0 / (static_cast<double>(pb.B) * pb.C * pb.N), loss);
+}
+
+void mc_backward(const McProblem& pb, const float* grad, void* const* grads, void* const* grads_table,
+                 cudaStream_t stream) {
+  const dim3 grid = grid_for(pb);
+  const float two_over_m = static_cast<float>(2.0 / (static_cast<double>(pb.B) * pb.C * pb.N));
+  dispatch(pb, [&](auto type_tag, auto c_bound) {
+    using T = decltype(type_tag);
+    constexpr int kC = decltype(c_bound)::value;
+    backward_kernel<T, kC><<<grid, kThreads, 0, stream>>>(models_of<T>(pb, grads, grads_table),
+                                                          static_cast<int>(pb.S), pb.B, static_cast<int>(pb.C), pb.N,
+                                                          1.f / pb.temperature, grad, two_over_m);
+  });
+}
+
+}  // namespace cuda
+}  // namespace caml_ops
