@@ -81,8 +81,10 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fake_occ_forward(feat_v, feat_a, memory, temperature, eps):
+    # loss_rows [N], lse_v [N, 2], lse_a [N, 2] (log-sum-exp as hi, lo), r_sum [N]
     rows = feat_v.new_empty(feat_v.shape[0], dtype=_stats_dtype(feat_v.dtype))
-    return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
+    lse = rows.new_empty(rows.shape[0], 2)
+    return rows, lse, torch.empty_like(lse), torch.empty_like(rows)
 
 
 def _fake_occ_backward(grad_rows, feat_v, feat_a, memory, *stats_and_scalars):

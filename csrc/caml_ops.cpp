@@ -14,8 +14,10 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(caml_ops, m) {
   // Omni-correlation loss. Row statistics (float32, or float64 for float64
-  // inputs): loss_rows l_i, lse_v, lse_a (log-sum-exp of the scaled logits)
-  // and r_sum R_i = sum_j q_j p_j / (p_j + eps).
+  // inputs): loss_rows l_i [N], lse_v and lse_a [N, 2] (log-sum-exp of the
+  // scaled logits as an unevaluated pair hi + lo, hi = the rounded log-sum-exp,
+  // so that the backward's log p = (s - hi) - lo is nearly exact) and r_sum
+  // R_i = sum_j q_j p_j / (p_j + eps) [N].
   m.def("occ_loss_forward(Tensor feat_v, Tensor feat_a, Tensor memory, float temperature, float eps)"
         " -> (Tensor loss_rows, Tensor lse_v, Tensor lse_a, Tensor r_sum)");
   m.def("occ_loss_backward(Tensor grad_rows, Tensor feat_v, Tensor feat_a, Tensor memory, Tensor loss_rows,"

@@ -21,18 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import float_arg, split_float
+
 # Below this, sum_{j != argmax} exp(x_j - max) is recomputed through the second largest logit.
 _TINY = 2.0**-100
-
-
-@triton.jit
-def _inv_temperature(hi, lo, FP64: tl.constexpr):
-    # Float kernel arguments are float32; float64 runs get 1/T as hi + lo.
-    if FP64:
-        x = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    else:
-        x = hi
-    return x
 
 
 @triton.jit
@@ -89,7 +81,7 @@ def _forward_kernel(table, like, partials, S, N, inv_t_hi, inv_t_lo,
                     FP64: tl.constexpr, TINY: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
-    inv_t = _inv_temperature(inv_t_hi, inv_t_lo, FP64)
+    inv_t = float_arg(inv_t_hi, inv_t_lo, FP64)
     offs, mask, cls, voxel_ok = _tile(pid, N, BLOCK_N, C, BLOCK_C)
     ref, q, _ = _sharpen(_load_model(table, 0, like, offs, cls, mask, C, ACC), cls, inv_t, C, TINY)
     # Model 0 has u = 0, w = q - ref.
@@ -125,7 +117,7 @@ def _backward_kernel(table, grad_table, like, grad, S, N, numel, inv_t_hi, inv_t
                      FP64: tl.constexpr, TINY: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
-    inv_t = _inv_temperature(inv_t_hi, inv_t_lo, FP64)
+    inv_t = float_arg(inv_t_hi, inv_t_lo, FP64)
     k = 2.0 * tl.load(grad).to(ACC) / numel.to(ACC)
     offs, mask, cls, voxel_ok = _tile(pid, N, BLOCK_N, C, BLOCK_C)
     ref, q, _ = _sharpen(_load_model(table, 0, like, offs, cls, mask, C, ACC), cls, inv_t, C, TINY)
@@ -166,10 +158,8 @@ def _prepare(logits, temperature):
     N = x0.numel() // (B * C)
     block_c = triton.next_power_of_2(C)
     block_n = max(16, min(max(2048 // block_c, 16), triton.next_power_of_2(N)))
-    inv_t = 1.0 / temperature
-    hi = float(torch.tensor(inv_t, dtype=torch.float32))
     meta = dict(C=C, BLOCK_C=block_c, BLOCK_N=block_n, FP64=x0.dtype == torch.float64, TINY=_TINY)
-    return xs, B, N, (hi, inv_t - hi), meta
+    return xs, B, N, split_float(1.0 / temperature), meta
 
 
 def _table(tensors):

@@ -6,7 +6,7 @@ tile by tile from the [K, D] memory bank and never stored as an N x K matrix
 
 - loss forward: one program per block of rows streams over the column tiles of
   the bank with an online softmax (one pass when eps = 0, two when eps > 0) and
-  keeps per row only lse_v, lse_a, l and R.
+  keeps per row only lse_v, lse_a (each as a float pair hi + lo, see _lse), l and R.
 - backward: a row-block kernel recomputes the S tiles and accumulates
   grad_feat in registers; a (column tile, row chunk) kernel writes float32
   partials of grad_memory [num_chunks, K, D], summed over the chunks in a fixed
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import float_arg, split_float, to_float32
 
 # ---------------------------------------------------------------------------
 # Shared device helpers
@@ -31,13 +32,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _scalar(hi, lo, FP64: tl.constexpr):
-    # Float kernel arguments are float32; float64 runs get the value as hi + lo.
-    if FP64:
-        x = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+def _logits(x, c_hi, c_lo, DIVIDE: tl.constexpr, FP64: tl.constexpr):
+    """Scaled logits x / c (DIVIDE) or x * c, c = c_hi + c_lo from _logit_scale."""
+    c = float_arg(c_hi, c_lo, FP64)
+    if DIVIDE:
+        y = x / c
     else:
-        x = hi
-    return x
+        y = x * c
+    return y
 
 
 @triton.jit
@@ -83,19 +85,50 @@ def _load_rows(ptr, rows, row_ok, ACC: tl.constexpr):
 
 
 @triton.jit
-def _occ_dscores(s_v, s_a, g, l, lse_v, lse_a, r_sum, eps, col_ok, EPS_ZERO: tl.constexpr,
+def _lse(m, z):
+    """A row's log-sum-exp m + log z as an unevaluated pair hi + lo (Fast2Sum, hi = fl(m + log z)).
+
+    log p = (s - hi) - lo is then nearly exact (s - hi exactly so near the
+    maximum, by Sterbenz), where s - fl(lse) would put a relative error of up
+    to |lse| * 2^-24 on a whole row of p and shift all of log p alike.
+    """
+    log_z = tl.log(z)
+    hi = m + log_z
+    return hi, (m - hi) + log_z
+
+
+@triton.jit
+def _log_softmax(s, hi, lo):
+    return (s - hi[:, None]) - lo[:, None]
+
+
+@triton.jit
+def _store_lse(ptr, rows, row_ok, hi, lo):
+    tl.store(ptr + 2 * rows, hi, mask=row_ok)
+    tl.store(ptr + 2 * rows + 1, lo, mask=row_ok)
+
+
+@triton.jit
+def _load_lse(ptr, rows, row_ok, ACC: tl.constexpr):
+    return _load_rows(ptr, 2 * rows, row_ok, ACC), _load_rows(ptr, 2 * rows + 1, row_ok, ACC)
+
+
+@triton.jit
+def _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO: tl.constexpr,
                  EVEN_K: tl.constexpr):
     """dl/ds_v and dl/ds_a of a tile, scaled by the row gradient g."""
-    p = tl.exp(s_v - lse_v[:, None])
-    q = tl.exp(s_a - lse_a[:, None])
+    log_p = _log_softmax(s_v, hi_v, lo_v)
+    p = tl.exp(log_p)
+    q = tl.exp(_log_softmax(s_a, hi_a, lo_a))
     if EPS_ZERO:
-        # -log p = lse_v - s_v: exact even where p underflows.
-        ds_a = q * (lse_v[:, None] - s_v - l[:, None])
+        # -log p directly: exact even where p underflows.
+        ds_a = q * (-log_p - l[:, None])
         ds_v = p - q
     else:
         pe = p + eps
         ds_a = q * (-tl.log(pe) - l[:, None])
-        ds_v = p * r_sum[:, None] - q * p / pe
+        # p, q and q * (p / pe) as in the forward's R: cancels R's term where p is one-hot.
+        ds_v = p * r_sum[:, None] - q * (p / pe)
     ds_a = ds_a * g[:, None]
     ds_v = ds_v * g[:, None]
     if not EVEN_K:
@@ -114,18 +147,17 @@ def _occ_dscores(s_v, s_a, g, l, lse_v, lse_a, r_sum, eps, col_ok, EPS_ZERO: tl.
 def _occ_fwd_kernel(
     fv_ptr, fa_ptr, mem_ptr, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr,
     N, K, s_fv0, s_fv1, s_fa0, s_fa1, s_m0, s_m1,
-    scale_hi, scale_lo, eps_hi, eps_lo,
+    logit_hi, logit_lo, eps_hi, eps_lo,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     EPS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
-    FP64: tl.constexpr, ACC: tl.constexpr,
+    DIVIDE: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < N
     cd = tl.arange(0, BD)
     fv = _load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
     fa = _load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
-    scale = _scalar(scale_hi, scale_lo, FP64)
-    eps = _scalar(eps_hi, eps_lo, FP64)
+    eps = float_arg(eps_hi, eps_lo, FP64)
 
     m_v = tl.full([BM], float("-inf"), ACC)
     m_a = tl.full([BM], float("-inf"), ACC)
@@ -139,8 +171,8 @@ def _occ_fwd_kernel(
         col_ok = cols < K
         mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
         mem_t = tl.trans(mem)
-        s_v = _mm(fv, mem_t, PREC, FP64) * scale
-        s_a = _mm(fa, mem_t, PREC, FP64) * scale
+        s_v = _logits(_mm(fv, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
+        s_a = _logits(_mm(fa, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
         if not EVEN_K:
             s_v = tl.where(col_ok[None, :], s_v, float("-inf"))
             s_a = tl.where(col_ok[None, :], s_a, float("-inf"))
@@ -160,19 +192,14 @@ def _occ_fwd_kernel(
         m_v = mv_new
         m_a = ma_new
 
-    log_zv = tl.log(z_v)
-    lse_v = m_v + log_zv
-    lse_a = m_a + tl.log(z_a)
+    hi_v, lo_v = _lse(m_v, z_v)
+    hi_a, lo_a = _lse(m_a, z_a)
     if EPS_ZERO:
-        loss = log_zv - w / z_a
+        loss = tl.log(z_v) - w / z_a
         r_sum = tl.full([BM], 1.0, ACC)
     else:
-        # Second pass: l = -sum q log(p + eps), R = sum q p / (p + eps). p and q
-        # are normalised as exp(s - m) / z, not exp(s - lse): the rounding of a
-        # large lse would put sum q off 1 by |lse| * 2^-24, which l multiplies by
-        # up to -log(eps).
-        inv_zv = 1.0 / z_v
-        inv_za = 1.0 / z_a
+        # Second pass: l = -sum q log(p + eps), R = sum q p / (p + eps), with p
+        # and q computed exactly as the backward recomputes them.
         loss = tl.zeros([BM], ACC)
         r_sum = tl.zeros([BM], ACC)
         for n0 in range(0, K, BN):
@@ -180,19 +207,19 @@ def _occ_fwd_kernel(
             col_ok = cols < K
             mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
             mem_t = tl.trans(mem)
-            s_v = _mm(fv, mem_t, PREC, FP64) * scale
-            s_a = _mm(fa, mem_t, PREC, FP64) * scale
+            s_v = _logits(_mm(fv, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
+            s_a = _logits(_mm(fa, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
             if not EVEN_K:
                 s_v = tl.where(col_ok[None, :], s_v, float("-inf"))
                 s_a = tl.where(col_ok[None, :], s_a, float("-inf"))
-            p = tl.exp(s_v - m_v[:, None]) * inv_zv[:, None]
-            q = tl.exp(s_a - m_a[:, None]) * inv_za[:, None]
+            p = tl.exp(_log_softmax(s_v, hi_v, lo_v))
+            q = tl.exp(_log_softmax(s_a, hi_a, lo_a))
             pe = p + eps
             loss -= tl.sum(q * tl.log(pe), 1)
-            r_sum += tl.sum(q * p / pe, 1)
+            r_sum += tl.sum(q * (p / pe), 1)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
-    tl.store(lse_v_ptr + rows, lse_v, mask=row_ok)
-    tl.store(lse_a_ptr + rows, lse_a, mask=row_ok)
+    _store_lse(lse_v_ptr, rows, row_ok, hi_v, lo_v)
+    _store_lse(lse_a_ptr, rows, row_ok, hi_a, lo_a)
     tl.store(r_ptr + rows, r_sum, mask=row_ok)
 
 
@@ -200,10 +227,10 @@ def _occ_fwd_kernel(
 def _occ_bwd_feat_kernel(
     g_ptr, fv_ptr, fa_ptr, mem_ptr, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr, gfv_ptr, gfa_ptr,
     N, K, s_g, s_fv0, s_fv1, s_fa0, s_fa1, s_m0, s_m1,
-    scale_hi, scale_lo, eps_hi, eps_lo,
+    logit_hi, logit_lo, scale_hi, scale_lo, eps_hi, eps_lo,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     EPS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
-    FP64: tl.constexpr, ACC: tl.constexpr,
+    DIVIDE: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < N
@@ -212,11 +239,11 @@ def _occ_bwd_feat_kernel(
     fa = _load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
     g = tl.load(g_ptr + rows * s_g, mask=row_ok, other=0.0).to(ACC)
     l = _load_rows(loss_ptr, rows, row_ok, ACC)
-    lse_v = _load_rows(lse_v_ptr, rows, row_ok, ACC)
-    lse_a = _load_rows(lse_a_ptr, rows, row_ok, ACC)
+    hi_v, lo_v = _load_lse(lse_v_ptr, rows, row_ok, ACC)
+    hi_a, lo_a = _load_lse(lse_a_ptr, rows, row_ok, ACC)
     r_sum = _load_rows(r_ptr, rows, row_ok, ACC)
-    scale = _scalar(scale_hi, scale_lo, FP64)
-    eps = _scalar(eps_hi, eps_lo, FP64)
+    scale = float_arg(scale_hi, scale_lo, FP64)
+    eps = float_arg(eps_hi, eps_lo, FP64)
 
     acc_v = tl.zeros([BM, BD], ACC)
     acc_a = tl.zeros([BM, BD], ACC)
@@ -225,9 +252,10 @@ def _occ_bwd_feat_kernel(
         col_ok = cols < K
         mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
         mem_t = tl.trans(mem)
-        s_v = _mm(fv, mem_t, PREC, FP64) * scale
-        s_a = _mm(fa, mem_t, PREC, FP64) * scale
-        ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, lse_v, lse_a, r_sum, eps, col_ok, EPS_ZERO, EVEN_K)
+        s_v = _logits(_mm(fv, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
+        s_a = _logits(_mm(fa, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
+        ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO,
+                                    EVEN_K)
         acc_v += _mm(ds_v.to(mem.dtype), mem, PREC, FP64)
         acc_a += _mm(ds_a.to(mem.dtype), mem, PREC, FP64)
     _store_tile(gfv_ptr, acc_v * scale, rows, row_ok, D, cd, D, BD)
@@ -238,10 +266,10 @@ def _occ_bwd_feat_kernel(
 def _occ_bwd_mem_kernel(
     g_ptr, fv_ptr, fa_ptr, mem_ptr, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr, part_ptr,
     N, K, s_g, s_fv0, s_fv1, s_fa0, s_fa1, s_m0, s_m1,
-    scale_hi, scale_lo, eps_hi, eps_lo, num_col_tiles, blocks_per_chunk,
+    logit_hi, logit_lo, scale_hi, scale_lo, eps_hi, eps_lo, num_col_tiles, blocks_per_chunk,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     EPS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
-    FP64: tl.constexpr, ACC: tl.constexpr,
+    DIVIDE: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
     # Column tiles vary fastest, so the programs sharing a row chunk run
     # together and read its features from L2.
@@ -252,8 +280,8 @@ def _occ_bwd_mem_kernel(
     cd = tl.arange(0, BD)
     mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
     mem_t = tl.trans(mem)
-    scale = _scalar(scale_hi, scale_lo, FP64)
-    eps = _scalar(eps_hi, eps_lo, FP64)
+    scale = float_arg(scale_hi, scale_lo, FP64)
+    eps = float_arg(eps_hi, eps_lo, FP64)
 
     acc = tl.zeros([BN, BD], ACC)
     rows = chunk.to(tl.int64) * blocks_per_chunk * BM + tl.arange(0, BM)
@@ -264,12 +292,13 @@ def _occ_bwd_mem_kernel(
         fa = _load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
         g = tl.load(g_ptr + rows * s_g, mask=row_ok, other=0.0).to(ACC)
         l = _load_rows(loss_ptr, rows, row_ok, ACC)
-        lse_v = _load_rows(lse_v_ptr, rows, row_ok, ACC)
-        lse_a = _load_rows(lse_a_ptr, rows, row_ok, ACC)
+        hi_v, lo_v = _load_lse(lse_v_ptr, rows, row_ok, ACC)
+        hi_a, lo_a = _load_lse(lse_a_ptr, rows, row_ok, ACC)
         r_sum = _load_rows(r_ptr, rows, row_ok, ACC)
-        s_v = _mm(fv, mem_t, PREC, FP64) * scale
-        s_a = _mm(fa, mem_t, PREC, FP64) * scale
-        ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, lse_v, lse_a, r_sum, eps, col_ok, EPS_ZERO, EVEN_K)
+        s_v = _logits(_mm(fv, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
+        s_a = _logits(_mm(fa, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
+        ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO,
+                                    EVEN_K)
         acc += _mm(tl.trans(ds_v).to(fv.dtype), fv, PREC, FP64)
         acc += _mm(tl.trans(ds_a).to(fa.dtype), fa, PREC, FP64)
         rows += BM
@@ -304,7 +333,7 @@ def _corr_fwd_kernel(
     row_ok = rows < N
     cd = tl.arange(0, BD)
     f = _load_tile(f_ptr, rows, row_ok, s_f0, s_f1, cd, D, BD)
-    scale = _scalar(scale_hi, scale_lo, FP64)
+    scale = float_arg(scale_hi, scale_lo, FP64)
     m = tl.full([BM], float("-inf"), ACC)
     z = tl.zeros([BM], ACC)
     for n0 in range(0, K, BN):
@@ -338,7 +367,7 @@ def _corr_bwd_feat_kernel(
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < N
     cd = tl.arange(0, BD)
-    scale = _scalar(scale_hi, scale_lo, FP64)
+    scale = float_arg(scale_hi, scale_lo, FP64)
     # delta = rowsum(G * P); masked entries load as 0.
     delta = tl.zeros([BM], ACC)
     for n0 in range(0, K, BN):
@@ -373,7 +402,7 @@ def _corr_bwd_mem_kernel(
     cols = (pid % num_col_tiles).to(tl.int64) * BN + tl.arange(0, BN)
     col_ok = cols < K
     cd = tl.arange(0, BD)
-    scale = _scalar(scale_hi, scale_lo, FP64)
+    scale = float_arg(scale_hi, scale_lo, FP64)
     acc = tl.zeros([BN, BD], ACC)
     rows = chunk.to(tl.int64) * blocks_per_chunk * BM + tl.arange(0, BM)
     num_blocks = tl.minimum(blocks_per_chunk, tl.cdiv(N, BM) - chunk * blocks_per_chunk)
@@ -432,14 +461,20 @@ def _dot_precision(x: torch.Tensor) -> str:
     return "tf32"  # ignored for 16-bit inputs; float64 does not use tl.dot
 
 
-def _f32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def _split(x: float):
-    """x as float32 hi + lo (kernel float arguments are float32)."""
-    hi = _f32(x)
-    return hi, _f32(x - hi)
+def _logit_scale(x: torch.Tensor, temperature: float):
+    """(c_hi, c_lo, divide): the loss kernels' logits are dot(feat, memory) / c
+    (divide) or * c, rounded as PyTorch rounds (feat @ memory.T) / temperature
+    on x's device: a true division by fl(t) on the CPU, a product with
+    fl(1 / fl(t)) on CUDA (its kernel for a scalar divisor), t rounded to the
+    accumulation dtype. The float32 gradients' error is dominated by the
+    logits' rounding, amplified in rows with p_j ~ eps; logits rounded any other
+    way put the max error at a random 0.3 to 10 times plain PyTorch's.
+    """
+    if x.dtype == torch.float64:
+        c = 1.0 / temperature if x.is_cuda else temperature
+    else:
+        c = (torch.ones((), dtype=torch.float32) / to_float32(temperature)).item() if x.is_cuda else to_float32(temperature)
+    return (*split_float(c), not x.is_cuda)
 
 
 def _device(x: torch.Tensor):
@@ -486,7 +521,10 @@ def _sum_chunks(part: torch.Tensor, out_dtype: torch.dtype, acc_tl) -> torch.Ten
 
 def occ_loss_forward(feat_v: torch.Tensor, feat_a: torch.Tensor, memory: torch.Tensor,
                      temperature: float, eps: float):
-    """Row statistics (loss_rows, lse_v, lse_a, r_sum), each [N], float32 (float64 for float64)."""
+    """Row statistics (loss_rows [N], lse_v [N, 2], lse_a [N, 2], r_sum [N]), float32 (float64 for float64).
+
+    lse_v, lse_a: each row's log-sum-exp as hi, lo (hi + lo, hi = the rounded log-sum-exp).
+    """
     _check_inputs({"feat_v": feat_v, "feat_a": feat_a}, memory, temperature)
     if feat_a.shape != feat_v.shape:
         raise ValueError(f"feat_a must have the shape of feat_v {tuple(feat_v.shape)}, got {tuple(feat_a.shape)}")
@@ -495,16 +533,18 @@ def occ_loss_forward(feat_v: torch.Tensor, feat_a: torch.Tensor, memory: torch.T
     N, D = feat_v.shape
     K = memory.shape[0]
     acc_t, acc_tl = _acc_dtypes(feat_v.dtype)
-    outs = [torch.empty(N, dtype=acc_t, device=feat_v.device) for _ in range(4)]
+    outs = [torch.empty(shape, dtype=acc_t, device=feat_v.device) for shape in ((N,), (N, 2), (N, 2), (N,))]
     if N == 0:
         return tuple(outs)
     c = _config(D, feat_v.dtype)
+    logit_hi, logit_lo, divide = _logit_scale(feat_v, temperature)
     with _device(feat_v):
         _occ_fwd_kernel[(triton.cdiv(N, c["BM"]),)](
             feat_v, feat_a, memory, *outs, N, K, *feat_v.stride(), *feat_a.stride(), *memory.stride(),
-            *_split(1.0 / temperature), *_split(eps),
+            logit_hi, logit_lo, *split_float(eps),
             D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EPS_ZERO=eps == 0, EVEN_K=K % c["BN"] == 0,
-            PREC=_dot_precision(memory), FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=c["warps"])
+            PREC=_dot_precision(memory), DIVIDE=divide, FP64=acc_t == torch.float64, ACC=acc_tl,
+            num_warps=c["warps"])
     return tuple(outs)
 
 
@@ -516,10 +556,10 @@ def occ_loss_backward(grad_rows: torch.Tensor, feat_v: torch.Tensor, feat_a: tor
     _check_inputs({"feat_v": feat_v, "feat_a": feat_a}, memory, temperature)
     N, D = feat_v.shape
     K = memory.shape[0]
-    for name, v in (("grad_rows", grad_rows), ("loss_rows", loss_rows), ("lse_v", lse_v),
-                    ("lse_a", lse_a), ("r_sum", r_sum)):
-        if v.shape != (N,):
-            raise ValueError(f"{name} must be [N] = [{N}], got {tuple(v.shape)}")
+    for name, v, shape in (("grad_rows", grad_rows, (N,)), ("loss_rows", loss_rows, (N,)),
+                           ("lse_v", lse_v, (N, 2)), ("lse_a", lse_a, (N, 2)), ("r_sum", r_sum, (N,))):
+        if v.shape != shape:
+            raise ValueError(f"{name} must be {list(shape)} (N = {N}), got {tuple(v.shape)}")
     acc_t, acc_tl = _acc_dtypes(feat_v.dtype)
     grad_v = torch.empty(N, D, dtype=feat_v.dtype, device=feat_v.device)
     grad_a = torch.empty(N, D, dtype=feat_v.dtype, device=feat_v.device)
@@ -529,9 +569,10 @@ def occ_loss_backward(grad_rows: torch.Tensor, feat_v: torch.Tensor, feat_a: tor
         return grad_v, grad_a, grad_m
     stats = [t.to(acc_t).contiguous() for t in (loss_rows, lse_v, lse_a, r_sum)]
     c = _config(D, feat_v.dtype)
-    consts = dict(D=D, BD=c["BD"], EPS_ZERO=eps == 0, PREC=_dot_precision(memory),
+    logit_hi, logit_lo, divide = _logit_scale(feat_v, temperature)
+    consts = dict(D=D, BD=c["BD"], EPS_ZERO=eps == 0, PREC=_dot_precision(memory), DIVIDE=divide,
                   FP64=acc_t == torch.float64, ACC=acc_tl)
-    scalars = (*_split(1.0 / temperature), *_split(eps))
+    scalars = (logit_hi, logit_lo, *split_float(1.0 / temperature), *split_float(eps))
     strides = (grad_rows.stride(0), *feat_v.stride(), *feat_a.stride(), *memory.stride())
     with _device(feat_v):
         _occ_bwd_feat_kernel[(triton.cdiv(N, c["BM"]),)](
@@ -560,7 +601,7 @@ def omni_correlation_forward(feat: torch.Tensor, memory: torch.Tensor, temperatu
     c = _config(D, feat.dtype)
     with _device(feat):
         _corr_fwd_kernel[(triton.cdiv(N, c["BM"]),)](
-            feat, memory, out, N, K, *feat.stride(), *memory.stride(), *_split(1.0 / temperature),
+            feat, memory, out, N, K, *feat.stride(), *memory.stride(), *split_float(1.0 / temperature),
             D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, PREC=_dot_precision(memory),
             FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=c["warps"])
     return out
@@ -583,7 +624,7 @@ def omni_correlation_backward(grad_out: torch.Tensor, probs: torch.Tensor, feat:
         return grad_f, grad_m
     c = _config(D, feat.dtype)
     consts = dict(D=D, BD=c["BD"], PREC=_dot_precision(memory), FP64=acc_t == torch.float64, ACC=acc_tl)
-    scale = _split(1.0 / temperature)
+    scale = split_float(1.0 / temperature)
     delta = torch.empty(N, dtype=acc_t, device=feat.device)
     with _device(feat):
         _corr_bwd_feat_kernel[(triton.cdiv(N, c["BM"]),)](

@@ -1,7 +1,7 @@
 // CPU kernels of the omni-correlation ops (see DESIGN.md, omni_correlation_loss
 // and omni_correlation).
 //
-// Rows are processed in tiles: a tile's logits S = feat[tile] @ (memory / t)^T
+// Rows are processed in tiles: a tile's logits S = feat[tile] @ memory^T / t
 // ([tile, K], a per-thread buffer that stays in cache) come from a
 // register-blocked GEMM, the softmax statistics and dS are computed in place
 // with at::vec, and the backward GEMMs (dS @ memory, dS^T @ feat) reuse the
@@ -25,61 +25,17 @@
 #include <tuple>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace caml_ops {
 namespace {
 
 using at::Tensor;
 using at::vec::Vectorized;
 
-// ---------------------------------------------------------------- vector math
-// float: the inline polynomials of at::vec (exp_u20) and below (log), so the
-// library needs no Sleef symbol from libtorch_cpu; float64 (the accuracy path)
-// uses std:: per lane.
-
-inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
-inline Vectorized<double> vexp(const Vectorized<double>& x) {
-  return x.map([](double v) { return std::exp(v); });
-}
-
-#if defined(CPU_CAPABILITY_AVX2)
-// Natural log for x > 0 (cephes logf, ~1 ulp): x = 2^e * m with m in
-// [sqrt(1/2), sqrt(2)), log(x) = e log(2) + log1p(m - 1) by a minimax polynomial.
-inline Vectorized<float> vlog(const Vectorized<float>& v) {
-  __m256 x = v;
-  // Subnormals: scale into the normal range first (eps may be tiny).
-  const __m256 subnormal = _mm256_cmp_ps(x, _mm256_set1_ps(FLT_MIN), _CMP_LT_OQ);
-  x = _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(33554432.f)), subnormal);  // 2^25
-  const __m256i bits = _mm256_castps_si256(x);
-  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
-  e = _mm256_sub_ps(e, _mm256_and_ps(subnormal, _mm256_set1_ps(25.f)));
-  // mantissa in [0.5, 1)
-  __m256 m = _mm256_or_ps(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x007fffff))),
-                          _mm256_set1_ps(0.5f));
-  const __m256 below = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  e = _mm256_sub_ps(e, _mm256_and_ps(below, _mm256_set1_ps(1.f)));
-  m = _mm256_add_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.f)), _mm256_and_ps(m, below));  // m - 1, or 2m - 1
-  // Degree-8 polynomial p0 m^8 + ... + p8, evaluated by Estrin's scheme (short dependency chains).
-  const auto c = [](float v) { return _mm256_set1_ps(v); };
-  const __m256 z = _mm256_mul_ps(m, m), z2 = _mm256_mul_ps(z, z);
-  const __m256 q0 = _mm256_fmadd_ps(c(-2.4999993993e-1f), m, c(3.3333331174e-1f));  // p7 m + p8
-  const __m256 q1 = _mm256_fmadd_ps(c(-1.6668057665e-1f), m, c(2.0000714765e-1f));   // p5 m + p6
-  const __m256 q2 = _mm256_fmadd_ps(c(-1.2420140846e-1f), m, c(1.4249322787e-1f));   // p3 m + p4
-  const __m256 q3 = _mm256_fmadd_ps(c(-1.1514610310e-1f), m, c(1.1676998740e-1f));   // p1 m + p2
-  const __m256 r0 = _mm256_fmadd_ps(q1, z, q0), r1 = _mm256_fmadd_ps(q3, z, q2);
-  __m256 y = _mm256_fmadd_ps(_mm256_fmadd_ps(c(7.0376836292e-2f), z2, r1), z2, r0);
-  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
-  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
-  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
-  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
-}
-#else
-inline Vectorized<float> vlog(const Vectorized<float>& x) {
-  return x.map([](float v) { return std::log(v); });
-}
-#endif
-inline Vectorized<double> vlog(const Vectorized<double>& x) {
-  return x.map([](double v) { return std::log(v); });
-}
+// exp and log: the AVX2 polynomials shared with the other CPU kernels.
+using vecmath::vexp;
+using vecmath::vlog;
 
 template <typename T>
 constexpr int64_t kLanes = Vectorized<T>::size();
@@ -131,15 +87,52 @@ T exp_shift_inplace(T* s, int64_t K, T m) {
   return hsum(sum);
 }
 
+// sum_k exp(s_k - m), s unchanged.
+template <typename T>
+T sum_exp(const T* s, int64_t K, T m) {
+  const Vectorized<T> vm(m);
+  Vectorized<T> sum(T(0));
+  for (int64_t k = 0; k < K; k += kLanes<T>) {
+    const int64_t n = std::min(kLanes<T>, K - k);
+    sum += head(vexp(load(s + k, n) - vm), n);
+  }
+  return hsum(sum);
+}
+
 // ---------------------------------------------------------------- row kernels
 
-struct LossRow {
-  double loss, lse_v, lse_a, r_sum;
+// A row's log-sum-exp m + log z as an unevaluated pair hi + lo, hi = fl(m + log z):
+// log p = (s - hi) - lo is then nearly exact (s - hi exactly so near the maximum,
+// by Sterbenz), where s - fl(lse) would put a relative error of up to
+// |lse| * 2^-24 on a whole row of p and shift all of log p alike. Same definition
+// as the Triton kernels (lo in double here: more accurate, same meaning).
+template <typename T>
+struct Lse {
+  T hi, lo;
 };
 
-// Loss statistics of one row from its scaled logits sv, sa (clobbered).
 template <typename T>
-LossRow occ_forward_row(T* sv, T* sa, int64_t K, T eps) {
+Lse<T> make_lse(T m, T z) {
+  const double log_z = std::log(double(z));
+  const T hi = static_cast<T>(m + log_z);
+  return {hi, static_cast<T>((double(m) - double(hi)) + log_z)};  // m - hi: exact in double
+}
+
+// log p = (s - hi) - lo of n <= kLanes logits (forward and backward alike: bit-identical p and q).
+template <typename T>
+inline Vectorized<T> log_prob(const T* s, int64_t n, const Vectorized<T>& hi, const Vectorized<T>& lo) {
+  return (load(s, n) - hi) - lo;
+}
+
+template <typename T>
+struct LossRow {
+  double loss, r_sum;
+  Lse<T> lse_v, lse_a;
+};
+
+// Loss statistics of one row from its scaled logits sv, sa.
+template <typename T>
+LossRow<T> occ_forward_row(const T* sv, const T* sa, int64_t K, T eps) {
   const T mv = row_max(sv, K), ma = row_max(sa, K);
   if (eps == T(0)) {
     // l = lse_v - sum_j q_j s_v_j = log Zv - sum_j q_j (s_v_j - mv); R = 1.
@@ -153,42 +146,43 @@ LossRow occ_forward_row(T* sv, T* sa, int64_t K, T eps) {
       za += ea;
       dot += ea * head(xv, n);
     }
-    const double Zv = hsum(zv), Za = hsum(za);
-    return {std::log(Zv) - hsum(dot) / Za, mv + std::log(Zv), ma + std::log(Za), 1.0};
+    const T Zv = hsum(zv), Za = hsum(za);
+    return {std::log(double(Zv)) - hsum(dot) / double(Za), 1.0, make_lse(mv, Zv), make_lse(ma, Za)};
   }
-  const T Zv = exp_shift_inplace(sv, K, mv), Za = exp_shift_inplace(sa, K, ma);
-  // With ev = exp(s_v - mv), ea likewise: p = ev / Zv, q = ea / Za.
-  const Vectorized<T> inv_zv(T(1) / Zv), veps(eps);
+  const Lse<T> lv = make_lse(mv, sum_exp(sv, K, mv)), la = make_lse(ma, sum_exp(sa, K, ma));
+  // p, q and q * (p / (p + eps)) exactly as occ_backward_row recomputes them, so that
+  // dl/ds_v = p R - q p / (p + eps) cancels to the last bit where a row's p is one-hot.
+  const Vectorized<T> vhv(lv.hi), vlv(lv.lo), vha(la.hi), vla(la.lo), veps(eps);
   Vectorized<T> acc_log(T(0)), acc_r(T(0));
   for (int64_t k = 0; k < K; k += kLanes<T>) {
     const int64_t n = std::min(kLanes<T>, K - k);
-    const Vectorized<T> p = load(sv + k, n) * inv_zv;
-    const Vectorized<T> ea = load(sa + k, n);  // 0 past n
+    const Vectorized<T> p = head(vexp(log_prob(sv + k, n, vhv, vlv)), n);
+    const Vectorized<T> q = head(vexp(log_prob(sa + k, n, vha, vla)), n);
     const Vectorized<T> pe = p + veps;
-    acc_log += ea * vlog(pe);
-    acc_r += ea * (p / pe);
+    acc_log += q * vlog(pe);
+    acc_r += q * (p / pe);
   }
-  const double Za_d = Za;
-  return {-hsum(acc_log) / Za_d, mv + std::log(double(Zv)), ma + std::log(Za_d), hsum(acc_r) / Za_d};
+  return {-double(hsum(acc_log)), double(hsum(acc_r)), lv, la};
 }
 
 // dS of one loss row, in place of its scaled logits sv, sa.
 template <typename T>
-void occ_backward_row(T* sv, T* sa, int64_t K, T g, T loss, T lse_v, T lse_a, T r_sum, T eps) {
-  const Vectorized<T> vg(g), vl(loss), vlv(lse_v), vla(lse_a), vr(r_sum), veps(eps);
+void occ_backward_row(T* sv, T* sa, int64_t K, T g, T loss, Lse<T> lse_v, Lse<T> lse_a, T r_sum, T eps) {
+  const Vectorized<T> vg(g), vl(loss), vhv(lse_v.hi), vlv(lse_v.lo), vha(lse_a.hi), vla(lse_a.lo), vr(r_sum),
+      veps(eps);
   for (int64_t k = 0; k < K; k += kLanes<T>) {
     const int64_t n = std::min(kLanes<T>, K - k);
-    const Vectorized<T> lp = load(sv + k, n) - vlv;  // log p
+    const Vectorized<T> lp = log_prob(sv + k, n, vhv, vlv);
     const Vectorized<T> p = vexp(lp);
-    const Vectorized<T> gq = vg * vexp(load(sa + k, n) - vla);
+    const Vectorized<T> q = vexp(log_prob(sa + k, n, vha, vla));
     Vectorized<T> ds_v, ds_a;
     if (eps == T(0)) {
-      ds_a = gq * (Vectorized<T>(T(0)) - lp - vl);  // c = -log p
-      ds_v = vg * p - gq;
+      ds_a = vg * q * (Vectorized<T>(T(0)) - lp - vl);  // c = -log p
+      ds_v = vg * (p - q);
     } else {
       const Vectorized<T> pe = p + veps;
-      ds_a = gq * (Vectorized<T>(T(0)) - vlog(pe) - vl);
-      ds_v = vg * p * vr - gq * (p / pe);
+      ds_a = vg * q * (Vectorized<T>(T(0)) - vlog(pe) - vl);
+      ds_v = vg * (p * vr - q * (p / pe));  // q * (p / pe) as in R: exact cancellation for a one-hot p
     }
     ds_v.store(sv + k, n);
     ds_a.store(sa + k, n);
@@ -333,10 +327,21 @@ void for_each_tile(int64_t N, const Tiling& t, int64_t ws_size, const Fn& fn) {
   });
 }
 
-// Scaled logits of a tile: s[rows, K] = feat[rows, D] @ mem_t[D, K] (mem_t = (memory / t)^T).
+// Scaled logits of a tile: s[rows, K] = (feat[rows, D] @ mem_t[D, K]) / t (mem_t = memory^T).
+// Rounded as PyTorch rounds (feat @ memory.T) / temperature on the CPU (the
+// GEMM accumulates over D in order, by FMA, as MKL does): the float32
+// gradients' error is dominated by the logits' rounding, amplified in rows
+// with p_j ~ eps, and logits rounded any other way (memory / t, * (1 / t), another
+// summation order) put the max error at a random 0.3 to 10 times plain
+// PyTorch's.
 template <typename T>
-void tile_logits(const T* feat, const T* mem_t, T* s, int64_t rows, int64_t K, int64_t D) {
+void tile_logits(const T* feat, const T* mem_t, T* s, int64_t rows, int64_t K, int64_t D, T t) {
   gemm<T>(rows, K, D, feat, D, 1, mem_t, K, s, K, T(1), false);
+  const Vectorized<T> vt(t);
+  for (int64_t i = 0; i < rows * K; i += kLanes<T>) {
+    const int64_t n = std::min(kLanes<T>, rows * K - i);
+    (load(s + i, n) / vt).store(s + i, n);
+  }
 }
 
 // Backward GEMMs of a tile from its dS [rows, K]: grad_feat[rows] = dS @ mem_s
@@ -388,10 +393,16 @@ void check_loss_inputs(const Tensor& feat_v, const Tensor& feat_a, const Tensor&
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
 }
 
-// A per-row tensor [N] (grad_rows or a saved statistic), as contiguous `dtype`.
-Tensor row_vector(const Tensor& x, const char* name, int64_t N, at::ScalarType dtype) {
+// A per-row tensor, [N] (grad_rows or a saved statistic) or with pair = true [N, 2]
+// (a log-sum-exp as hi, lo), as contiguous `dtype`.
+Tensor row_vector(const Tensor& x, const char* name, int64_t N, at::ScalarType dtype, bool pair = false) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == N, name, " must be [N] = [", N, "], got shape ", x.sizes());
+  if (pair) {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == N && x.size(1) == 2, name, " must be [N, 2] = [", N,
+                ", 2] (log-sum-exp as hi, lo), got shape ", x.sizes());
+  } else {
+    TORCH_CHECK(x.dim() == 1 && x.size(0) == N, name, " must be [N] = [", N, "], got shape ", x.sizes());
+  }
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating point, got ", x.scalar_type());
   return x.to(dtype).contiguous();
 }
@@ -411,10 +422,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> occ_loss_forward(const Tensor& feat_v
                                                             const Tensor& memory, double temperature, double eps) {
   check_loss_inputs(feat_v_in, feat_a_in, memory, temperature, eps);
   const Tensor feat_v = feat_v_in.contiguous(), feat_a = feat_a_in.contiguous();
-  const Tensor mem_t = memory.div(temperature).t().contiguous();  // [D, K]
+  const Tensor mem_t = memory.t().contiguous();  // [D, K]
   const int64_t N = feat_v.size(0), K = memory.size(0), D = memory.size(1);
   const auto opts = feat_v.options();
-  Tensor loss = at::empty({N}, opts), lse_v = at::empty({N}, opts), lse_a = at::empty({N}, opts),
+  Tensor loss = at::empty({N}, opts), lse_v = at::empty({N, 2}, opts), lse_a = at::empty({N, 2}, opts),
          r_sum = at::empty({N}, opts);
   AT_DISPATCH_FLOATING_TYPES(feat_v.scalar_type(), "occ_loss_forward", [&] {
     const Tiling t = make_tiling(N, K, sizeof(scalar_t));
@@ -425,17 +436,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> occ_loss_forward(const Tensor& feat_v
     scalar_t* out_lv = lse_v.data_ptr<scalar_t>();
     scalar_t* out_la = lse_a.data_ptr<scalar_t>();
     scalar_t* out_r = r_sum.data_ptr<scalar_t>();
+    const auto temp = scalar_t(temperature);
     for_each_tile<scalar_t>(N, t, 2 * t.tile * K, [&](int64_t, int64_t r0, int64_t rows, scalar_t* ws) {
       scalar_t* sv = ws;
       scalar_t* sa = ws + t.tile * K;
-      tile_logits(fv + r0 * D, mt, sv, rows, K, D);
-      tile_logits(fa + r0 * D, mt, sa, rows, K, D);
+      tile_logits(fv + r0 * D, mt, sv, rows, K, D, temp);
+      tile_logits(fa + r0 * D, mt, sa, rows, K, D, temp);
       for (int64_t i = 0; i < rows; ++i) {
-        const LossRow r = occ_forward_row<scalar_t>(sv + i * K, sa + i * K, K, scalar_t(eps));
-        out_l[r0 + i] = r.loss;
-        out_lv[r0 + i] = r.lse_v;
-        out_la[r0 + i] = r.lse_a;
-        out_r[r0 + i] = r.r_sum;
+        const int64_t r = r0 + i;
+        const LossRow<scalar_t> row = occ_forward_row<scalar_t>(sv + i * K, sa + i * K, K, scalar_t(eps));
+        out_l[r] = row.loss;
+        out_r[r] = row.r_sum;
+        out_lv[2 * r] = row.lse_v.hi;
+        out_lv[2 * r + 1] = row.lse_v.lo;
+        out_la[2 * r] = row.lse_a.hi;
+        out_la[2 * r + 1] = row.lse_a.lo;
       }
     });
   });
@@ -453,11 +468,11 @@ std::tuple<Tensor, Tensor, Tensor> occ_loss_backward(const Tensor& grad_rows, co
   const auto dtype = feat_v.scalar_type();
   const Tensor g = row_vector(grad_rows, "grad_rows", N, dtype);
   const Tensor loss = row_vector(loss_rows, "loss_rows", N, dtype);
-  const Tensor lse_v = row_vector(lse_v_in, "lse_v", N, dtype);
-  const Tensor lse_a = row_vector(lse_a_in, "lse_a", N, dtype);
+  const Tensor lse_v = row_vector(lse_v_in, "lse_v", N, dtype, true);
+  const Tensor lse_a = row_vector(lse_a_in, "lse_a", N, dtype, true);
   const Tensor r_sum = row_vector(r_sum_in, "r_sum", N, dtype);
   const Tensor mem_s = memory.div(temperature).contiguous();  // [K, D]
-  const Tensor mem_t = mem_s.t().contiguous();                // [D, K]
+  const Tensor mem_t = memory.t().contiguous();               // [D, K]
   const auto opts = feat_v.options();
   Tensor grad_v = at::empty({N, D}, opts), grad_a = at::empty({N, D}, opts);
   Tensor partials;
@@ -476,15 +491,18 @@ std::tuple<Tensor, Tensor, Tensor> occ_loss_backward(const Tensor& grad_rows, co
     const scalar_t* pr = r_sum.data_ptr<scalar_t>();
     scalar_t* gv = grad_v.data_ptr<scalar_t>();
     scalar_t* ga = grad_a.data_ptr<scalar_t>();
+    const auto temp = scalar_t(temperature);
     const auto inv_t = scalar_t(1.0 / temperature);
     for_each_tile<scalar_t>(N, t, 2 * t.tile * K, [&](int64_t chunk, int64_t r0, int64_t rows, scalar_t* ws) {
       scalar_t* sv = ws;
       scalar_t* sa = ws + t.tile * K;
-      tile_logits(fv + r0 * D, mt, sv, rows, K, D);
-      tile_logits(fa + r0 * D, mt, sa, rows, K, D);
+      // The forward's tile_logits: bit-identical logits.
+      tile_logits(fv + r0 * D, mt, sv, rows, K, D, temp);
+      tile_logits(fa + r0 * D, mt, sa, rows, K, D, temp);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
-        occ_backward_row<scalar_t>(sv + i * K, sa + i * K, K, pg[r], pl[r], plv[r], pla[r], pr[r], scalar_t(eps));
+        occ_backward_row<scalar_t>(sv + i * K, sa + i * K, K, pg[r], pl[r], {plv[2 * r], plv[2 * r + 1]},
+                                   {pla[2 * r], pla[2 * r + 1]}, pr[r], scalar_t(eps));
       }
       scalar_t* chunk_part = part != nullptr ? part + chunk * K * D : nullptr;
       tile_backward_gemms(sv, fv + r0 * D, ms, gv + r0 * D, chunk_part, rows, K, D, inv_t);
@@ -497,7 +515,7 @@ std::tuple<Tensor, Tensor, Tensor> occ_loss_backward(const Tensor& grad_rows, co
 Tensor omni_correlation_forward(const Tensor& feat_in, const Tensor& memory, double temperature) {
   check_features(feat_in, "feat", memory, temperature);
   const Tensor feat = feat_in.contiguous();
-  const Tensor mem_t = memory.div(temperature).t().contiguous();
+  const Tensor mem_t = memory.t().contiguous();
   const int64_t N = feat.size(0), K = memory.size(0), D = memory.size(1);
   Tensor probs = at::empty({N, K}, feat.options());
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "omni_correlation_forward", [&] {
@@ -505,8 +523,9 @@ Tensor omni_correlation_forward(const Tensor& feat_in, const Tensor& memory, dou
     const scalar_t* f = feat.data_ptr<scalar_t>();
     const scalar_t* mt = mem_t.data_ptr<scalar_t>();
     scalar_t* out = probs.data_ptr<scalar_t>();
+    const auto temp = scalar_t(temperature);
     for_each_tile<scalar_t>(N, t, 0, [&](int64_t, int64_t r0, int64_t rows, scalar_t*) {
-      tile_logits(f + r0 * D, mt, out + r0 * K, rows, K, D);
+      tile_logits(f + r0 * D, mt, out + r0 * K, rows, K, D, temp);
       for (int64_t i = 0; i < rows; ++i) softmax_row(out + (r0 + i) * K, K);
     });
   });
