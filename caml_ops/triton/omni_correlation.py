@@ -114,6 +114,18 @@ def _load_lse(ptr, rows, row_ok, ACC: tl.constexpr):
 
 
 @triton.jit
+def _pair_logits(fv, fa, mem_t, col_ok, c_hi, c_lo, PREC: tl.constexpr, DIVIDE: tl.constexpr,
+                 FP64: tl.constexpr, EVEN_K: tl.constexpr):
+    """Both sub-models' scaled logits against a memory tile; -inf in the columns past K."""
+    s_v = _logits(_mm(fv, mem_t, PREC, FP64), c_hi, c_lo, DIVIDE, FP64)
+    s_a = _logits(_mm(fa, mem_t, PREC, FP64), c_hi, c_lo, DIVIDE, FP64)
+    if not EVEN_K:
+        s_v = tl.where(col_ok[None, :], s_v, float("-inf"))
+        s_a = tl.where(col_ok[None, :], s_a, float("-inf"))
+    return s_v, s_a
+
+
+@triton.jit
 def _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO: tl.constexpr,
                  EVEN_K: tl.constexpr):
     """dl/ds_v and dl/ds_a of a tile, scaled by the row gradient g."""
@@ -171,11 +183,7 @@ def _occ_fwd_kernel(
         col_ok = cols < K
         mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
         mem_t = tl.trans(mem)
-        s_v = _logits(_mm(fv, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
-        s_a = _logits(_mm(fa, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
-        if not EVEN_K:
-            s_v = tl.where(col_ok[None, :], s_v, float("-inf"))
-            s_a = tl.where(col_ok[None, :], s_a, float("-inf"))
+        s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
         mv_new = tl.maximum(m_v, tl.max(s_v, 1))
         ma_new = tl.maximum(m_a, tl.max(s_a, 1))
         z_v = z_v * tl.exp(m_v - mv_new) + tl.sum(tl.exp(s_v - mv_new[:, None]), 1)
@@ -207,11 +215,7 @@ def _occ_fwd_kernel(
             col_ok = cols < K
             mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
             mem_t = tl.trans(mem)
-            s_v = _logits(_mm(fv, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
-            s_a = _logits(_mm(fa, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
-            if not EVEN_K:
-                s_v = tl.where(col_ok[None, :], s_v, float("-inf"))
-                s_a = tl.where(col_ok[None, :], s_a, float("-inf"))
+            s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
             p = tl.exp(_log_softmax(s_v, hi_v, lo_v))
             q = tl.exp(_log_softmax(s_a, hi_a, lo_a))
             pe = p + eps
@@ -252,8 +256,7 @@ def _occ_bwd_feat_kernel(
         col_ok = cols < K
         mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
         mem_t = tl.trans(mem)
-        s_v = _logits(_mm(fv, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
-        s_a = _logits(_mm(fa, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
+        s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
         ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO,
                                     EVEN_K)
         acc_v += _mm(ds_v.to(mem.dtype), mem, PREC, FP64)
@@ -295,8 +298,7 @@ def _occ_bwd_mem_kernel(
         hi_v, lo_v = _load_lse(lse_v_ptr, rows, row_ok, ACC)
         hi_a, lo_a = _load_lse(lse_a_ptr, rows, row_ok, ACC)
         r_sum = _load_rows(r_ptr, rows, row_ok, ACC)
-        s_v = _logits(_mm(fv, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
-        s_a = _logits(_mm(fa, mem_t, PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
+        s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
         ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO,
                                     EVEN_K)
         acc += _mm(tl.trans(ds_v).to(fv.dtype), fv, PREC, FP64)

@@ -40,35 +40,18 @@ namespace caml_ops {
 namespace {
 
 using at::Tensor;
+using vecmath::head;
+using vecmath::hsum;
+using vecmath::kLanes;
+using vecmath::load;
 using vecmath::vexp;
 using vecmath::vlog;
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-template <typename T>
-constexpr int64_t kLanes = Vec<T>::size();
 constexpr int64_t kTileVectors = 32;  // a tile: 32 vectors of voxels of one sample
 // Below this, sum_{j != argmax} exp(x_j - max) is recomputed through the second largest logit.
 constexpr double kTiny = 0x1p-100;
-
-template <typename T>
-inline Vec<T> load(const T* p, int64_t n) {
-  return n == kLanes<T> ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);  // zeros past n
-}
-
-template <typename T>
-inline Vec<T> head(const Vec<T>& v, int64_t n) {
-  return n == kLanes<T> ? v : Vec<T>::set(Vec<T>(T(0)), v, n);
-}
-
-template <typename T>
-inline double hsum(const Vec<T>& v) {
-  T lanes[kLanes<T>];
-  v.store(lanes);
-  double s = 0;
-  for (int64_t i = 0; i < kLanes<T>; ++i) s += lanes[i];
-  return s;
-}
 
 template <typename T>
 inline bool any(const Vec<T>& mask) {

@@ -34,33 +34,12 @@ using at::Tensor;
 using at::vec::Vectorized;
 
 // exp and log: the AVX2 polynomials shared with the other CPU kernels.
+using vecmath::head;
+using vecmath::hsum;
+using vecmath::kLanes;
+using vecmath::load;
 using vecmath::vexp;
 using vecmath::vlog;
-
-template <typename T>
-constexpr int64_t kLanes = Vectorized<T>::size();
-
-// Loads n <= kLanes values; the lanes past n hold `fill`.
-template <typename T>
-inline Vectorized<T> load(const T* p, int64_t n, T fill = T(0)) {
-  if (n == kLanes<T>) return Vectorized<T>::loadu(p);
-  return Vectorized<T>::set(Vectorized<T>(fill), Vectorized<T>::loadu(p, n), n);
-}
-
-// Zeroes the lanes past n (keeps tail garbage out of sums).
-template <typename T>
-inline Vectorized<T> head(const Vectorized<T>& v, int64_t n) {
-  return n == kLanes<T> ? v : Vectorized<T>::set(Vectorized<T>(T(0)), v, n);
-}
-
-template <typename T>
-inline T hsum(const Vectorized<T>& v) {
-  T lanes[kLanes<T>];
-  v.store(lanes);
-  T s = 0;
-  for (int64_t i = 0; i < kLanes<T>; ++i) s += lanes[i];
-  return s;
-}
 
 template <typename T>
 T row_max(const T* s, int64_t K) {

@@ -1,4 +1,5 @@
-// Accurate vector exp and log for the CPU kernels.
+// Vector helpers of the CPU kernels: partial loads, horizontal sums, and
+// accurate exp and log.
 //
 // float: inline AVX2 polynomials (cephes expf/logf, ~1 ulp), so the extension
 // needs no Sleef symbol from libtorch_cpu and is more accurate than at::vec's
@@ -13,6 +14,32 @@ namespace caml_ops {
 namespace vecmath {
 
 using at::vec::Vectorized;
+
+template <typename T>
+constexpr int64_t kLanes = Vectorized<T>::size();
+
+// Loads n <= kLanes values; the lanes past n hold `fill`.
+template <typename T>
+inline Vectorized<T> load(const T* p, int64_t n, T fill = T(0)) {
+  if (n == kLanes<T>) return Vectorized<T>::loadu(p);
+  return Vectorized<T>::set(Vectorized<T>(fill), Vectorized<T>::loadu(p, n), n);
+}
+
+// Zeroes the lanes past n (keeps tail garbage out of sums).
+template <typename T>
+inline Vectorized<T> head(const Vectorized<T>& v, int64_t n) {
+  return n == kLanes<T> ? v : Vectorized<T>::set(Vectorized<T>(T(0)), v, n);
+}
+
+// Sum of the lanes, accumulated in double.
+template <typename T>
+inline double hsum(const Vectorized<T>& v) {
+  T lanes[kLanes<T>];
+  v.store(lanes);
+  double s = 0;
+  for (int64_t i = 0; i < kLanes<T>; ++i) s += lanes[i];
+  return s;
+}
 
 #if defined(CPU_CAPABILITY_AVX2)
 // exp(x); 0 below log(FLT_MIN) (like exp_u20), +inf above log(FLT_MAX).
