@@ -1,5 +1,6 @@
 """Benchmark cases: for each op, our fused op, the reference backend and the
-official CAML computation on the same inputs. Shared by the pytest-benchmark
+official CAML computation on the same inputs; a whole CAML training step with
+the fused ops and with the reference backend. Shared by the pytest-benchmark
 suites (time) and memory_probe.py (peak memory, in a fresh process)."""
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ PASSES = ("forward", "backward", "forward+backward")
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # "occ" or "consistency"
+    op: str  # "occ", "consistency" or "train_step"
     size: str  # a label of the input size, parsed by the op's builder
     impl: str  # one of IMPLS
     device: str = "cpu"
@@ -75,7 +76,36 @@ def _consistency(case: Case):
     return lambda: caml_ops.mutual_consistency_loss(logits, backend=backend), logits
 
 
-BUILDERS = {"occ": _occ, "consistency": _consistency}
+def train_step_sizes(device: str) -> list[str]:
+    """caml.train presets: the paper's configuration on the GPU, the CPU demo's on the CPU."""
+    return ["tiny"] if QUICK else (["la"] if device == "cuda" else ["small"])
+
+
+def _train_step(case: Case):
+    """One CAML training step of caml.train (model, memory bank, the whole objective) with the fused ops or
+    the reference backend; gradients go to the model's parameters."""
+    from caml.config import preset_config
+    from caml.losses import CAMLObjective, LossWeights
+    from caml.memory import MemoryBank
+    from caml.models import CAML3d
+
+    cfg, device = preset_config(case.size), torch.device(case.device)
+    model = CAML3d(1, 2, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim).to(device)
+    memory = MemoryBank(cfg.labeled, 2, cfg.feat_dim, device, seed=0)
+    weights = LossWeights(memory_num=cfg.memory_num, num_filtered=cfg.num_filtered)
+    amp = torch.bfloat16 if case.device == "cuda" else None
+    backend = "auto" if case.impl == "fused" else "reference"
+    objective = CAMLObjective(model, memory, cfg.labeled_bs, weights, "caml", backend, amp)
+    volume = torch.randn(cfg.batch_size, 1, *cfg.patch_size, device=device)
+    label = (volume[:, 0] > 0.3).long()
+    case_ids = torch.arange(cfg.batch_size) % cfg.labeled
+    ramped = 10**6  # past the ramp-up: every loss term is on
+    objective(volume, label, case_ids, ramped)  # fills the memory bank, so that OCC runs in the step
+    params = tuple(model.parameters())
+    return lambda: objective(volume, label, case_ids, ramped)[0], params
+
+
+BUILDERS = {"occ": _occ, "consistency": _consistency, "train_step": _train_step}
 
 
 def build(case: Case) -> tuple[Callable[[], torch.Tensor], tuple[torch.Tensor, ...]]:
@@ -93,9 +123,9 @@ def run_pass(case: Case, forward, inputs, pass_name: str, loss=None):
     if pass_name == "forward":
         out = forward()
     elif pass_name == "backward":
-        out = torch.autograd.grad(loss, inputs)
+        out = torch.autograd.grad(loss, inputs, allow_unused=True)
     else:
-        out = torch.autograd.grad(forward(), inputs)
+        out = torch.autograd.grad(forward(), inputs, allow_unused=True)
     synchronize(case.device)
     return out
 
@@ -106,4 +136,5 @@ def all_cases() -> list[Case]:
     for device in devices:
         for op, sizes in (("occ", occ_sizes), ("consistency", consistency_sizes)):
             cases += [Case(op, size, impl, device) for size in sizes(device) for impl in IMPLS]
+        cases += [Case("train_step", size, impl, device) for size in train_step_sizes(device) for impl in IMPLS[:2]]
     return cases

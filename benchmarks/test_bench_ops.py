@@ -1,5 +1,6 @@
 """Time (pytest-benchmark, median) and peak memory (fresh process) of the fused
-losses against the reference backend and the official CAML computations.
+ops (and of a whole CAML training step) against the reference backend and the
+official CAML computations.
 
     pytest benchmarks/ --benchmark-json=benchmarks/results.json
     python benchmarks/report.py benchmarks/results.json
@@ -30,7 +31,7 @@ def peak_memory_mib(case: Case, pass_name: str) -> float:
 
 @pytest.mark.parametrize("pass_name", PASSES)
 @pytest.mark.parametrize("case", all_cases(), ids=lambda c: c.id)
-def test_loss(benchmark, case, pass_name):
+def test_op(benchmark, case, pass_name):
     forward, inputs = build(case)
     benchmark.group = f"{case.op} {case.size} {case.device} {pass_name}"
     benchmark.extra_info.update(case.as_dict(), pass_name=pass_name)
