@@ -26,6 +26,8 @@ class TrainConfig:
     preset: str = "la"
     method: str = "caml"  # "caml" or "supervised"
     data: Optional[str] = None  # LA h5 folder; None: the preset's synthetic dataset in the cache
+    split: Optional[str] = None  # MSD folder: a split file; None: a seeded split (split_seed) of the labeled cases
+    split_seed: int = 0
     synthetic: dict = field(default_factory=dict)  # cases, seed, test_cases, min_shape, max_shape
     labeled: int = 8
     max_train_cases: Optional[int] = None  # first N cases of train.list (official max_samples: 80)

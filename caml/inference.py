@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OFFICIAL_ROI_SIZE", "OFFICIAL_STRIDES", "window_starts", "sliding_window_predict"]
+__all__ = ["OFFICIAL_ROI_SIZE", "OFFICIAL_STRIDES", "window_starts", "sliding_window_predict", "largest_component"]
 
 OFFICIAL_ROI_SIZE = (112, 112, 80)
 OFFICIAL_STRIDES = (18, 18, 4)
@@ -104,3 +104,17 @@ def sliding_window_predict(
     crop = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(before, size))
     probs = scores[crop].contiguous()
     return probs, probs.argmax(dim=0)
+
+
+def largest_component(mask) -> np.ndarray:
+    """The largest connected component of a binary mask (full 26-connectivity in 3D, as skimage's
+    ``label`` in the official test script's ``getLargestCC``); an empty mask is returned as is."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask).astype(bool)
+    components, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(sizes.argmax())

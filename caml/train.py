@@ -10,7 +10,9 @@ The run folder (``--out``) holds ``config.json``, ``checkpoints/last.pt`` (atomi
 ``--checkpoint-every`` iterations and at the end; ``--resume`` continues from it exactly),
 ``train_log.csv``, ``val_log.csv``, ``tb/`` (TensorBoard, when installed), ``metrics.json`` (final
 test-split evaluation: mean and per-case Dice, Jaccard, 95HD, ASD) and PNG plots (``losses.png``,
-``val_dice.png``, ``overlays.png``).
+``val_dice.png``, ``overlays.png``) and ``split.json`` (the train / test / unlabeled cases, which
+``python -m caml.evaluate`` reads back). ``--data`` takes the LA h5 layout or an MSD folder (``imagesTr/``,
+``labelsTr/``; its labeled cases split into train and test by ``--split-seed`` or ``--split FILE``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import sys
 import time
 from typing import Optional, Sequence
 
-import h5py
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -33,12 +34,11 @@ import caml_ops
 
 from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import PRESETS, TrainConfig, default_cache_dir, preset_config
-from .data import (CenterCrop, Compose, LAHeartH5, RandomCrop, RandomRotFlip, ToTensor, TwoStreamBatchSampler,
-                   case_path, read_case_list)
-from .data.la_h5 import load_case
+from .data import Compose, RandomCrop, RandomRotFlip, ToTensor, TwoStreamBatchSampler
+from .data.source import CaseDataset, open_source
 from .data.synthetic import ensure_synthetic_la
 from .inference import sliding_window_predict
-from .losses import CAMLObjective, LossWeights, unwrap
+from .losses import CAMLObjective, LossWeights
 from .memory import MemoryBank
 from .metrics import case_metrics, dice
 from .models import CAML3d
@@ -67,10 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m caml.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small", help=f"configuration preset: {', '.join(PRESETS)} (default small)")
     p.add_argument("--method", default=None, help="caml (default) or supervised (lamda * supervised loss only)")
-    p.add_argument("--data", default=None, help="LA h5 folder (train.list, test.list, 2018LA_Seg_Training Set/); "
-                   "default for small/tiny: the synthetic dataset in the cache")
+    p.add_argument("--data", default=None, help="LA h5 folder (train.list, test.list, 2018LA_Seg_Training Set/) or "
+                   "MSD folder (imagesTr/, labelsTr/); default for small/tiny: the synthetic dataset in the cache")
+    p.add_argument("--split", default=None, help="MSD folder: JSON split file {\"train\": [...], \"test\": [...]} "
+                   "(default: a seeded split of the labeled cases; recorded in the run folder as split.json)")
+    p.add_argument("--split-seed", type=int, default=None, help="MSD folder: seed of the train/test split (default 0)")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<method>)")
-    p.add_argument("--labeled", type=int, default=None, help="labeled cases: the first N of train.list")
+    p.add_argument("--labeled", type=int, default=None, help="labeled cases: the first N of train.list (MSD: of the "
+                   "split's labeled training cases; the others join the unlabeled pool)")
     p.add_argument("--max-iters", type=int, default=None, help="training iterations")
     p.add_argument("--batch-size", type=int, default=None, help="batch size per process (labeled + unlabeled)")
     p.add_argument("--labeled-bs", type=int, default=None, help="labeled samples per batch")
@@ -98,7 +102,8 @@ _OVERRIDES = {  # argparse dest -> TrainConfig field
     "labeled_bs": "labeled_bs", "patch_size": "patch_size", "n_filters": "n_filters", "lr": "lr",
     "memory_num": "memory_num", "num_filtered": "num_filtered", "memory_cap": "memory_cap",
     "eval_every": "eval_every", "checkpoint_every": "checkpoint_every", "num_workers": "num_workers",
-    "device": "device", "seed": "seed", "ops_backend": "ops_backend", "threads": "threads",
+    "device": "device", "seed": "seed", "ops_backend": "ops_backend", "threads": "threads", "split": "split",
+    "split_seed": "split_seed",
 }
 _RESUME_OVERRIDES = ("max_iters", "device", "ops_backend", "num_workers", "eval_every", "checkpoint_every", "threads")
 
@@ -120,6 +125,8 @@ def config_from_args(args: argparse.Namespace, saved: Optional[dict] = None) -> 
         cfg.amp = False
     if cfg.data is not None:
         cfg.data = os.path.abspath(os.path.expanduser(cfg.data))
+    if cfg.split is not None and saved is None:
+        cfg.split = os.path.abspath(os.path.expanduser(cfg.split))
     if cfg.ops_backend not in caml_ops.BACKENDS:
         raise UsageError(f"unknown ops backend {cfg.ops_backend!r} (choose from {', '.join(caml_ops.BACKENDS)})")
     if cfg.preset == "la" and cfg.data is None:
@@ -214,24 +221,6 @@ def resolve_data(cfg: TrainConfig, ctx: Dist) -> str:
     return root
 
 
-def check_cases(root: str, cases: Sequence[str]) -> None:
-    """Every case file exists and is a readable h5 with 3D ``image`` and ``label`` of one shape
-    (headers only: fast), so bad data fails before training with one line naming the file."""
-    for case in cases:
-        path = case_path(root, case)
-        if not os.path.isfile(path):
-            raise UsageError(f"case file not found: {path}")
-        try:
-            with h5py.File(path, "r") as f:
-                if "image" not in f or "label" not in f:
-                    raise UsageError(f"h5 file {path} lacks 'image' or 'label'")
-                shapes = f["image"].shape, f["label"].shape
-        except OSError as err:
-            raise UsageError(f"cannot read h5 file {path}: {' '.join(str(err).split())}") from None
-        if len(shapes[0]) != 3 or shapes[0] != shapes[1]:
-            raise UsageError(f"h5 file {path}: image and label must be 3D of one shape, got {shapes[0]} and {shapes[1]}")
-
-
 def _stream_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
     return ((((seed * 1_000_003 + rank) * 1_000_033 + epoch) * 4 + stream) % (2**63 - 1))
 
@@ -240,26 +229,25 @@ class TrainData:
     """Training batches as a deterministic function of (seed, rank, epoch): each epoch's sampler,
     augmentations (or worker seeds) are seeded afresh, so a resumed run replays the same batches."""
 
-    def __init__(self, cfg: TrainConfig, root: str, rank: int):
+    def __init__(self, cfg: TrainConfig, source, rank: int):
         self.cfg, self.rank = cfg, rank
-        try:
-            train_cases = read_case_list(root, "train")
-            read_case_list(root, "test")
-        except (FileNotFoundError, ValueError) as err:
-            raise UsageError(str(err)) from None
+        train_cases = source.train_cases
         if cfg.max_train_cases is not None:
             train_cases = train_cases[: cfg.max_train_cases]
+        if cfg.labeled > source.labeled_train:
+            raise UsageError(f"--labeled {cfg.labeled} asks for more labeled training cases than {source.root} has "
+                             f"({source.labeled_train})")
         if cfg.labeled >= len(train_cases):
-            raise UsageError(f"--labeled {cfg.labeled} leaves no unlabeled case: train.list of {root} has "
-                             f"{len(train_cases)} cases")
+            raise UsageError(f"--labeled {cfg.labeled} leaves no unlabeled case: the training cases of {source.root} "
+                             f"number {len(train_cases)}")
         if len(train_cases) - cfg.labeled < cfg.batch_size - cfg.labeled_bs:
             raise UsageError(f"{len(train_cases) - cfg.labeled} unlabeled cases are fewer than the unlabeled batch "
                              f"size {cfg.batch_size - cfg.labeled_bs}")
-        check_cases(root, train_cases)
+        source.check(train_cases)
         self.aug_generator = torch.Generator() if cfg.num_workers == 0 else None
         transform = Compose([RandomRotFlip(self.aug_generator), RandomCrop(cfg.patch_size, self.aug_generator),
                              ToTensor()])
-        self.dataset = _Indexed(LAHeartH5(root, "train", num=len(train_cases), transform=transform))
+        self.dataset = _Indexed(CaseDataset(source, train_cases, transform=transform))
         self.sampler_generator = torch.Generator()
         self.sampler = TwoStreamBatchSampler(range(cfg.labeled), range(cfg.labeled, len(train_cases)),
                                              cfg.batch_size, cfg.batch_size - cfg.labeled_bs, self.sampler_generator)
@@ -280,20 +268,21 @@ class TrainData:
 # --- evaluation ---
 
 
-def evaluate_model(model: torch.nn.Module, root: str, cfg: TrainConfig, device: torch.device,
+def evaluate_model(model: torch.nn.Module, source, cfg: TrainConfig, device: torch.device,
                    full: bool = True) -> list[dict]:
-    """Sliding-window prediction (patch ``cfg.patch_size``, ``cfg.eval_strides``) of every test case;
-    per case ``{"case", "dice"[, "jaccard", "hd95", "asd"], "image", "gt", "pred"}`` (arrays for plots)."""
+    """Sliding-window prediction (patch ``cfg.patch_size``, ``cfg.eval_strides``) of every test case of the
+    data source (``caml.data.source``); per case ``{"case", "dice"[, "jaccard", "hd95", "asd"], "image", "gt",
+    "pred"}`` (arrays for plots); distances in the source's voxel spacing (voxels for the LA h5 layout)."""
     model.eval()
     results = []
-    for case in read_case_list(root, "test"):
-        image, label = load_case(case_path(root, case))
+    for case in source.test_cases:
+        image, label = source.load(case)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
             _, pred = sliding_window_predict(image, model, cfg.patch_size, cfg.eval_strides,
                                              sw_batch_size=cfg.eval_batch, device=device)
         pred = pred.cpu().numpy().astype(np.uint8)
         gt = label > 0
-        metrics = case_metrics(pred, gt) if full else {"dice": dice(pred, gt)}
+        metrics = case_metrics(pred, gt, source.geometry(case)[0]) if full else {"dice": dice(pred, gt)}
         results.append({"case": case, **metrics, "image": image, "gt": gt, "pred": pred > 0})
     return results
 
@@ -360,9 +349,18 @@ def _train(cfg: TrainConfig, out: str, resume: bool, evaluate: bool, ctx: Dist) 
     random.seed(cfg.seed + ctx.rank)
     np.random.seed((cfg.seed + ctx.rank) % 2**32)
     root = resolve_data(cfg, ctx)
-    data = TrainData(cfg, root, ctx.rank)
-    if ctx.main:
-        check_cases(root, read_case_list(root, "test"))
+    split_path = os.path.join(out, "split.json")
+    recorded = None
+    if resume and os.path.isfile(split_path):  # the run's own split, even if the folder has changed since
+        with open(split_path) as f:
+            recorded = json.load(f)
+    try:
+        source = open_source(root, cfg.split if recorded is None else None, cfg.split_seed, recorded)
+        data = TrainData(cfg, source, ctx.rank)
+        if ctx.main:
+            source.check(source.test_cases)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(" ".join(str(err).split())) from None
 
     model = CAML3d(1, NUM_CLASSES, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -394,6 +392,7 @@ def _train(cfg: TrainConfig, out: str, resume: bool, evaluate: bool, ctx: Dist) 
     train_log = val_log = board = None
     if ctx.main:
         _write_json(os.path.join(out, "config.json"), {**cfg.to_json(), "data_root": root, "world_size": ctx.world})
+        _write_json(split_path, source.split_record())
         if not resume:
             for name in ("train_log.csv", "val_log.csv"):
                 if os.path.exists(os.path.join(out, name)):
@@ -413,7 +412,7 @@ def _train(cfg: TrainConfig, out: str, resume: bool, evaluate: bool, ctx: Dist) 
         if ctx.main:
             save_atomic({"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "memory": memory.state_dict() if memory is not None else None, "rng": states,
-                         "config": cfg.to_json(), "world_size": ctx.world}, ckpt_path)
+                         "config": cfg.to_json(), "world_size": ctx.world, "split": source.split_record()}, ckpt_path)
         ctx.barrier()
 
     bar = _progress(cfg.max_iters, iteration, ctx.main)
@@ -444,7 +443,7 @@ def _train(cfg: TrainConfig, out: str, resume: bool, evaluate: bool, ctx: Dist) 
                 bar.update(1)
             if iteration % cfg.eval_every == 0 and iteration >= cfg.eval_start and iteration < cfg.max_iters:
                 if ctx.main:
-                    results = evaluate_model(model, root, cfg, device, full=False)
+                    results = evaluate_model(model, source, cfg, device, full=False)
                     val_dice = float(np.mean([r["dice"] for r in results]))
                     val_log.append({"iteration": iteration, "dice": val_dice})
                     board.scalars({"dice": val_dice}, iteration, "val/")
@@ -462,7 +461,7 @@ def _train(cfg: TrainConfig, out: str, resume: bool, evaluate: bool, ctx: Dist) 
         rows = train_log.rows()
         plot_losses(rows, ["loss", "loss_s", "loss_c", "loss_o"], os.path.join(out, "losses.png"))
         if evaluate:
-            results = evaluate_model(model, root, cfg, device, full=True)
+            results = evaluate_model(model, source, cfg, device, full=True)
             metrics = {**_summary(results), "iteration": iteration, "method": cfg.method, "preset": cfg.preset,
                        "train_seconds_this_session": round(train_seconds, 1)}
             _write_json(os.path.join(out, "metrics.json"), metrics)
@@ -476,12 +475,12 @@ def _train(cfg: TrainConfig, out: str, resume: bool, evaluate: bool, ctx: Dist) 
     return metrics
 
 
-def _print_metrics(metrics: dict, out: str) -> None:
+def _print_metrics(metrics: dict, out: str, label: str = "run folder") -> None:
     print(f"{'case':<24}{'dice':>8}{'jaccard':>9}{'hd95':>8}{'asd':>8}")
     for case, m in metrics["cases"].items():
         print(f"{case:<24}{m['dice']:>8.4f}{m['jaccard']:>9.4f}{m['hd95']:>8.2f}{m['asd']:>8.2f}")
     print(f"{'mean':<24}{metrics['dice']:>8.4f}{metrics['jaccard']:>9.4f}{metrics['hd95']:>8.2f}{metrics['asd']:>8.2f}")
-    print(f"run folder: {out}")
+    print(f"{label}: {out}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,174 @@
+"""One interface over the two dataset layouts ``--data`` accepts (``open_source``):
+
+- the LA h5 layout (``train.list``, ``test.list``, ``2018LA_Seg_Training Set/``): train and test are
+  the lists; every training case has a label (``--labeled N`` keeps the first N labeled);
+- an MSD folder (``imagesTr/``, ``labelsTr/``): the labeled cases are split into train and test by a
+  seeded split (``make_split``) or a split file; images with no label are unlabeled training cases.
+
+A source's ``train_cases`` lists its labeled training cases first (``labeled_train`` of them), then
+the unlabeled ones; ``split_record()`` is what a run folder records (``split.json``) so that
+``caml.evaluate`` scores the same test cases. A split file is JSON ``{"train": [...], "test": [...]}``
+(a run folder's ``split.json`` is one).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import h5py
+import numpy as np
+from torch.utils.data import Dataset
+
+from .la_h5 import CASES_DIR, case_path, load_case, read_case_list
+from .msd import MSDFolder, is_msd_folder
+
+__all__ = ["TEST_FRACTION", "open_source", "make_split", "read_split_file", "LASource", "MSDSource", "CaseDataset"]
+
+TEST_FRACTION = 0.2
+
+
+class LASource:
+    layout = "la_h5"
+
+    def __init__(self, root: str):
+        self.root = root
+        self.train_cases = read_case_list(root, "train")
+        self.test_cases = read_case_list(root, "test")
+        self.labeled_train = len(self.train_cases)
+
+    def check(self, cases: Sequence[str]) -> None:
+        """Every case file exists and is a readable h5 with 3D ``image`` and ``label`` of one shape
+        (headers only: fast)."""
+        for case in cases:
+            path = case_path(self.root, case)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"case file not found: {path}")
+            try:
+                with h5py.File(path, "r") as f:
+                    if "image" not in f or "label" not in f:
+                        raise ValueError(f"h5 file {path} lacks 'image' or 'label'")
+                    shapes = f["image"].shape, f["label"].shape
+            except OSError as err:
+                raise ValueError(f"cannot read h5 file {path}: {' '.join(str(err).split())}") from None
+            if len(shapes[0]) != 3 or shapes[0] != shapes[1]:
+                raise ValueError(f"h5 file {path}: image and label must be 3D of one shape, "
+                                 f"got {shapes[0]} and {shapes[1]}")
+
+    def load(self, case: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        return load_case(case_path(self.root, case))
+
+    def geometry(self, case: str) -> tuple[Optional[tuple], Optional[np.ndarray]]:
+        """(spacing, affine): unknown in the h5 layout, so metrics are in voxels as the official LA numbers."""
+        return None, None
+
+    def split_record(self) -> dict:
+        return {"layout": self.layout, "train": list(self.train_cases), "test": list(self.test_cases), "unlabeled": []}
+
+
+def make_split(labeled: Sequence[str], seed: int, test_fraction: float = TEST_FRACTION) -> dict:
+    """Seeded split of the labeled cases: ``round(test_fraction * n)`` (at least 1) test cases (sorted),
+    the rest for training in a seeded order (so ``--labeled N`` takes a random N of them)."""
+    names = sorted(labeled)
+    if len(names) < 2:
+        raise ValueError(f"a train/test split needs at least 2 labeled cases, found {len(names)}")
+    n_test = min(max(1, round(test_fraction * len(names))), len(names) - 1)
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    return {"train": order[n_test:], "test": sorted(order[:n_test])}
+
+
+def read_split_file(path: str, labeled: Sequence[str]) -> dict:
+    """``{"train", "test"}`` of a split file, checked against the folder's labeled cases."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split file not found: {path}")
+    try:
+        with open(path) as f:
+            split = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read split file {path}: {' '.join(str(err).split())}") from None
+    return check_split(split, labeled, f"split file {path}")
+
+
+def check_split(split, labeled: Sequence[str], what: str) -> dict:
+    if not isinstance(split, dict) or not all(
+            isinstance(split.get(k), list) and all(isinstance(c, str) for c in split[k]) for k in ("train", "test")):
+        raise ValueError(f"{what}: expected {{\"train\": [case, ...], \"test\": [case, ...]}}")
+    train, test = list(split["train"]), list(split["test"])
+    if not train or not test:
+        raise ValueError(f"{what}: train and test must both be non-empty")
+    unknown = [c for c in train + test if c not in set(labeled)]
+    if unknown:
+        raise ValueError(f"{what}: case {unknown[0]!r} is not a labeled case of the data folder")
+    both = sorted(set(train) & set(test))
+    if both or len(set(train)) != len(train) or len(set(test)) != len(test):
+        raise ValueError(f"{what}: a case is listed twice ({both[0] if both else 'within one list'})")
+    return {"train": train, "test": test}
+
+
+class MSDSource:
+    layout = "msd"
+
+    def __init__(self, root: str, split_file: Optional[str] = None, split_seed: int = 0,
+                 recorded: Optional[dict] = None):
+        """The split: ``split_file`` if given, else ``recorded`` (a run's split record), else seeded."""
+        self.root, self.folder = root, MSDFolder(root)
+        labeled = self.folder.labeled
+        if split_file is not None:
+            split = read_split_file(split_file, labeled)
+        elif recorded is not None:
+            split = check_split(recorded, labeled, f"the split recorded for {root}")
+        else:
+            split = make_split(labeled, split_seed)
+        self.train_labeled, self.test_cases = split["train"], split["test"]
+        self.train_cases = self.train_labeled + self.folder.unlabeled
+        self.labeled_train = len(self.train_labeled)
+
+    def check(self, cases: Sequence[str]) -> None:
+        for case in cases:
+            self.folder.check(case)
+
+    def load(self, case: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        return self.folder.load(case)
+
+    def geometry(self, case: str) -> tuple[Optional[tuple], Optional[np.ndarray]]:
+        _, spacing, affine = self.folder.header(case)
+        return spacing, affine
+
+    def split_record(self) -> dict:
+        return {"layout": self.layout, "train": list(self.train_labeled), "test": list(self.test_cases),
+                "unlabeled": list(self.folder.unlabeled)}
+
+
+def open_source(root: str, split_file: Optional[str] = None, split_seed: int = 0,
+                recorded: Optional[dict] = None):
+    """The dataset in ``root`` (LA h5 layout or MSD folder); one-line errors for a missing, empty or
+    unrecognised folder. ``split_file`` / ``recorded`` / ``split_seed`` apply to MSD folders only."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data folder not found: {root}")
+    if is_msd_folder(root):
+        return MSDSource(root, split_file, split_seed, recorded)
+    if any(os.path.exists(os.path.join(root, name)) for name in ("train.list", "test.list", CASES_DIR)):
+        if split_file is not None:
+            raise ValueError(f"--split applies to MSD folders; the LA h5 layout in {root} has train.list/test.list")
+        return LASource(root)
+    what = "is empty" if not os.listdir(root) else "is neither the LA h5 layout (train.list, test.list) nor an MSD folder (imagesTr/)"
+    raise ValueError(f"data folder {root} {what}")
+
+
+class CaseDataset(Dataset):
+    """Item i: ``{"image": float32, "label": uint8 (zeros for an unlabeled case), "case": name}``
+    passed through ``transform``."""
+
+    def __init__(self, source, cases: Sequence[str], transform: Optional[Callable[[dict], dict]] = None):
+        self.source, self.cases, self.transform = source, list(cases), transform
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        case = self.cases[index]
+        image, label = self.source.load(case)
+        if label is None:
+            label = np.zeros(image.shape, np.uint8)
+        sample = {"image": image, "label": label, "case": case}
+        return self.transform(sample) if self.transform is not None else sample

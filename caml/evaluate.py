@@ -1,0 +1,218 @@
+"""Evaluate a checkpoint on a dataset's test cases: ``python -m caml.evaluate --checkpoint FILE --data DIR --out DIR``.
+
+The checkpoint is ours (``checkpoints/last.pt`` of ``caml.train``: model sizes, patch and strides from
+its config, the test cases from its recorded split) or an official CAML one (a raw state_dict: sizes
+from the weights, the official patch 112 x 112 x 80 and strides 18 / 18 / 4). Every test case is
+predicted by sliding windows (decoder 1, as the official test), optionally reduced to its largest
+connected component (``--largest-component``, the official ``post_process``), and scored: Dice,
+Jaccard, 95HD and ASD (in the header's spacing for NIfTI data, in voxels for the LA h5 layout, as the
+official numbers). The checkpoint is evaluated as given: no model selection on the test cases.
+
+``--out`` receives ``metrics.csv`` (per case, then the mean), ``metrics.json``, ``predictions/<case>.nii.gz``
+(uint8 labels in the image's geometry where known), ``probabilities/<case>.nii.gz`` (with ``--save-probs``:
+the foreground probability) and ``overlays/<case>.png``. Everything is written to a temporary folder and
+moved into place at the end, so a failed run leaves no partial results.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .data.msd import write_nifti
+from .data.source import open_source
+from .inference import OFFICIAL_ROI_SIZE, OFFICIAL_STRIDES, largest_component, sliding_window_predict
+from .metrics import case_metrics
+from .models import CAML3d
+from .runlog import plot_overlays
+from .train import UsageError, _device, _Parser, _print_metrics, _summary, _write_json
+
+__all__ = ["main", "build_parser", "load_model", "evaluate"]
+
+PROG = "python -m caml.evaluate"
+OUTPUTS = ("metrics.csv", "metrics.json", "predictions", "probabilities", "overlays")
+CSV_FIELDS = ("case", "dice", "jaccard", "hd95", "asd")
+
+
+def build_parser():
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoints/last.pt of caml.train, or an official state_dict")
+    p.add_argument("--data", required=True, help="LA h5 folder or MSD folder (imagesTr/, labelsTr/)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default=None, help="MSD folder: JSON split file (default: the split recorded with the "
+                   "checkpoint, else the seeded split)")
+    p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
+    p.add_argument("--save-probs", action="store_true", help="also write the foreground probability maps")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("W", "H", "D"))
+    p.add_argument("--strides", type=int, nargs=3, default=None, metavar=("W", "H", "D"))
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (default: float32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    return p
+
+
+def load_model(path: str) -> tuple[CAML3d, dict]:
+    """The model of a checkpoint (ours or official) and what it says about itself: ``kind``,
+    ``patch_size``, ``strides``, ``iteration``, ``max_iters``, ``split``, ``split_seed``."""
+    obj = load_checkpoint(path)
+    ours = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
+    try:
+        model = CAML3d.from_checkpoint(path)
+    except RuntimeError as err:  # load_state_dict(strict=True): missing / unexpected keys, wrong shapes
+        raise ValueError(f"checkpoint {path} does not fit CAML3d: {' '.join(str(err).split())[:300]}") from None
+    if not ours:
+        return model, {"kind": "official", "patch_size": OFFICIAL_ROI_SIZE, "strides": OFFICIAL_STRIDES,
+                       "iteration": None, "max_iters": None, "split": None, "split_seed": 0}
+    cfg = TrainConfig.from_json(obj["config"])
+    split = obj.get("split")
+    run_split = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "split.json")
+    if split is None and os.path.isfile(run_split):
+        with open(run_split) as f:
+            split = json.load(f)
+    return model, {"kind": "caml.train", "patch_size": tuple(cfg.patch_size), "strides": tuple(cfg.eval_strides),
+                   "iteration": obj.get("iteration"), "max_iters": cfg.max_iters, "split": split,
+                   "split_seed": cfg.split_seed}
+
+
+def _protocol(info: dict) -> str:
+    if info["kind"] == "official":
+        what = "the given official checkpoint as is"
+    else:
+        what = f"the final checkpoint of the run (iteration {info['iteration']} of {info['max_iters']})"
+    return f"{what}; no model selection on the test cases was made"
+
+
+def _test_origin(source, info: dict, split_file: Optional[str]) -> str:
+    if source.layout == "la_h5":
+        return "test.list"
+    if split_file is not None:
+        return f"split file {split_file}"
+    if info["split"] is not None and info["split"].get("layout") == "msd":
+        return "the split recorded with the checkpoint"
+    return f"the seeded split (seed {info['split_seed']}; no split recorded with the checkpoint)"
+
+
+def _publish(tmp: str, out: str) -> None:
+    """Moves the finished outputs from ``tmp`` into ``out`` (replacing earlier ones) and removes ``tmp``."""
+    if not os.path.exists(out):
+        os.replace(tmp, out)
+        return
+    for name in OUTPUTS:
+        dest = os.path.join(out, name)
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)
+        elif os.path.exists(dest):
+            os.unlink(dest)
+        if os.path.exists(os.path.join(tmp, name)):
+            os.replace(os.path.join(tmp, name), dest)
+    shutil.rmtree(tmp)
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.6f}"
+
+
+def _write_csv(path: str, summary: dict) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS)
+        for case, m in summary["cases"].items():
+            writer.writerow([case] + [_fmt(m[k]) for k in CSV_FIELDS[1:]])
+        writer.writerow(["mean"] + [_fmt(summary[k]) for k in CSV_FIELDS[1:]])
+
+
+def evaluate(args) -> dict:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.sw_batch_size < 1:
+        raise UsageError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
+    device = _device(args.device, 0)
+    model, info = load_model(os.path.abspath(args.checkpoint))
+    patch = tuple(args.patch_size) if args.patch_size else info["patch_size"]
+    strides = tuple(args.strides) if args.strides else info["strides"]
+    if any(s < 16 or s % 16 for s in patch) or min(strides) < 1:
+        raise UsageError(f"patch size must be three multiples of 16 and strides positive, got {patch} and {strides}")
+    data = os.path.abspath(args.data)
+    split_file = os.path.abspath(args.split) if args.split else None
+    recorded = info["split"] if info["split"] is not None and info["split"].get("layout") == "msd" else None
+    source = open_source(data, split_file, info["split_seed"], recorded)
+    source.check(source.test_cases)
+    protocol, origin = _protocol(info), _test_origin(source, info, split_file)
+    print(f"{len(source.test_cases)} test cases from {origin}; {protocol}", flush=True)
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if os.path.isfile(os.path.join(out, "config.json")) and os.path.isdir(os.path.join(out, "checkpoints")):
+        raise UsageError(f"--out {out} is a run folder of caml.train (its metrics.json would be replaced); "
+                         f"choose another, e.g. {os.path.join(out, 'eval')}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    try:
+        for name in ("predictions", "overlays") + (("probabilities",) if args.save_probs else ()):
+            os.makedirs(os.path.join(tmp, name))
+        model.to(device).eval()
+        results = []
+        for case in source.test_cases:
+            image, label = source.load(case)
+            spacing, affine = source.geometry(case)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                probs, pred = sliding_window_predict(image, model, patch, strides, args.sw_batch_size, device)
+            pred = pred.cpu().numpy() > 0
+            if args.largest_component:
+                pred = largest_component(pred)
+            gt = label > 0
+            metrics = case_metrics(pred, gt, spacing)
+            results.append({"case": case, **metrics})
+            write_nifti(os.path.join(tmp, "predictions", f"{case}.nii.gz"), pred.astype(np.uint8), affine, spacing)
+            if args.save_probs:
+                probs = probs.cpu().numpy()
+                probs = probs[1] if probs.shape[0] == 2 else np.moveaxis(probs, 0, -1)
+                write_nifti(os.path.join(tmp, "probabilities", f"{case}.nii.gz"), probs.astype(np.float32), affine,
+                            spacing)
+            plot_overlays([(case, image, gt, pred, metrics["dice"])], os.path.join(tmp, "overlays", f"{case}.png"))
+        summary = _summary(results)
+        _write_csv(os.path.join(tmp, "metrics.csv"), summary)
+        metrics = {**summary, "protocol": protocol, "test_cases_from": origin,
+                   "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_kind": info["kind"],
+                   "iteration": info["iteration"], "data": data, "layout": source.layout,
+                   "largest_component": args.largest_component, "patch_size": list(patch), "strides": list(strides),
+                   "distance_units": "voxels" if source.layout == "la_h5" else "header spacing (mm)"}
+        _write_json(os.path.join(tmp, "metrics.json"), metrics)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        metrics = evaluate(args)
+    except UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"{PROG}: error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+    _print_metrics(metrics, os.path.abspath(args.out), "output folder")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

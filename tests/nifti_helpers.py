@@ -1,0 +1,42 @@
+"""Tiny MSD-layout folders for the NIfTI / evaluate tests."""
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+
+from caml.data.synthetic import make_case
+
+SPACING = (1.5, 1.0, 2.0)
+
+
+def affine_of(spacing=SPACING, origin=(-10.0, 5.0, 3.0)) -> np.ndarray:
+    affine = np.diag(list(spacing) + [1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+def save(path, array, affine=None) -> None:
+    nib.save(nib.Nifti1Image(np.asarray(array), affine_of() if affine is None else affine), str(path))
+
+
+def write_msd_folder(root, labeled=6, unlabeled=2, seed=0, shape=(32, 32, 16), dataset_json=True) -> str:
+    """``labeled`` cases with labels and ``unlabeled`` without, synthetic LA-like volumes (raw intensities,
+    not normalised: the reader z-scores them), spacing ``SPACING``."""
+    root = str(root)
+    os.makedirs(os.path.join(root, "imagesTr"), exist_ok=True)
+    os.makedirs(os.path.join(root, "labelsTr"), exist_ok=True)
+    for i in range(labeled + unlabeled):
+        rng = np.random.default_rng([seed, i])
+        image, label = make_case(rng, shape)
+        name = f"heart_{i:03d}"
+        save(os.path.join(root, "imagesTr", f"{name}.nii.gz"), (image * 100 + 500).astype(np.int16))
+        if i < labeled:
+            save(os.path.join(root, "labelsTr", f"{name}.nii.gz"), label.astype(np.uint8))
+    if dataset_json:
+        with open(os.path.join(root, "dataset.json"), "w") as f:
+            json.dump({"name": "tiny heart", "labels": {"0": "background", "1": "left atrium"},
+                       "numTraining": labeled}, f)
+    return root
