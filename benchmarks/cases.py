@@ -1,7 +1,9 @@
 """Benchmark cases: for each op, our fused op, the reference backend and the
-official CAML computation on the same inputs; a whole CAML training step with
-the fused ops and with the reference backend. Shared by the pytest-benchmark
-suites (time) and memory_probe.py (peak memory, in a fresh process)."""
+official CAML computation (or torch's SDPA for the attention ops) on the same
+inputs; the whole CMA block against the official module pair; a whole CAML
+training step with the fused ops and with the reference backend. Shared by the
+pytest-benchmark suites (time) and memory_probe.py (peak memory, in a fresh
+process)."""
 from __future__ import annotations
 
 import os
@@ -12,10 +14,22 @@ import torch
 
 import caml_ops
 
-from official import official_mutual_consistency, official_occ_loss
+from official import official_cma, official_mutual_consistency, official_occ_loss
 
 QUICK = os.environ.get("CAML_BENCH_QUICK", "0") == "1"
-IMPLS = ("fused", "reference", "official")
+IMPLS = ("fused", "reference", "official", "sdpa")
+# The implementations each op is compared with.
+OP_IMPLS = {
+    "occ": ("fused", "reference", "official"),
+    "consistency": ("fused", "reference", "official"),
+    "intra": ("fused", "reference", "sdpa"),
+    "inter": ("fused", "reference", "sdpa"),
+    "cma": ("fused", "reference", "official"),
+    "train_step": ("fused", "reference"),
+}
+# Implementations that hold B x H x L x L (or B x B per position) matrices are skipped where those would
+# pass this many bytes: the official intra attention at block three needs ~16 GB per matrix in float32.
+QUADRATIC_LIMIT = 2 * 2**30
 PASSES = ("forward", "backward", "forward+backward")
 
 
@@ -90,11 +104,11 @@ def _train_step(case: Case):
     from caml.models import CAML3d
 
     cfg, device = preset_config(case.size), torch.device(case.device)
-    model = CAML3d(1, 2, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim).to(device)
+    backend = "auto" if case.impl == "fused" else "reference"
+    model = CAML3d(1, 2, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim, cma_backend=backend).to(device)
     memory = MemoryBank(cfg.labeled, 2, cfg.feat_dim, device, seed=0)
     weights = LossWeights(memory_num=cfg.memory_num, num_filtered=cfg.num_filtered)
     amp = torch.bfloat16 if case.device == "cuda" else None
-    backend = "auto" if case.impl == "fused" else "reference"
     objective = CAMLObjective(model, memory, cfg.labeled_bs, weights, "caml", backend, amp)
     volume = torch.randn(cfg.batch_size, 1, *cfg.patch_size, device=device)
     label = (volume[:, 0] > 0.3).long()
@@ -105,7 +119,85 @@ def _train_step(case: Case):
     return lambda: objective(volume, label, case_ids, ramped)[0], params
 
 
-BUILDERS = {"occ": _occ, "consistency": _consistency, "train_step": _train_step}
+def attention_sizes(device: str) -> list[str]:
+    """B x L x H x d and the dropout: CAML's bottleneck (B = 4, C = 128 = 4 heads x 32, 14 x 14 x 10
+    positions) and block three's 28 x 28 x 20 positions."""
+    if QUICK:
+        return ["2x60x2x16-p0.5"]
+    return [f"4x{length}x4x32-p{p}" for length in (1960, 15680) for p in ("0.0", "0.5")]
+
+
+def cma_sizes(device: str) -> list[str]:
+    """B x C x *spatial and the dropout of the whole CMA block (intra then inter)."""
+    return ["2x32x5x4x3-p0.5"] if QUICK else ["4x128x14x14x10-p0.5", "4x128x28x28x20-p0.5"]
+
+
+def _size_and_dropout(size: str) -> tuple[list[int], float]:
+    dims, p = size.split("-p")
+    return _dims(dims), float(p)
+
+
+def _weighted_sum(out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (out * weight).sum()  # a scalar with a non-trivial gradient, the same cheap op for every impl
+
+
+def _attention(case: Case):
+    (batch, length, heads, dim), p = _size_and_dropout(case.size)
+    dtype, device = getattr(torch, case.dtype), torch.device(case.device)
+    base = torch.randn(batch, length, 3, heads, dim, device=device, dtype=dtype).requires_grad_()
+    weight = torch.randn(batch, length, heads, dim, device=device, dtype=dtype)
+    cross = case.op == "inter"
+    if case.impl == "sdpa":
+        # torch's attention on the permuted layout SDPA takes: [L, H, B, d] (inter) or [B, H, L, d] (intra)
+        order = (1, 2, 0, 3) if cross else (0, 2, 1, 3)
+        inverse = (2, 0, 1, 3) if cross else (0, 2, 1, 3)
+
+        def forward():
+            q, k, v = (x.permute(order) for x in base.unbind(2))
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            return _weighted_sum(out.permute(inverse), weight)
+
+        return forward, (base,)
+    op = caml_ops.cross_sample_attention if cross else caml_ops.intra_sample_attention
+    backend = "auto" if case.impl == "fused" else "reference"
+    return lambda: _weighted_sum(op(*base.unbind(2), dropout_p=p, backend=backend), weight), (base,)
+
+
+def _cma(case: Case):
+    (batch, channels, *spatial), p = _size_and_dropout(case.size)
+    dtype, device = getattr(torch, case.dtype), torch.device(case.device)
+    x = torch.randn(batch, channels, *spatial, device=device, dtype=dtype).requires_grad_()
+    weight = torch.randn_like(x)
+    if case.impl == "official":
+        block = official_cma(channels, p)
+    else:
+        backend = "auto" if case.impl == "fused" else "reference"
+        block = caml_ops.nn.CrossSampleMutualAttention(channels, dropout=p, backend=backend)
+    block = block.to(device, dtype).train()
+    return lambda: _weighted_sum(block(x), weight), (x, *block.parameters())
+
+
+def feasible(case: Case) -> bool:
+    """False for the quadratic-memory implementations where their matrices pass QUADRATIC_LIMIT."""
+    if case.op not in ("intra", "inter", "cma") or case.impl == "fused":
+        return True
+    dims, p = _size_and_dropout(case.size)
+    if case.op == "cma":
+        batch, length, heads = dims[0], 1, 4
+        for size in dims[2:]:
+            length *= size
+    else:
+        batch, length, heads, _ = dims
+    per_matrix = 4 * heads * (batch * batch * length if case.op == "inter" else batch * length * length)
+    # SDPA (and the official layer, which calls it) keeps memory linear on CUDA, and on CPU without dropout.
+    linear = case.impl in ("sdpa", "official") and (case.device == "cuda" or (p == 0 and case.impl == "sdpa"))
+    return linear or per_matrix <= QUADRATIC_LIMIT
+
+
+BUILDERS = {
+    "occ": _occ, "consistency": _consistency, "intra": _attention, "inter": _attention, "cma": _cma,
+    "train_step": _train_step,
+}
 
 
 def build(case: Case) -> tuple[Callable[[], torch.Tensor], tuple[torch.Tensor, ...]]:
@@ -132,9 +224,12 @@ def run_pass(case: Case, forward, inputs, pass_name: str, loss=None):
 
 def all_cases() -> list[Case]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    cases = []
-    for device in devices:
-        for op, sizes in (("occ", occ_sizes), ("consistency", consistency_sizes)):
-            cases += [Case(op, size, impl, device) for size in sizes(device) for impl in IMPLS]
-        cases += [Case("train_step", size, impl, device) for size in train_step_sizes(device) for impl in IMPLS[:2]]
-    return cases
+    sizes = {
+        "occ": occ_sizes, "consistency": consistency_sizes, "intra": attention_sizes, "inter": attention_sizes,
+        "cma": cma_sizes, "train_step": train_step_sizes,
+    }
+    cases = [
+        Case(op, size, impl, device)
+        for device in devices for op, impls in OP_IMPLS.items() for size in sizes[op](device) for impl in impls
+    ]
+    return [case for case in cases if feasible(case)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def official_occ_loss(feat_v: Tensor, feat_a: Tensor, memory_host: np.ndarray, temperature: float = 0.1) -> Tensor:
@@ -36,3 +36,29 @@ def official_mutual_consistency(outputs: list[Tensor], temperature: float = 0.1)
             if i != j:
                 loss = loss + torch.mean((y_ori[i] - y_pseudo[j]) ** 2)
     return loss
+
+
+class _OfficialSampleAttention(nn.Module):
+    """The official Intra/InterSampleAttention: one sequence-first nn.TransformerEncoderLayer(C, 4, 4C, p)
+    on the bottleneck's tokens. Intra: tokens [L, B, C] (sequence = positions); inter: tokens [B, L, C]
+    read as sequence = B, batch = L."""
+
+    def __init__(self, channels: int, dropout: float, intra: bool):
+        super().__init__()
+        self.intra = intra
+        self.encoder_layers = nn.TransformerEncoderLayer(channels, 4, 4 * channels, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.flatten(2).transpose(1, 2)  # [B, L, C]
+        if self.intra:
+            out = self.encoder_layers(tokens.transpose(0, 1)).transpose(0, 1)
+        else:
+            out = self.encoder_layers(tokens)
+        return out.transpose(1, 2).reshape(x.shape)
+
+
+def official_cma(channels: int, dropout: float = 0.5) -> nn.Module:
+    """The official CMA pair at encoder 2's block four: intra-sample, then inter-sample attention."""
+    return nn.Sequential(
+        _OfficialSampleAttention(channels, dropout, intra=True), _OfficialSampleAttention(channels, dropout, intra=False)
+    )

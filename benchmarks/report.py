@@ -9,7 +9,9 @@ import json
 import platform
 from collections import defaultdict
 
-IMPL_ORDER = ("fused", "reference", "official")
+IMPL_ORDER = ("fused", "reference", "official", "sdpa")
+# The speed-up and memory saving are against the first of these an op was compared with.
+BASELINES = ("official", "sdpa", "reference")
 
 
 def load(path: str) -> dict:
@@ -31,21 +33,22 @@ def _ratio(num: float, den: float) -> str:
 def markdown(table: dict, machine: str) -> str:
     lines = [
         f"Machine: {machine}. Median time (ms) and peak memory growth (MiB) per pass; "
-        "speed-up and memory saving of the fused op against the official CAML computation "
-        "(against the reference backend where there is no official one: the training step).",
+        "speed-up and memory saving of the fused op against the official CAML computation, "
+        "else torch's SDPA (attention ops), else the reference backend (training step); "
+        "a blank where an implementation cannot run (quadratic memory past the benchmark's limit).",
         "",
-        "| op | size | device | pass | fused ms | reference ms | official ms | fused MiB | reference MiB "
-        "| official MiB | speed-up | memory saving |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| op | size | device | pass | fused ms | reference ms | official ms | SDPA ms | fused MiB "
+        "| reference MiB | official MiB | SDPA MiB | speed-up | memory saving |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for (op, size, device, dtype, pass_name), impls in sorted(table.items()):
         times = [impls.get(i, (float("nan"),) * 2)[0] * 1e3 for i in IMPL_ORDER]
         mems = [impls.get(i, (float("nan"),) * 2)[1] for i in IMPL_ORDER]
-        base = 2 if "official" in impls else 1
+        base = IMPL_ORDER.index(next((b for b in BASELINES if b in impls), "reference"))
         lines.append(
             f"| {op} | {size} | {device} {dtype} | {pass_name} | "
-            + " | ".join(f"{t:.1f}" for t in times) + " | "
-            + " | ".join(f"{m:.0f}" for m in mems)
+            + " | ".join(f"{t:.1f}" if t == t else "" for t in times) + " | "
+            + " | ".join(f"{m:.0f}" if m == m else "" for m in mems)
             + f" | {_ratio(times[base], times[0])} | {_ratio(mems[base], mems[0])} |"
         )
     return "\n".join(lines) + "\n"
@@ -61,10 +64,11 @@ def plot(table: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(keys) + 2))
     labels = [f"{op} {size} {device}" for op, size, device, _, _ in keys]
     for ax, index, title in ((axes[0], 0, "forward+backward time (ms)"), (axes[1], 1, "peak memory (MiB)")):
+        height = 0.8 / len(IMPL_ORDER)
         for offset, impl in enumerate(IMPL_ORDER):
             values = [table[k].get(impl, (0, 0))[index] * (1e3 if index == 0 else 1) for k in keys]
-            ax.barh([i + offset * 0.27 for i in range(len(keys))], values, height=0.27, label=impl)
-        ax.set_yticks([i + 0.27 for i in range(len(keys))], labels)
+            ax.barh([i + offset * height for i in range(len(keys))], values, height=height, label=impl)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(keys))], labels)
         ax.set_xscale("log")
         ax.set_title(title)
     axes[0].legend()

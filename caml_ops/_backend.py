@@ -20,8 +20,8 @@ _FUSED = {
     "omni_correlation_loss": ("triton", "cpu"),
     "omni_correlation": ("triton", "cpu"),
     "mutual_consistency_loss": ("cuda", "triton", "cpu"),
-    "cross_sample_attention": (),
-    "intra_sample_attention": (),
+    "cross_sample_attention": ("cuda", "triton", "cpu"),
+    "intra_sample_attention": ("triton", "cpu"),
 }
 
 _selected = "auto"

@@ -1,18 +1,103 @@
-"""Cross-sample and intra-sample attention (CAML's CMA), layout [B, L, H, d].
+"""Cross-sample and intra-sample attention (CAML's CMA) on the [B, L, H, d] layout, fused.
 
-Only the reference backend exists so far; the fused kernels come with the
-attention issue.
+q, k and v are the views a Linear on tokens [B, L, C] gives (``.view(B, L, 3, H, d).unbind(2)``): the
+kernels read them through their strides, so no permute copies are made anywhere. The kernels live in
+csrc/cpu, csrc/cuda (C++/CUDA) and caml_ops/triton; each op has a forward kernel returning the output
+and the per-row log-sum-exp, and a backward kernel that recomputes the probabilities from them.
+
+Dropout on the attention probabilities is drawn inside the kernels from a counter-based RNG
+(Philox4x32-10, csrc/philox.h): element ``i`` of the row-major probabilities is kept iff the Philox word
+of ``(seed, offset + i)`` is at least ``floor(p 2^32)``. ``seed`` and ``offset`` come from torch's default
+(CPU) generator, so ``torch.manual_seed`` reproduces a run, and every backend, the reference included,
+draws the same mask for the same generator state. The backward regenerates the mask instead of storing
+it. ``return_dropout_mask=True`` is the debug path: it also returns that mask, which
+``caml_ops.reference.<op>(..., dropout_mask=mask)`` reproduces.
 """
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from . import reference
 from ._backend import resolve
-from ._checks import check_floating, check_rank, check_same
+from ._checks import check_floating, check_rank, check_same, compute_dtype
+from ._registry import op_variants, register_variants, resolve_op
+
+_KERNEL_ARGS = "Tensor q, Tensor k, Tensor v, float scale, float dropout_p, Tensor rng_state"
+_FORWARD_SCHEMA = f"({_KERNEL_ARGS}) -> (Tensor, Tensor)"
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, float dropout_p,"
+    " Tensor rng_state) -> (Tensor, Tensor, Tensor)"
+)
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
+def _triton_module(name: str):
+    # deferred: importing Triton is slow and optional
+    if name == "cross_sample_attention":
+        from .triton import cross_sample_attention as module
+    else:
+        from .triton import intra_sample_attention as module
+    return module
+
+
+def _lse_shape(name: str, q: Tensor) -> tuple[int, int, int]:
+    batch, length, heads, _ = q.shape
+    return (batch, length, heads) if name == "cross_sample_attention" else (batch, heads, length)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register(name: str) -> dict[str, tuple[str, str]]:
+    """Define the Triton custom ops of `name` and register fakes and autograd for all its variants."""
+
+    def triton_forward(q, k, v, scale, dropout_p, rng_state):
+        return getattr(_triton_module(name), f"{name}_forward")(q, k, v, scale, dropout_p, rng_state)
+
+    def triton_backward(grad_out, q, k, v, out, lse, scale, dropout_p, rng_state):
+        return getattr(_triton_module(name), f"{name}_backward")(
+            grad_out, q, k, v, out, lse, scale, dropout_p, rng_state
+        )
+
+    torch.library.custom_op(
+        f"caml_ops::{name}_forward_triton", triton_forward, mutates_args=(), schema=_FORWARD_SCHEMA
+    )
+    torch.library.custom_op(
+        f"caml_ops::{name}_backward_triton", triton_backward, mutates_args=(), schema=_BACKWARD_SCHEMA
+    )
+
+    def fake_forward(q, k, v, scale, dropout_p, rng_state):
+        out = q.new_empty(q.shape)
+        return out, q.new_empty(_lse_shape(name, q), dtype=_stats_dtype(q.dtype))
+
+    def fake_backward(grad_out, q, k, v, out, lse, scale, dropout_p, rng_state):
+        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    def setup(ctx, inputs, output):
+        q, k, v, scale, dropout_p, rng_state = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, rng_state)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+
+    def backward(backward_op, ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, rng_state = ctx.saved_tensors
+        grad_q, grad_k, grad_v = backward_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.dropout_p, rng_state)
+        return grad_q, grad_k, grad_v, None, None, None
+
+    variants = op_variants(f"{name}_forward", f"{name}_backward")
+    register_variants(variants, fake_forward=fake_forward, fake_backward=fake_backward, setup_context=setup,
+                      backward=backward)
+    return variants
+
+
+_OPS = {name: _register(name) for name in ("cross_sample_attention", "intra_sample_attention")}
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: float | None) -> float:
+    """Validates the arguments; returns the scale to use."""
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
         check_floating(x, name)
         check_rank(x, name, 4, "[B, L, H, d]")
@@ -21,41 +106,95 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
         raise ValueError(
             f"q, k and v must have one shape [B, L, H, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if q.numel() == 0:
+        raise ValueError(f"q, k and v must be non-empty [B, L, H, d], got shape {tuple(q.shape)}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number (or None for d^-0.5), got {scale!r}")
+    return float(scale)
+
+
+def _rng_state(dropout_p: float) -> Tensor:
+    """int64 [seed, offset] for the kernels' Philox, drawn from torch's default generator (only when dropping)."""
+    if dropout_p == 0.0:
+        return torch.zeros(2, dtype=torch.int64)
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64)
+
+
+def _mask_shape(name: str, q: Tensor) -> tuple[int, int, int, int]:
+    batch, length, heads, _ = q.shape
+    return (length, heads, batch, batch) if name == "cross_sample_attention" else (batch, heads, length, length)
+
+
+def _attention(
+    name: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: float | None, backend: str,
+    return_dropout_mask: bool,
+):
+    scale = _check_inputs(q, k, v, dropout_p, scale)
+    dropout_p = float(dropout_p)
+    impl = resolve(name, backend, q.device)
+    rng_state = _rng_state(dropout_p)
+    mask = None
+    if dropout_p > 0.0 and (impl == "reference" or return_dropout_mask):
+        mask = reference.attention_dropout_mask(rng_state, _mask_shape(name, q), dropout_p, device=q.device)
+    if impl == "reference":
+        out = getattr(reference, name)(q, k, v, dropout_p, scale, dropout_mask=mask)
+    else:
+        dtype = compute_dtype(q.dtype, impl)
+        forward = resolve_op(_OPS[name][impl][0])
+        out, _ = forward(q.to(dtype), k.to(dtype), v.to(dtype), scale, dropout_p, rng_state)
+        out = out.to(q.dtype)
+    if not return_dropout_mask:
+        return out
+    if mask is None:
+        mask = torch.ones(_mask_shape(name, q), dtype=torch.bool, device=q.device)
+    return out, mask
 
 
 def cross_sample_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, scale: float | None = None, backend: str = "auto"
-) -> Tensor:
-    """For every position l and head h, attention over the B samples.
+    q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, scale: float | None = None, backend: str = "auto",
+    return_dropout_mask: bool = False,
+):
+    """For every position l and head h, attention over the B samples (CAML's inter-sample attention).
 
-    ``O[b,l,h] = sum_b' dropout(softmax_b'(scale q[b,l,h].k[b',l,h])) v[b',l,h]``
+    ``O[b,l,h] = sum_b' dropout(softmax_b'(scale q[b,l,h] . k[b',l,h])) v[b',l,h]``
 
     Args:
-        q, k, v: [B, L, H, d] (a Linear's output on tokens [B, L, C], viewed; no permute needed).
-        dropout_p: dropout on the attention probabilities, in [0, 1).
-        scale: defaults to d^-0.5.
+        q, k, v: [B, L, H, d], one dtype and device (a Linear's output on tokens [B, L, C], viewed
+            [B, L, 3, H, d] and unbound: strided views are read in place). B from 1 to 64 is the
+            intended range (B is the attended axis).
+        dropout_p: dropout on the attention probabilities, in [0, 1); kept values scaled by 1 / (1 - p).
+        scale: the logit scale; ``None`` means d^-0.5.
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+        return_dropout_mask: debug path: also return the keep mask used, bool [L, H, B, B]
+            (query sample, key sample last), all True without dropout.
+
     Returns:
-        [B, L, H, d].
+        [B, L, H, d] in the inputs' dtype (or ``(out, mask)``).
     """
-    _check_qkv(q, k, v, dropout_p)
-    resolve("cross_sample_attention", backend, q.device)  # only "reference" (or "auto") passes for now
-    return reference.cross_sample_attention(q, k, v, dropout_p, scale)
+    return _attention("cross_sample_attention", q, k, v, dropout_p, scale, backend, return_dropout_mask)
 
 
 def intra_sample_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, scale: float | None = None, backend: str = "auto"
-) -> Tensor:
-    """For every sample b and head h, attention over the L positions.
+    q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, scale: float | None = None, backend: str = "auto",
+    return_dropout_mask: bool = False,
+):
+    """For every sample b and head h, attention over the L positions (flash-style: memory O(L d), no L x L).
+
+    ``O[b,l,h] = sum_m dropout(softmax_m(scale q[b,l,h] . k[b,m,h])) v[b,m,h]``
 
     Args:
-        q, k, v: [B, L, H, d].
-        dropout_p: dropout on the attention probabilities, in [0, 1).
-        scale: defaults to d^-0.5.
+        q, k, v: [B, L, H, d], one dtype and device (strided views of one projection are read in place).
+        dropout_p: dropout on the attention probabilities, in [0, 1); kept values scaled by 1 / (1 - p).
+        scale: the logit scale; ``None`` means d^-0.5.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (no CUDA C++ kernel: Triton serves GPUs).
+        return_dropout_mask: debug path: also return the keep mask used, bool [B, H, L, L]
+            (query position, key position last; L x L memory, so for small L only), all True without dropout.
+
     Returns:
-        [B, L, H, d].
+        [B, L, H, d] in the inputs' dtype (or ``(out, mask)``).
     """
-    _check_qkv(q, k, v, dropout_p)
-    resolve("intra_sample_attention", backend, q.device)
-    return reference.intra_sample_attention(q, k, v, dropout_p, scale)
+    return _attention("intra_sample_attention", q, k, v, dropout_p, scale, backend, return_dropout_mask)

@@ -98,3 +98,47 @@ def intra_sample_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     attn = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) * scale, dim=-1)
     return torch.einsum("bhlm,bmhd->blhd", _attention_dropout(attn, dropout_p, dropout_mask), v)
+
+
+# --- Attention dropout: the Philox4x32-10 spec of csrc/philox.h, in int64 tensor arithmetic ---
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of a * b for 32-bit a and b, without overflowing int64."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    p_lo, p_hi = a * b_lo, a * b_hi  # each < 2^48
+    return ((p_lo >> 16) + p_hi) >> 16, (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
+
+
+def philox4x32_10(counter: Sequence[Tensor], key: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-10 of int64 tensors holding 32-bit words: four counter words, two key words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mul_hi_lo(_PHILOX_M[0], c0)
+        hi1, lo1 = _mul_hi_lo(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def attention_dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: float, device=None) -> Tensor:
+    """The keep mask (True = keep) the fused attention kernels draw for `rng_state` = int64 [seed, offset].
+
+    Element i of the row-major `shape` ([L, H, B, B] for cross-sample, [B, H, L, L] for intra-sample
+    attention) is kept iff word 0 of Philox4x32-10(key = seed, counter = offset + i) >= floor(p 2^32).
+    """
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    seed, offset = rng_state.to(device).unbind()
+    counter = torch.arange(numel, dtype=torch.int64, device=device) + offset
+    zeros = torch.zeros_like(counter)
+    word, _, _, _ = philox4x32_10(
+        (counter & _MASK32, (counter >> 32) & _MASK32, zeros, zeros), (seed & _MASK32, (seed >> 32) & _MASK32)
+    )
+    return (word >= int(dropout_p * 2.0**32)).view(*shape)

@@ -30,4 +30,19 @@ TORCH_LIBRARY(caml_ops, m) {
   // Mutual consistency over S >= 2 logit tensors [B, C, *spatial].
   m.def("mutual_consistency_forward(Tensor[] logits, float temperature) -> Tensor");
   m.def("mutual_consistency_backward(Tensor grad, Tensor[] logits, float temperature) -> Tensor[]");
+  // Attention on [B, L, H, d] (strided views accepted; last dim contiguous).
+  // Cross-sample: over the B samples at each (position, head); intra-sample:
+  // over the L positions of each (sample, head). `lse` is the log-sum-exp of
+  // the scaled logits per query row (float32, float64 for float64 inputs):
+  // [B, L, H] for cross-sample, [B, H, L] for intra-sample. Dropout on the
+  // probabilities follows csrc/philox.h with rng_state = int64 [seed, offset]
+  // on the CPU; backward regenerates the same mask.
+  m.def("cross_sample_attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p,"
+        " Tensor rng_state) -> (Tensor out, Tensor lse)");
+  m.def("cross_sample_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " float scale, float dropout_p, Tensor rng_state) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def("intra_sample_attention_forward(Tensor q, Tensor k, Tensor v, float scale, float dropout_p,"
+        " Tensor rng_state) -> (Tensor out, Tensor lse)");
+  m.def("intra_sample_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " float scale, float dropout_p, Tensor rng_state) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

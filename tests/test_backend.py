@@ -31,9 +31,8 @@ def test_keyword_beats_set_backend_beats_environment(monkeypatch):
 
 def test_auto_on_cpu_takes_the_cpp_kernels_when_built(monkeypatch):
     monkeypatch.setattr(_backend, "HAS_EXTENSION", True)
-    assert _backend.resolve("mutual_consistency_loss", "auto", CPU) == "cpu"
-    # an op without a fused CPU kernel falls back to the reference
-    assert _backend.resolve("cross_sample_attention", "auto", CPU) == "reference"
+    for op in _backend._FUSED:
+        assert _backend.resolve(op, "auto", CPU) == "cpu"
 
 
 def test_auto_on_cuda_prefers_the_measured_fastest(monkeypatch):
@@ -43,8 +42,11 @@ def test_auto_on_cuda_prefers_the_measured_fastest(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert _backend.resolve("mutual_consistency_loss", "auto", cuda) == "cuda"
     assert _backend.resolve("omni_correlation_loss", "auto", cuda) == "triton"
+    assert _backend.resolve("cross_sample_attention", "auto", cuda) == "cuda"
+    assert _backend.resolve("intra_sample_attention", "auto", cuda) == "triton"
     monkeypatch.setattr(_backend, "EXTENSION_HAS_CUDA", False)
     assert _backend.resolve("mutual_consistency_loss", "auto", cuda) == "triton"
+    assert _backend.resolve("cross_sample_attention", "auto", cuda) == "triton"
 
 
 def test_missing_extension_falls_back_and_warns_once(monkeypatch):

@@ -4,6 +4,7 @@ sequence = B, batch = L), in float64, outputs and gradients; weights move both w
 are the functional ops."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import caml_ops
@@ -14,9 +15,16 @@ from caml_ops.nn import (
     OmniCorrelationLoss,
 )
 
-from .helpers import assert_close_to_reference, fresh_seed
+from caml_ops import reference
+
+from .helpers import assert_close_to_reference, fresh_seed, runnable_backends
 
 F64 = torch.float64
+OP_OF = {"inter": "cross_sample_attention", "intra": "intra_sample_attention"}
+# (attention, backend, device): the layer on every attention backend this machine runs
+LAYER_CASES = [pytest.param(attention, *param.values, marks=param.marks, id=f"{attention}-{param.id}")
+               for attention in ("inter", "intra")
+               for param in [pytest.param("reference", "cpu", id="reference"), *runnable_backends(OP_OF[attention])]]
 
 
 def official_apply(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attention: str) -> torch.Tensor:
@@ -33,15 +41,15 @@ def torch_layer(d_model, nhead, dim_feedforward, dropout):
     return nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, dtype=F64)
 
 
-@pytest.mark.parametrize("attention", ["inter", "intra"])
+@pytest.mark.parametrize("attention,backend,device", LAYER_CASES)
 @pytest.mark.parametrize("spatial", [(3, 2, 2), (5,)], ids=["3d", "1d"])
-def test_layer_equals_torch_encoder_layer(attention, spatial):
+def test_layer_equals_torch_encoder_layer(attention, backend, device, spatial):
     seed = fresh_seed()
     B, C, H, F = 3, 8, 2, 16
-    ours = CrossSampleTransformerLayer(C, H, F, 0.0, attention).to(F64).train()
-    ref = torch_layer(C, H, F, 0.0).train()
+    ours = CrossSampleTransformerLayer(C, H, F, 0.0, attention, backend=backend).to(device, F64).train()
+    ref = torch_layer(C, H, F, 0.0).to(device).train()
     ref.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(B, C, *spatial, dtype=F64)
+    x = torch.randn(B, C, *spatial, dtype=F64, device=device)
     x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ours = ours(x_ours)
     y_ref = official_apply(ref, x_ref, attention)
@@ -72,21 +80,38 @@ def test_state_dict_moves_both_ways():
         assert torch.equal(back.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("attention, batch", [("inter", 3), ("intra", 1)])
-def test_dropout_places_match_torch(attention, batch):
-    """With one seed, the reference backend draws the same dropout masks as torch in the same order
-    (attention probabilities, dropout1, FFN dropout, dropout2). For intra the token layouts [L, B, C]
-    and [B, L, C] order the elements alike only for B = 1."""
+def spelled_out_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attention: str, p: float) -> torch.Tensor:
+    """nn.TransformerEncoderLayer's computation written out on tokens [B, L, C], with the attention's
+    Philox mask drawn first from torch's generator (as caml_ops does), then dropout1, the FFN dropout
+    and dropout2 drawn by torch in that order."""
+    tokens = x.flatten(2).transpose(1, 2)
+    batch, length, channels = tokens.shape
+    heads = layer.self_attn.num_heads
+    q, k, v = F.linear(tokens, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias).view(
+        batch, length, 3, heads, channels // heads).unbind(2)
+    rng_state = torch.randint(0, 2**62, (2,))
+    op = OP_OF[attention]
+    shape = (length, heads, batch, batch) if attention == "inter" else (batch, heads, length, length)
+    mask = reference.attention_dropout_mask(rng_state, shape, p)
+    attended = getattr(reference, op)(q, k, v, p, None, dropout_mask=mask).reshape(batch, length, channels)
+    h = layer.norm1(tokens + F.dropout(layer.self_attn.out_proj(attended), p))
+    h = layer.norm2(h + F.dropout(layer.linear2(F.dropout(F.relu(layer.linear1(h)), p)), p))
+    return h.transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("attention,backend,device", LAYER_CASES)
+def test_dropout_places_and_rng_order(attention, backend, device):
     seed = fresh_seed()
-    ours = CrossSampleTransformerLayer(8, 2, 16, 0.3, attention, backend="reference").to(F64).train()
+    ours = CrossSampleTransformerLayer(8, 2, 16, 0.3, attention, backend=backend).to(F64).train()
     ref = torch_layer(8, 2, 16, 0.3).train()
     ref.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(batch, 8, 3, 2, 2, dtype=F64)
+    x = torch.randn(3, 8, 3, 2, 2, dtype=F64)
     torch.manual_seed(seed)
     y_ours = ours(x)
     torch.manual_seed(seed)
-    y_ref = official_apply(ref, x, attention)
-    assert_close_to_reference(y_ours, y_ref, seed, "output with dropout")
+    with torch.no_grad():
+        expected = spelled_out_layer(ref, x, attention, 0.3)
+    assert_close_to_reference(y_ours, expected, seed, "output with dropout")
     assert not torch.allclose(y_ours, ours(x)), "dropout should make a second call differ"
 
 

@@ -48,9 +48,12 @@ class AuxiliaryEncoder(Encoder):
         has_dropout: bool = False,
         cma_heads: int = 4,
         cma_dropout: float = 0.5,
+        cma_backend: str = "auto",
     ) -> None:
         super().__init__(in_channels, n_filters, normalization, has_dropout)
-        cma = CrossSampleMutualAttention(8 * n_filters, nhead=cma_heads, ffn_mult=4, dropout=cma_dropout)
+        cma = CrossSampleMutualAttention(
+            8 * n_filters, nhead=cma_heads, ffn_mult=4, dropout=cma_dropout, backend=cma_backend
+        )
         self.intra_attention = cma.intra_attention
         self.inter_attention = cma.inter_attention
 
@@ -76,6 +79,7 @@ class CAML3d(nn.Module):
         has_dropout: 3D dropout (p = 0.5) on the bottlenecks and before the output convs in training
             (the official training model; its test model has none, which changes nothing in eval mode).
         cma_heads, cma_dropout: heads and dropout of the CMA transformer layers (official: 4, 0.5).
+        cma_backend: the caml_ops backend of the CMA attention ("auto": the fused kernels).
 
     ``forward(x)``, x: [B, in_channels, D, H, W] with D, H, W multiples of 16, returns
     :class:`CAML3dOutput` ``(logits_v, logits_a, embedding_v, embedding_a)``. CMA mixes the samples of
@@ -92,12 +96,15 @@ class CAML3d(nn.Module):
         has_dropout: bool = True,
         cma_heads: int = 4,
         cma_dropout: float = 0.5,
+        cma_backend: str = "auto",
     ) -> None:
         super().__init__()
         self.in_channels, self.num_classes = in_channels, num_classes
         self.n_filters, self.feat_dim = n_filters, feat_dim
         self.encoder1 = Encoder(in_channels, n_filters, normalization, has_dropout)
-        self.encoder2 = AuxiliaryEncoder(in_channels, n_filters, normalization, has_dropout, cma_heads, cma_dropout)
+        self.encoder2 = AuxiliaryEncoder(
+            in_channels, n_filters, normalization, has_dropout, cma_heads, cma_dropout, cma_backend
+        )
         self.decoder1 = Decoder(num_classes, n_filters, normalization, has_dropout, up_mode="deconv")
         self.decoder2 = Decoder(num_classes, n_filters, normalization, has_dropout, up_mode="trilinear")
         self.projection_head1 = _head(n_filters, feat_dim)

@@ -17,14 +17,21 @@ the schemas in csrc/caml_ops.cpp; autograd and fake kernels live elsewhere.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import float_arg, split_float, to_float32
+from ._common import (
+    acc_dtypes,
+    device_context,
+    dot_precision,
+    float_arg,
+    load_tile,
+    matmul_acc,
+    split_float,
+    store_tile,
+    to_float32,
+)
 
 # ---------------------------------------------------------------------------
 # Shared device helpers
@@ -40,43 +47,6 @@ def _logits(x, c_hi, c_lo, DIVIDE: tl.constexpr, FP64: tl.constexpr):
     else:
         y = x * c
     return y
-
-
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr, FP64: tl.constexpr):
-    """a [M, L] @ b [L, N], accumulated in float32 (float64 for FP64)."""
-    if FP64:
-        # tl.dot has no float64 path on every Triton/GPU version; float64 is
-        # for tests only, so a broadcast product-sum is enough.
-        c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    elif PREC == "upcast":
-        # Triton's interpreter multiplies bfloat16 as raw bits: upcast there.
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=PREC)
-    return c
-
-
-@triton.jit
-def _tile_ptrs_mask(ptr, rows, row_ok, s0, s1, cols, D: tl.constexpr, BD: tl.constexpr):
-    ptrs = ptr + rows[:, None] * s0 + cols[None, :] * s1
-    if D == BD:
-        mask = row_ok[:, None]
-    else:
-        mask = row_ok[:, None] & (cols[None, :] < D)
-    return ptrs, mask
-
-
-@triton.jit
-def _load_tile(ptr, rows, row_ok, s0, s1, cols, D: tl.constexpr, BD: tl.constexpr):
-    ptrs, mask = _tile_ptrs_mask(ptr, rows, row_ok, s0, s1, cols, D, BD)
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_tile(ptr, val, rows, row_ok, s0, cols, D: tl.constexpr, BD: tl.constexpr):
-    ptrs, mask = _tile_ptrs_mask(ptr, rows, row_ok, s0, 1, cols, D, BD)
-    tl.store(ptrs, val.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -117,8 +87,8 @@ def _load_lse(ptr, rows, row_ok, ACC: tl.constexpr):
 def _pair_logits(fv, fa, mem_t, col_ok, c_hi, c_lo, PREC: tl.constexpr, DIVIDE: tl.constexpr,
                  FP64: tl.constexpr, EVEN_K: tl.constexpr):
     """Both sub-models' scaled logits against a memory tile; -inf in the columns past K."""
-    s_v = _logits(_mm(fv, mem_t, PREC, FP64), c_hi, c_lo, DIVIDE, FP64)
-    s_a = _logits(_mm(fa, mem_t, PREC, FP64), c_hi, c_lo, DIVIDE, FP64)
+    s_v = _logits(matmul_acc(fv, mem_t, PREC, FP64), c_hi, c_lo, DIVIDE, FP64)
+    s_a = _logits(matmul_acc(fa, mem_t, PREC, FP64), c_hi, c_lo, DIVIDE, FP64)
     if not EVEN_K:
         s_v = tl.where(col_ok[None, :], s_v, float("-inf"))
         s_a = tl.where(col_ok[None, :], s_a, float("-inf"))
@@ -167,8 +137,8 @@ def _occ_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < N
     cd = tl.arange(0, BD)
-    fv = _load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
-    fa = _load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
+    fv = load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
+    fa = load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
     eps = float_arg(eps_hi, eps_lo, FP64)
 
     m_v = tl.full([BM], float("-inf"), ACC)
@@ -181,7 +151,7 @@ def _occ_fwd_kernel(
     for n0 in range(0, K, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < K
-        mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
         mem_t = tl.trans(mem)
         s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
         mv_new = tl.maximum(m_v, tl.max(s_v, 1))
@@ -213,7 +183,7 @@ def _occ_fwd_kernel(
         for n0 in range(0, K, BN):
             cols = n0 + tl.arange(0, BN)
             col_ok = cols < K
-            mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+            mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
             mem_t = tl.trans(mem)
             s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
             p = tl.exp(_log_softmax(s_v, hi_v, lo_v))
@@ -239,8 +209,8 @@ def _occ_bwd_feat_kernel(
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < N
     cd = tl.arange(0, BD)
-    fv = _load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
-    fa = _load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
+    fv = load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
+    fa = load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
     g = tl.load(g_ptr + rows * s_g, mask=row_ok, other=0.0).to(ACC)
     l = _load_rows(loss_ptr, rows, row_ok, ACC)
     hi_v, lo_v = _load_lse(lse_v_ptr, rows, row_ok, ACC)
@@ -254,15 +224,15 @@ def _occ_bwd_feat_kernel(
     for n0 in range(0, K, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < K
-        mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
         mem_t = tl.trans(mem)
         s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
         ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO,
                                     EVEN_K)
-        acc_v += _mm(ds_v.to(mem.dtype), mem, PREC, FP64)
-        acc_a += _mm(ds_a.to(mem.dtype), mem, PREC, FP64)
-    _store_tile(gfv_ptr, acc_v * scale, rows, row_ok, D, cd, D, BD)
-    _store_tile(gfa_ptr, acc_a * scale, rows, row_ok, D, cd, D, BD)
+        acc_v += matmul_acc(ds_v.to(mem.dtype), mem, PREC, FP64)
+        acc_a += matmul_acc(ds_a.to(mem.dtype), mem, PREC, FP64)
+    store_tile(gfv_ptr, acc_v * scale, rows, row_ok, D, cd, D, BD)
+    store_tile(gfa_ptr, acc_a * scale, rows, row_ok, D, cd, D, BD)
 
 
 @triton.jit
@@ -281,7 +251,7 @@ def _occ_bwd_mem_kernel(
     cols = (pid % num_col_tiles).to(tl.int64) * BN + tl.arange(0, BN)
     col_ok = cols < K
     cd = tl.arange(0, BD)
-    mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+    mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
     mem_t = tl.trans(mem)
     scale = float_arg(scale_hi, scale_lo, FP64)
     eps = float_arg(eps_hi, eps_lo, FP64)
@@ -291,8 +261,8 @@ def _occ_bwd_mem_kernel(
     num_blocks = tl.minimum(blocks_per_chunk, tl.cdiv(N, BM) - chunk * blocks_per_chunk)
     for _ in range(0, num_blocks):
         row_ok = rows < N
-        fv = _load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
-        fa = _load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
+        fv = load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
+        fa = load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
         g = tl.load(g_ptr + rows * s_g, mask=row_ok, other=0.0).to(ACC)
         l = _load_rows(loss_ptr, rows, row_ok, ACC)
         hi_v, lo_v = _load_lse(lse_v_ptr, rows, row_ok, ACC)
@@ -301,10 +271,10 @@ def _occ_bwd_mem_kernel(
         s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
         ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO,
                                     EVEN_K)
-        acc += _mm(tl.trans(ds_v).to(fv.dtype), fv, PREC, FP64)
-        acc += _mm(tl.trans(ds_a).to(fa.dtype), fa, PREC, FP64)
+        acc += matmul_acc(tl.trans(ds_v).to(fv.dtype), fv, PREC, FP64)
+        acc += matmul_acc(tl.trans(ds_a).to(fa.dtype), fa, PREC, FP64)
         rows += BM
-    _store_tile(part_ptr + chunk.to(tl.int64) * K * D, acc * scale, cols, col_ok, D, cd, D, BD)
+    store_tile(part_ptr + chunk.to(tl.int64) * K * D, acc * scale, cols, col_ok, D, cd, D, BD)
 
 
 @triton.jit
@@ -334,15 +304,15 @@ def _corr_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < N
     cd = tl.arange(0, BD)
-    f = _load_tile(f_ptr, rows, row_ok, s_f0, s_f1, cd, D, BD)
+    f = load_tile(f_ptr, rows, row_ok, s_f0, s_f1, cd, D, BD)
     scale = float_arg(scale_hi, scale_lo, FP64)
     m = tl.full([BM], float("-inf"), ACC)
     z = tl.zeros([BM], ACC)
     for n0 in range(0, K, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < K
-        mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
-        s = _mm(f, tl.trans(mem), PREC, FP64) * scale
+        mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        s = matmul_acc(f, tl.trans(mem), PREC, FP64) * scale
         if not EVEN_K:
             s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -352,8 +322,8 @@ def _corr_fwd_kernel(
     for n0 in range(0, K, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < K
-        mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
-        s = _mm(f, tl.trans(mem), PREC, FP64) * scale
+        mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        s = matmul_acc(f, tl.trans(mem), PREC, FP64) * scale
         p = tl.exp(s - m[:, None]) * inv_z[:, None]
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], p.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
@@ -387,9 +357,9 @@ def _corr_bwd_feat_kernel(
         g = tl.load(g_ptr + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=mask, other=0.0)
         p = tl.load(p_ptr + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0)
         ds = p.to(ACC) * (g.to(ACC) - delta[:, None])
-        mem = _load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
-        acc += _mm(ds.to(mem.dtype), mem, PREC, FP64)
-    _store_tile(gf_ptr, acc * scale, rows, row_ok, D, cd, D, BD)
+        mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        acc += matmul_acc(ds.to(mem.dtype), mem, PREC, FP64)
+    store_tile(gf_ptr, acc * scale, rows, row_ok, D, cd, D, BD)
 
 
 @triton.jit
@@ -415,10 +385,10 @@ def _corr_bwd_mem_kernel(
         p = tl.load(p_ptr + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0)
         delta = _load_rows(delta_ptr, rows, row_ok, ACC)
         ds = p.to(ACC) * (g.to(ACC) - delta[:, None])
-        f = _load_tile(f_ptr, rows, row_ok, s_f0, s_f1, cd, D, BD)
-        acc += _mm(tl.trans(ds).to(f.dtype), f, PREC, FP64)
+        f = load_tile(f_ptr, rows, row_ok, s_f0, s_f1, cd, D, BD)
+        acc += matmul_acc(tl.trans(ds).to(f.dtype), f, PREC, FP64)
         rows += BM
-    _store_tile(part_ptr + chunk.to(tl.int64) * K * D, acc * scale, cols, col_ok, D, cd, D, BD)
+    store_tile(part_ptr + chunk.to(tl.int64) * K * D, acc * scale, cols, col_ok, D, cd, D, BD)
 
 
 # ---------------------------------------------------------------------------
@@ -450,19 +420,6 @@ def _config(D: int, dtype: torch.dtype) -> dict:
     return dict(BD=bd, BM=64, BN=64, warps=8)
 
 
-def _acc_dtypes(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-def _dot_precision(x: torch.Tensor) -> str:
-    if x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        return "upcast"
-    # float32: TF32 tensor cores only where PyTorch's own matmuls would use them.
-    if x.dtype == torch.float32 and x.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # ignored for 16-bit inputs; float64 does not use tl.dot
-
-
 def _logit_scale(x: torch.Tensor, temperature: float):
     """(c_hi, c_lo, divide): the loss kernels' logits are dot(feat, memory) / c
     (divide) or * c, rounded as PyTorch rounds (feat @ memory.T) / temperature
@@ -477,10 +434,6 @@ def _logit_scale(x: torch.Tensor, temperature: float):
     else:
         c = (torch.ones((), dtype=torch.float32) / to_float32(temperature)).item() if x.is_cuda else to_float32(temperature)
     return (*split_float(c), not x.is_cuda)
-
-
-def _device(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _check_matrix(name: str, x: torch.Tensor) -> None:
@@ -534,18 +487,18 @@ def occ_loss_forward(feat_v: torch.Tensor, feat_a: torch.Tensor, memory: torch.T
         raise ValueError(f"eps must be >= 0, got {eps}")
     N, D = feat_v.shape
     K = memory.shape[0]
-    acc_t, acc_tl = _acc_dtypes(feat_v.dtype)
+    acc_t, acc_tl = acc_dtypes(feat_v.dtype)
     outs = [torch.empty(shape, dtype=acc_t, device=feat_v.device) for shape in ((N,), (N, 2), (N, 2), (N,))]
     if N == 0:
         return tuple(outs)
     c = _config(D, feat_v.dtype)
     logit_hi, logit_lo, divide = _logit_scale(feat_v, temperature)
-    with _device(feat_v):
+    with device_context(feat_v):
         _occ_fwd_kernel[(triton.cdiv(N, c["BM"]),)](
             feat_v, feat_a, memory, *outs, N, K, *feat_v.stride(), *feat_a.stride(), *memory.stride(),
             logit_hi, logit_lo, *split_float(eps),
             D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EPS_ZERO=eps == 0, EVEN_K=K % c["BN"] == 0,
-            PREC=_dot_precision(memory), DIVIDE=divide, FP64=acc_t == torch.float64, ACC=acc_tl,
+            PREC=dot_precision(memory), DIVIDE=divide, FP64=acc_t == torch.float64, ACC=acc_tl,
             num_warps=c["warps"])
     return tuple(outs)
 
@@ -562,7 +515,7 @@ def occ_loss_backward(grad_rows: torch.Tensor, feat_v: torch.Tensor, feat_a: tor
                            ("lse_v", lse_v, (N, 2)), ("lse_a", lse_a, (N, 2)), ("r_sum", r_sum, (N,))):
         if v.shape != shape:
             raise ValueError(f"{name} must be {list(shape)} (N = {N}), got {tuple(v.shape)}")
-    acc_t, acc_tl = _acc_dtypes(feat_v.dtype)
+    acc_t, acc_tl = acc_dtypes(feat_v.dtype)
     grad_v = torch.empty(N, D, dtype=feat_v.dtype, device=feat_v.device)
     grad_a = torch.empty(N, D, dtype=feat_v.dtype, device=feat_v.device)
     if N == 0 or not memory_grad:
@@ -572,11 +525,11 @@ def occ_loss_backward(grad_rows: torch.Tensor, feat_v: torch.Tensor, feat_a: tor
     stats = [t.to(acc_t).contiguous() for t in (loss_rows, lse_v, lse_a, r_sum)]
     c = _config(D, feat_v.dtype)
     logit_hi, logit_lo, divide = _logit_scale(feat_v, temperature)
-    consts = dict(D=D, BD=c["BD"], EPS_ZERO=eps == 0, PREC=_dot_precision(memory), DIVIDE=divide,
+    consts = dict(D=D, BD=c["BD"], EPS_ZERO=eps == 0, PREC=dot_precision(memory), DIVIDE=divide,
                   FP64=acc_t == torch.float64, ACC=acc_tl)
     scalars = (logit_hi, logit_lo, *split_float(1.0 / temperature), *split_float(eps))
     strides = (grad_rows.stride(0), *feat_v.stride(), *feat_a.stride(), *memory.stride())
-    with _device(feat_v):
+    with device_context(feat_v):
         _occ_bwd_feat_kernel[(triton.cdiv(N, c["BM"]),)](
             grad_rows, feat_v, feat_a, memory, *stats, grad_v, grad_a, N, K, *strides, *scalars,
             BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, num_warps=c["warps"], **consts)
@@ -599,12 +552,12 @@ def omni_correlation_forward(feat: torch.Tensor, memory: torch.Tensor, temperatu
     out = torch.empty(N, K, dtype=feat.dtype, device=feat.device)
     if N == 0:
         return out
-    acc_t, acc_tl = _acc_dtypes(feat.dtype)
+    acc_t, acc_tl = acc_dtypes(feat.dtype)
     c = _config(D, feat.dtype)
-    with _device(feat):
+    with device_context(feat):
         _corr_fwd_kernel[(triton.cdiv(N, c["BM"]),)](
             feat, memory, out, N, K, *feat.stride(), *memory.stride(), *split_float(1.0 / temperature),
-            D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, PREC=_dot_precision(memory),
+            D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, PREC=dot_precision(memory),
             FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=c["warps"])
     return out
 
@@ -618,17 +571,17 @@ def omni_correlation_backward(grad_out: torch.Tensor, probs: torch.Tensor, feat:
     for name, v in (("grad_out", grad_out), ("probs", probs)):
         if v.shape != (N, K):
             raise ValueError(f"{name} must be [N, K] = [{N}, {K}], got {tuple(v.shape)}")
-    acc_t, acc_tl = _acc_dtypes(feat.dtype)
+    acc_t, acc_tl = acc_dtypes(feat.dtype)
     grad_f = torch.empty(N, D, dtype=feat.dtype, device=feat.device)
     if N == 0 or not memory_grad:
         grad_m = torch.zeros(K, D, dtype=memory.dtype, device=memory.device)
     if N == 0:
         return grad_f, grad_m
     c = _config(D, feat.dtype)
-    consts = dict(D=D, BD=c["BD"], PREC=_dot_precision(memory), FP64=acc_t == torch.float64, ACC=acc_tl)
+    consts = dict(D=D, BD=c["BD"], PREC=dot_precision(memory), FP64=acc_t == torch.float64, ACC=acc_tl)
     scale = split_float(1.0 / temperature)
     delta = torch.empty(N, dtype=acc_t, device=feat.device)
-    with _device(feat):
+    with device_context(feat):
         _corr_bwd_feat_kernel[(triton.cdiv(N, c["BM"]),)](
             grad_out, probs, memory, grad_f, delta, N, K, *grad_out.stride(), *probs.stride(),
             *memory.stride(), *scale, BM=c["BM"], BN=c["BN"], num_warps=c["warps"], **consts)

@@ -34,6 +34,7 @@ using at::Tensor;
 using at::vec::Vectorized;
 
 // exp and log: the AVX2 polynomials shared with the other CPU kernels.
+using vecmath::exp_shift_inplace;
 using vecmath::head;
 using vecmath::hsum;
 using vecmath::kLanes;
@@ -50,20 +51,6 @@ T row_max(const T* s, int64_t K) {
   T lanes[kLanes<T>];
   m.store(lanes);
   return *std::max_element(lanes, lanes + kLanes<T>);
-}
-
-// s <- exp(s - m) in place; returns the sum.
-template <typename T>
-T exp_shift_inplace(T* s, int64_t K, T m) {
-  const Vectorized<T> vm(m);
-  Vectorized<T> sum(T(0));
-  for (int64_t k = 0; k < K; k += kLanes<T>) {
-    const int64_t n = std::min(kLanes<T>, K - k);
-    const Vectorized<T> e = vexp(load(s + k, n) - vm);
-    e.store(s + k, n);
-    sum += head(e, n);
-  }
-  return hsum(sum);
 }
 
 // sum_k exp(s_k - m), s unchanged.

@@ -1,5 +1,5 @@
-// Vector helpers of the CPU kernels: partial loads, horizontal sums, and
-// accurate exp and log.
+// Vector helpers of the CPU kernels: partial loads, horizontal sums,
+// accurate exp and log, and the shifted exp of a softmax row.
 //
 // float: inline AVX2 polynomials (cephes expf/logf, ~1 ulp), so the extension
 // needs no Sleef symbol from libtorch_cpu and is more accurate than at::vec's
@@ -8,6 +8,7 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace caml_ops {
@@ -100,6 +101,20 @@ inline Vectorized<double> vexp(const Vectorized<double>& x) {
 }
 inline Vectorized<double> vlog(const Vectorized<double>& x) {
   return x.map([](double v) { return std::log(v); });
+}
+
+// s <- exp(s - m) for a row of n values; returns their sum (accumulated in vector lanes, then in double).
+template <typename T>
+double exp_shift_inplace(T* s, int64_t n, T m) {
+  const Vectorized<T> vm(m);
+  Vectorized<T> sum(T(0));
+  for (int64_t c = 0; c < n; c += kLanes<T>) {
+    const int64_t k = std::min(kLanes<T>, n - c);
+    const Vectorized<T> e = vexp(load(s + c, k) - vm);
+    e.store(s + c, k);
+    sum += head(e, k);
+  }
+  return hsum(sum);
 }
 
 }  // namespace vecmath

@@ -1,0 +1,374 @@
+"""Flash-attention Triton kernels for intra-sample attention on the [B, L, H, d] layout.
+
+For every sample b and head h, ordinary attention over the L positions
+(FlashAttention-2, as in Triton's fused-attention tutorial), with dropout on
+the probabilities drawn inside the kernels (the Philox spec of
+csrc/philox.h, element index ((b H + h) L + i) L + j of P [B, H, L, L]):
+
+- forward: one program per (query block, b h) streams over the key blocks
+  with an online softmax in base 2 (logits pre-multiplied by scale log2 e);
+  the row sum l is of the un-dropped probabilities, the dropped ones only
+  leave the accumulation of P V, and O = acc / l / (1 - p).
+- backward: a preprocess kernel writes D_i = sum_c dO_ic O_ic; a program per
+  (key block, b h) loops over the query blocks for dK and dV, a program per
+  (query block, b h) over the key blocks for dQ. Every gradient element is
+  written once by one program: deterministic, no atomics.
+
+q, k, v and grad_out are read through their strides (the views that
+unbinding a [B, L, 3, H, d] Linear output gives), only the last dimension must
+be unit-stride. Accumulation is float32 (float64 for float64 inputs). The host
+functions mirror the schemas in csrc/caml_ops.cpp; autograd and fake kernels
+live in caml_ops/attention.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_floating, check_rank, check_same
+from ._common import (
+    acc_dtypes,
+    device_context,
+    dot_precision,
+    dropout_args,
+    dropout_keep,
+    float_arg,
+    load_tile,
+    matmul_acc,
+    split_float,
+    store_tile,
+)
+
+# The RNG scalars change every step: no specialisation (value 1, divisibility) and so no recompiles.
+_RNG_ARGS = ["seed_lo", "seed_hi", "rng_offset", "threshold"]
+
+# ---------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _head(ptr, b, h, s_b, s_h):
+    """Base pointer of sample b, head h of a [B, L, H, d] tensor."""
+    return ptr + b * s_b + h * s_h
+
+
+@triton.jit
+def _keep(bh, L, i, j, seed_lo, seed_hi, rng_offset, threshold):
+    """Dropout keep mask of P[b, h, i, j] (i, j broadcastable int64 position tiles)."""
+    return dropout_keep((bh * L + i) * L + j, seed_lo, seed_hi, rng_offset, threshold)
+
+
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def _fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    H, L, s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
+    qk_hi, qk_lo, ln2_hi, ln2_lo, inv_keep_hi, inv_keep_lo,
+    seed_lo, seed_hi, rng_offset, threshold,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EVEN: tl.constexpr,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
+):
+    # Query blocks vary fastest: the programs of one head run together and share its K, V in L2.
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < L
+    cd = tl.arange(0, BD)
+    k_base = _head(k_ptr, b, h, s_kb, s_kh)
+    v_base = _head(v_ptr, b, h, s_vb, s_vh)
+    q = load_tile(_head(q_ptr, b, h, s_qb, s_qh), rows, row_ok, s_ql, 1, cd, D, BD)
+    qk_scale = float_arg(qk_hi, qk_lo, FP64)  # scale * log2(e): logits in base 2
+
+    # Padding query rows load as 0: finite logits, never a NaN; they are not stored.
+    m = tl.full([BM], float("-inf"), ACC)
+    l = tl.zeros([BM], ACC)
+    acc = tl.zeros([BM, BD], ACC)
+    for n0 in range(0, L, BN):
+        cols = n0 + tl.arange(0, BN).to(tl.int64)
+        col_ok = cols < L
+        k = load_tile(k_base, cols, col_ok, s_kl, 1, cd, D, BD)
+        v = load_tile(v_base, cols, col_ok, s_vl, 1, cd, D, BD)
+        s = matmul_acc(q, tl.trans(k), PREC, FP64) * qk_scale
+        if not EVEN:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        # Every block has a valid column, so m_new is finite and alpha = 0 on the first block.
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _keep(bh, L, rows[:, None], cols[None, :], seed_lo, seed_hi, rng_offset, threshold)
+            p = tl.where(keep, p, 0.0)
+        acc = acc * alpha[:, None] + matmul_acc(p.to(v.dtype), v, PREC, FP64)
+        m = m_new
+
+    inv_l = 1.0 / l
+    if DROPOUT:
+        inv_l *= float_arg(inv_keep_hi, inv_keep_lo, FP64)
+    store_tile(_head(out_ptr, b, h, s_ob, s_oh), acc * inv_l[:, None], rows, row_ok, s_ol, cd, D, BD)
+    # Natural-log lse = m ln 2 + log l (ln 2 as a kernel argument: exact in float64).
+    lse = m * float_arg(ln2_hi, ln2_lo, FP64) + tl.log(l)
+    tl.store(lse_ptr + bh * L + rows, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    out_ptr, do_ptr, delta_ptr,
+    H, L, s_ob, s_ol, s_oh, s_db, s_dl, s_dh,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr,
+):
+    """D_i = sum_c dO_ic O_ic, [B, H, L]."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < L
+    cd = tl.arange(0, BD)
+    o = load_tile(_head(out_ptr, b, h, s_ob, s_oh), rows, row_ok, s_ol, 1, cd, D, BD)
+    do = load_tile(_head(do_ptr, b, h, s_db, s_dh), rows, row_ok, s_dl, 1, cd, D, BD)
+    tl.store(delta_ptr + bh * L + rows, tl.sum(o.to(ACC) * do.to(ACC), 1), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def _bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    H, L, s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_db, s_dl, s_dh, s_gb, s_gl, s_gh,
+    qk_hi, qk_lo, log2e_hi, log2e_lo, scale_hi, scale_lo, inv_keep_hi, inv_keep_lo,
+    seed_lo, seed_hi, rng_offset, threshold,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
+):
+    """dV = (P Z)^T dO and dK = scale dS^T Q for a block of BN keys, in the transposed [keys, queries] frame."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    keys = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    key_ok = keys < L
+    cd = tl.arange(0, BD)
+    q_base = _head(q_ptr, b, h, s_qb, s_qh)
+    do_base = _head(do_ptr, b, h, s_db, s_dh)
+    k = load_tile(_head(k_ptr, b, h, s_kb, s_kh), keys, key_ok, s_kl, 1, cd, D, BD)
+    v = load_tile(_head(v_ptr, b, h, s_vb, s_vh), keys, key_ok, s_vl, 1, cd, D, BD)
+    qk_scale = float_arg(qk_hi, qk_lo, FP64)
+    log2e = float_arg(log2e_hi, log2e_lo, FP64)
+    inv_keep = float_arg(inv_keep_hi, inv_keep_lo, FP64)
+
+    dk = tl.zeros([BN, BD], ACC)
+    dv = tl.zeros([BN, BD], ACC)
+    for m0 in range(0, L, BM):
+        rows = m0 + tl.arange(0, BM).to(tl.int64)
+        row_ok = rows < L
+        q = load_tile(q_base, rows, row_ok, s_ql, 1, cd, D, BD)
+        do = load_tile(do_base, rows, row_ok, s_dl, 1, cd, D, BD)
+        # Padding query rows: lse = +inf gives P = 0 and q = dO = 0, so they add exact zeros.
+        lse2 = tl.load(lse_ptr + bh * L + rows, mask=row_ok, other=float("inf")).to(ACC) * log2e
+        delta = tl.load(delta_ptr + bh * L + rows, mask=row_ok, other=0.0)
+        # Padding key rows may get inf/NaN here; they only reach their own (unstored) rows of dK, dV.
+        p_t = tl.exp2(matmul_acc(k, tl.trans(q), PREC, FP64) * qk_scale - lse2[None, :])
+        dp_t = matmul_acc(v, tl.trans(do), PREC, FP64)
+        pz_t = p_t
+        if DROPOUT:
+            keep = _keep(bh, L, rows[None, :], keys[:, None], seed_lo, seed_hi, rng_offset, threshold)
+            pz_t = tl.where(keep, p_t, 0.0)  # times 1 / (1 - p) once, on dV
+            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
+        dv += matmul_acc(pz_t.to(do.dtype), do, PREC, FP64)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += matmul_acc(ds_t.to(q.dtype), q, PREC, FP64)
+
+    if DROPOUT:
+        dv *= inv_keep
+    store_tile(_head(dv_ptr, b, h, s_gb, s_gh), dv, keys, key_ok, s_gl, cd, D, BD)
+    store_tile(_head(dk_ptr, b, h, s_gb, s_gh), dk * float_arg(scale_hi, scale_lo, FP64), keys, key_ok, s_gl,
+                cd, D, BD)
+
+
+@triton.jit(do_not_specialize=_RNG_ARGS)
+def _bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    H, L, s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_db, s_dl, s_dh, s_gb, s_gl, s_gh,
+    qk_hi, qk_lo, log2e_hi, log2e_lo, scale_hi, scale_lo, inv_keep_hi, inv_keep_lo,
+    seed_lo, seed_hi, rng_offset, threshold,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EVEN: tl.constexpr,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
+):
+    """dQ = scale dS K for a block of BM queries."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_ok = rows < L
+    cd = tl.arange(0, BD)
+    k_base = _head(k_ptr, b, h, s_kb, s_kh)
+    v_base = _head(v_ptr, b, h, s_vb, s_vh)
+    q = load_tile(_head(q_ptr, b, h, s_qb, s_qh), rows, row_ok, s_ql, 1, cd, D, BD)
+    do = load_tile(_head(do_ptr, b, h, s_db, s_dh), rows, row_ok, s_dl, 1, cd, D, BD)
+    qk_scale = float_arg(qk_hi, qk_lo, FP64)
+    inv_keep = float_arg(inv_keep_hi, inv_keep_lo, FP64)
+    lse2 = tl.load(lse_ptr + bh * L + rows, mask=row_ok, other=0.0).to(ACC) * float_arg(log2e_hi, log2e_lo, FP64)
+    delta = tl.load(delta_ptr + bh * L + rows, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BM, BD], ACC)
+    for n0 in range(0, L, BN):
+        cols = n0 + tl.arange(0, BN).to(tl.int64)
+        col_ok = cols < L
+        k = load_tile(k_base, cols, col_ok, s_kl, 1, cd, D, BD)
+        v = load_tile(v_base, cols, col_ok, s_vl, 1, cd, D, BD)
+        p = tl.exp2(matmul_acc(q, tl.trans(k), PREC, FP64) * qk_scale - lse2[:, None])
+        if not EVEN:
+            # Padding keys (k = 0) would give p = 2^-lse2, possibly inf, and inf * 0 = NaN in dS K.
+            p = tl.where(col_ok[None, :], p, 0.0)
+        dp = matmul_acc(do, tl.trans(v), PREC, FP64)
+        if DROPOUT:
+            keep = _keep(bh, L, rows[:, None], cols[None, :], seed_lo, seed_hi, rng_offset, threshold)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += matmul_acc(ds.to(k.dtype), k, PREC, FP64)
+    store_tile(_head(dq_ptr, b, h, s_gb, s_gh), dq * float_arg(scale_hi, scale_lo, FP64), rows, row_ok, s_gl,
+                cd, D, BD)
+
+
+# ---------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------
+
+_MAX_D = 128
+
+
+def _config(D: int, dtype: torch.dtype, is_cuda: bool, dropout: bool) -> dict:
+    """Tiles (BM queries, BN keys, warps, stages) per kernel; fixed, no autotuning.
+
+    As FlashAttention-2: a wide query block in the forward and dQ kernels, a
+    wide key block in the dK/dV kernel, narrow blocks on the loop axis. Sized
+    with ptxas -v for sm_90 (Triton 3.8) to run without register spills:
+    8 warps from d = 64 or with dropout (the Philox rounds keep many registers
+    live per element); float32 gets small tiles, as its IEEE tl.dot runs on
+    the FMA units with operands and accumulators in registers.
+    """
+    bd = max(16, triton.next_power_of_2(D))
+    if not is_cuda or dtype == torch.float64:
+        # Interpreter, or float64 on a GPU (broadcast product-sum in matmul_acc, tests only): small tiles.
+        t = 32 if not is_cuda else 16
+        tile = (t, t, 4, 1)
+        return dict(BD=bd, fwd=tile, dkdv=tile, dq=tile)
+    wide = bd == _MAX_D
+    if dtype == torch.float32:
+        return dict(BD=bd, fwd=(64, 32, 8, 2), dkdv=(16 if wide else 32, 64, 8, 2), dq=(32 if wide else 64, 32, 8, 2))
+    warps = 8 if bd >= 64 or dropout else 4
+    return dict(BD=bd, fwd=(128, 64, warps, 3), dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
+
+
+def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _head_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(b, l, h) strides; the last dimension is unit-stride."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _check_args(tensors: dict, scale: float, dropout_p: float, rng_state: torch.Tensor) -> None:
+    names = list(tensors)
+    for name, x in tensors.items():
+        check_floating(x, name)
+        check_rank(x, name, 4, "[B, L, H, d]")
+    check_same(list(tensors.values()), names)
+    shape = tensors["q"].shape
+    for name, x in tensors.items():
+        if x.shape != shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(shape)}, got {tuple(x.shape)}")
+    B, L, H, D = shape
+    if min(B, L, D) < 1:
+        raise ValueError(f"q must be [B, L, H, d] with B, L, d >= 1, got {tuple(shape)}")
+    if D > _MAX_D:
+        raise ValueError(f"the Triton kernels take head dims d <= {_MAX_D}, got d = {D}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if (not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.int64 or rng_state.shape != (2,)
+            or rng_state.device.type != "cpu"):
+        raise ValueError("rng_state must be an int64 CPU tensor [2] = (seed, offset), got "
+                         f"{getattr(rng_state, 'dtype', type(rng_state))} {tuple(getattr(rng_state, 'shape', ()))}")
+
+
+def _scalars(scale: float, dropout_p: float, rng_state: torch.Tensor) -> tuple:
+    """((scale log2 e) pair, (1 / (1 - p)) pair, RNG args) for the kernels; no RNG read when p = 0."""
+    rng = dropout_args(rng_state, dropout_p) if dropout_p > 0 else (0, 0, 0, 0)
+    return split_float(scale * math.log2(math.e)), split_float(1.0 / (1.0 - dropout_p)), rng
+
+
+def intra_sample_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                                   dropout_p: float, rng_state: torch.Tensor):
+    """(out [B, L, H, d] contiguous in the input dtype, lse [B, H, L] float32 (float64 for float64))."""
+    _check_args({"q": q, "k": k, "v": v}, scale, dropout_p, rng_state)
+    q, k, v = (_lastdim_contiguous(x) for x in (q, k, v))
+    B, L, H, D = q.shape
+    acc_t, acc_tl = acc_dtypes(q.dtype)
+    out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, L, dtype=acc_t, device=q.device)
+    if H == 0:
+        return out, lse
+    c = _config(D, q.dtype, q.is_cuda, dropout_p > 0)
+    bm, bn, warps, stages = c["fwd"]
+    qk, inv_keep, rng = _scalars(scale, dropout_p, rng_state)
+    with device_context(q):
+        _fwd_kernel[(triton.cdiv(L, bm), B * H)](
+            q, k, v, out, lse, H, L, *_head_strides(q), *_head_strides(k), *_head_strides(v), *_head_strides(out),
+            *qk, *split_float(math.log(2.0)), *inv_keep, *rng,
+            D=D, BD=c["BD"], BM=bm, BN=bn, EVEN=L % bn == 0, DROPOUT=dropout_p > 0, PREC=dot_precision(q),
+            FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def intra_sample_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    out: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float,
+                                    rng_state: torch.Tensor):
+    """(grad_q, grad_k, grad_v), new contiguous [B, L, H, d] in the input dtype."""
+    _check_args({"q": q, "k": k, "v": v, "grad_out": grad_out, "out": out}, scale, dropout_p, rng_state)
+    B, L, H, D = q.shape
+    acc_t, acc_tl = acc_dtypes(q.dtype)
+    if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, L) or lse.dtype != acc_t or lse.device != q.device:
+        raise ValueError(f"lse must be a {acc_t} tensor [B, H, L] = [{B}, {H}, {L}] on {q.device}, got "
+                         f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
+    q, k, v, grad_out, out = (_lastdim_contiguous(x) for x in (q, k, v, grad_out, out))
+    lse = lse.contiguous()
+    grads = [torch.empty(B, L, H, D, dtype=q.dtype, device=q.device) for _ in range(3)]
+    if H == 0:
+        return tuple(grads)
+    grad_q, grad_k, grad_v = grads
+    c = _config(D, q.dtype, q.is_cuda, dropout_p > 0)
+    qk, inv_keep, rng = _scalars(scale, dropout_p, rng_state)
+    delta = torch.empty(B, H, L, dtype=acc_t, device=q.device)
+    strides = (*_head_strides(q), *_head_strides(k), *_head_strides(v), *_head_strides(grad_out),
+               *_head_strides(grad_q))
+    scalars = (*qk, *split_float(math.log2(math.e)), *split_float(scale), *inv_keep, *rng)
+    consts = dict(D=D, BD=c["BD"], DROPOUT=dropout_p > 0, PREC=dot_precision(q), FP64=acc_t == torch.float64,
+                  ACC=acc_tl)
+    with device_context(q):
+        bm, _, warps, _ = c["dq"]  # the dQ kernel's row blocks, and warps for their [BM, BD] tiles
+        _bwd_delta_kernel[(triton.cdiv(L, bm), B * H)](
+            out, grad_out, delta, H, L, *_head_strides(out), *_head_strides(grad_out),
+            D=D, BD=c["BD"], BM=bm, ACC=acc_tl, num_warps=warps)
+        bm, bn, warps, stages = c["dkdv"]
+        _bwd_dkdv_kernel[(triton.cdiv(L, bn), B * H)](
+            q, k, v, grad_out, lse, delta, grad_k, grad_v, H, L, *strides, *scalars,
+            BM=bm, BN=bn, num_warps=warps, num_stages=stages, **consts)
+        bm, bn, warps, stages = c["dq"]
+        _bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
+            q, k, v, grad_out, lse, delta, grad_q, H, L, *strides, *scalars,
+            BM=bm, BN=bn, EVEN=L % bn == 0, num_warps=warps, num_stages=stages, **consts)
+    return grad_q, grad_k, grad_v

@@ -1,0 +1,487 @@
+// CPU kernels of intra_sample_attention (DESIGN.md, "cross_sample_attention and
+// intra_sample_attention"): attention over the L positions of each (sample, head),
+// flash-style, so that memory stays O(L d): no L x L matrix, only per-thread
+// tiles of kBlock x kBlock logits that live in L1/L2.
+//
+// Forward: one task per (b, h, query block); an online softmax over the key
+// blocks. The tile is held transposed, S^T [keys, queries], so that the row
+// statistics (max, sum, rescale) of the queries are plain vector ops over lanes.
+//
+// Backward: one task per (b, h, chunk of key blocks), one pass: for each group
+// of kGroup key blocks it sweeps all query blocks, regenerates P = exp(scale S -
+// lse) and the dropout mask once per tile, and accumulates dK, dV of its keys in
+// place and dQ into the chunk's own partial (D = rowsum(dO O) is computed once
+// first). Chunks per (b, h) depend on the sizes only; partials are summed in
+// chunk order: deterministic, no float atomics, whatever the thread count.
+//
+// Dropout mask: csrc/philox.h, element ((b H + h) L + i) L + j, drawn in [4, 8]
+// blocks of words by philox_vec.h (AVX2); no RNG at all when dropout_p == 0.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../attention_checks.h"
+#include "../philox.h"
+#include "philox_vec.h"
+#include "vec_math.h"
+
+namespace caml_ops {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+using vecmath::kLanes;
+using vecmath::load;
+using vecmath::vexp;
+
+// Query and key block sizes: a 64 x 64 float tile is 16 KiB.
+constexpr int64_t kBlock = 64;
+static_assert(kBlock % kPhiloxBatch == 0, "a row of a backward tile is whole [4, 8] Philox blocks");
+// Backward: (b, h) pairs are split into key chunks until there are this many
+// tasks (parallelism for small B H), which costs one dQ partial per chunk.
+constexpr int64_t kMinBackwardTasks = 32;
+// Backward: key blocks swept together over the query blocks (their K^T, V^T,
+// dK, dV stay in L2 while the query rows stream by).
+constexpr int64_t kGroup = 4;
+
+// ---------------------------------------------------------------- GEMM
+// C[M, N] (+)= A[M, K] @ B[K, N], A(m, l) = a[m * a_m + l * a_l] (any strides:
+// transposed tiles and strided [L, d] rows alike), B and C row-major with leading
+// dimensions ldb, ldc. The shapes here are small and per tile, where BLAS calls
+// are slow; a register-blocked kernel (6 rows x 2 vectors = 12 accumulators)
+// accumulates over K in order, by FMA.
+
+// The accumulators are native vectors in fully unrolled loops: otherwise GCC
+// keeps the arrays in memory and stores all of them on every step of the K loop.
+#if defined(CPU_CAPABILITY_AVX2)
+template <typename T>
+struct NativeVec;
+template <>
+struct NativeVec<float> {
+  using type = __m256;
+};
+template <>
+struct NativeVec<double> {
+  using type = __m256d;
+};
+template <typename T>
+using Native = typename NativeVec<T>::type;
+inline __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+inline __m256d fma(__m256d a, __m256d b, __m256d c) { return _mm256_fmadd_pd(a, b, c); }
+#else
+template <typename T>
+using Native = Vectorized<T>;
+template <typename T>
+inline Vectorized<T> fma(const Vectorized<T>& a, const Vectorized<T>& b, const Vectorized<T>& c) {
+  return at::vec::fmadd(a, b, c);
+}
+#endif
+
+template <typename T, int R, bool kFull>
+inline void gemm_tile(int64_t K, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c, int64_t ldc,
+                      int64_t n, bool accumulate) {
+  using V = Vectorized<T>;
+  using N = Native<T>;
+  constexpr int64_t W = kLanes<T>;
+  const int64_t n0 = kFull ? W : std::min(n, W), n1 = kFull ? W : std::max<int64_t>(n - W, 0);
+  N acc0[R], acc1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc0[r] = V(T(0));
+    acc1[r] = V(T(0));
+  }
+  for (int64_t l = 0; l < K; ++l) {
+    const T* bl = b + l * ldb;
+    const N b0 = kFull ? V::loadu(bl) : load(bl, n0);
+    const N b1 = kFull ? V::loadu(bl + W) : load(bl + W, n1);  // n1 == 0: zeros, no read
+    const T* al = a + l * a_l;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const N av = V(al[r * a_m]);
+      acc0[r] = fma(av, b0, acc0[r]);
+      acc1[r] = fma(av, b1, acc1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    T* cr = c + r * ldc;
+    V c0(acc0[r]), c1(acc1[r]);
+    if (accumulate) {
+      c0 += load(cr, n0);
+      if (n1 > 0) c1 += load(cr + W, n1);
+    }
+    c0.store(cr, n0);
+    if (n1 > 0) c1.store(cr + W, n1);
+  }
+}
+
+template <typename T, int R>
+inline void gemm_rows(int64_t K, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c, int64_t ldc,
+                      int64_t n, bool accumulate) {
+  if (n == 2 * kLanes<T>) {
+    gemm_tile<T, R, true>(K, a, a_m, a_l, b, ldb, c, ldc, n, accumulate);
+  } else {
+    gemm_tile<T, R, false>(K, a, a_m, a_l, b, ldb, c, ldc, n, accumulate);
+  }
+}
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c,
+          int64_t ldc, bool accumulate) {
+  constexpr int64_t R = 6, NB = 2 * kLanes<T>;
+  for (int64_t j = 0; j < N; j += NB) {
+    const int64_t n = std::min(NB, N - j);
+    int64_t i = 0;
+    for (; i + R <= M; i += R) gemm_rows<T, R>(K, a + i * a_m, a_m, a_l, b + j, ldb, c + i * ldc + j, ldc, n, accumulate);
+    const T* ai = a + i * a_m;
+    T* ci = c + i * ldc + j;
+    switch (M - i) {
+      case 5: gemm_rows<T, 5>(K, ai, a_m, a_l, b + j, ldb, ci, ldc, n, accumulate); break;
+      case 4: gemm_rows<T, 4>(K, ai, a_m, a_l, b + j, ldb, ci, ldc, n, accumulate); break;
+      case 3: gemm_rows<T, 3>(K, ai, a_m, a_l, b + j, ldb, ci, ldc, n, accumulate); break;
+      case 2: gemm_rows<T, 2>(K, ai, a_m, a_l, b + j, ldb, ci, ldc, n, accumulate); break;
+      case 1: gemm_rows<T, 1>(K, ai, a_m, a_l, b + j, ldb, ci, ldc, n, accumulate); break;
+      default: break;
+    }
+  }
+}
+
+// dst[c * ld + i] = src[i * stride + c] for i < rows, c < d: a block of strided
+// [L, d] rows, transposed into a tile (the B operand of the logits GEMMs).
+template <typename T>
+void pack_transposed(const T* src, int64_t stride, int64_t rows, int64_t d, T* dst, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = src + i * stride;
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + i] = row[c];
+  }
+}
+
+// ---------------------------------------------------------------- dropout
+
+struct Dropout {
+  bool active;
+  uint64_t seed, offset;
+  uint32_t threshold;
+  double inv_keep;  // 1 / (1 - p)
+};
+
+// Per lane: inv_keep where the element is kept (word >= threshold), else 0.
+template <typename T>
+inline Vectorized<T> keep_scale(const uint32_t* words, uint32_t threshold, T inv_keep) {
+  T z[kLanes<T>];
+  for (int64_t t = 0; t < kLanes<T>; ++t) z[t] = words[t] >= threshold ? inv_keep : T(0);
+  return Vectorized<T>::loadu(z);
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vectorized<float> keep_scale<float>(const uint32_t* words, uint32_t threshold, float inv_keep) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
+  const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(w, _mm256_set1_epi32(static_cast<int>(threshold))), w);
+  return _mm256_and_ps(_mm256_castsi256_ps(keep), _mm256_set1_ps(inv_keep));
+}
+#endif
+
+// ---------------------------------------------------------------- operands
+
+// A [B, L, H, d] tensor read in place: element (b, l, h, c) at
+// data[b * sb + l * sl + h * sh + c] (the last dim made contiguous if it is not).
+template <typename T>
+struct Heads {
+  Tensor keep_alive;
+  const T* data;
+  int64_t sb, sl, sh;
+
+  explicit Heads(const Tensor& x) : keep_alive(x.stride(3) == 1 ? x : x.contiguous()) {
+    data = keep_alive.data_ptr<T>();
+    sb = keep_alive.stride(0);
+    sl = keep_alive.stride(1);
+    sh = keep_alive.stride(2);
+  }
+  const T* at(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+};
+
+int64_t blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
+
+// ---------------------------------------------------------------- forward
+
+// One query block [i0, i0 + nq) of head (b, h): out rows and lse.
+template <typename T>
+void forward_block(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, int64_t b, int64_t h, int64_t H,
+                   int64_t L, int64_t d, int64_t i0, int64_t nq, T scale, const Dropout& drop,
+                   const DropoutWords& draw, T* out, T* lse, T* ws, uint32_t* words) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = kLanes<T>;
+  constexpr int64_t ld = kBlock;  // leading dimension of the query-indexed tiles
+  T* qt = ws;                     // [d, ld]: Q^T of the block
+  T* st = qt + d * ld;            // [kBlock keys, ld]: S^T, then P^T (dropped, unnormalised)
+  T* o = st + kBlock * ld;        // [ld, d]: unnormalised output
+  T* m = o + ld * d;              // [ld] running max of the scaled logits
+  T* l = m + ld;                  // [ld] running sum of exp
+  T* alpha = l + ld;              // [ld] rescale of this key block
+  const T* q = Q.at(b, h);
+  const T* k = K.at(b, h);
+  const T* v = Vh.at(b, h);
+  const int64_t bh = b * H + h;
+
+  // Locals: not reloaded after every store.
+  const bool dropout = drop.active;
+  const uint32_t threshold = drop.threshold;
+  const T inv_keep = static_cast<T>(drop.inv_keep);
+  pack_transposed(q + i0 * Q.sl, Q.sl, nq, d, qt, ld);
+  std::fill(m, m + ld, -std::numeric_limits<T>::infinity());
+  std::fill(l, l + ld, T(0));
+  std::fill(o, o + ld * d, T(0));
+  const V vscale(scale);
+  const int64_t nvec = (nq + W - 1) / W;  // lanes past nq hold don't-care values
+  for (int64_t j0 = 0; j0 < L; j0 += kBlock) {
+    const int64_t nk = std::min(kBlock, L - j0);
+    gemm<T>(nk, nq, d, k + j0 * K.sl, K.sl, 1, qt, ld, st, ld, false);
+    for (int64_t t = 0; t < nvec; ++t) {
+      const int64_t i = t * W;
+      const V m_old = V::loadu(m + i);
+      V m_new = m_old;
+      for (int64_t j = 0; j < nk; ++j) m_new = at::vec::maximum(m_new, V::loadu(st + j * ld + i) * vscale);
+      const V neg_m = V(T(0)) - m_new;
+      V sum(T(0));
+      for (int64_t j = 0; j < nk; j += kPhiloxRows) {
+        // Words of rows j0 + j + r (r < 4) for queries i0 + i + c (c < 8, the lanes).
+        if (dropout) draw(static_cast<uint64_t>((bh * L + i0 + i) * L + j0 + j), words);
+        for (int64_t r = 0; r < std::min(kPhiloxRows, nk - j); ++r) {
+          T* s = st + (j + r) * ld + i;
+          V p = vexp(at::vec::fmadd(V::loadu(s), vscale, neg_m));
+          sum += p;
+          if (dropout) p = p * keep_scale<T>(words + r * kPhiloxCols, threshold, inv_keep);
+          p.store(s);
+        }
+      }
+      const V a = vexp(m_old - m_new);  // 0 on the first block (m_old = -inf)
+      (V::loadu(l + i) * a + sum).store(l + i);
+      m_new.store(m + i);
+      a.store(alpha + i);
+    }
+    // The running maximum settles after a few blocks: then there is nothing to rescale.
+    bool rescale = false;
+    for (int64_t i = 0; i < nq; ++i) rescale |= alpha[i] != T(1);
+    for (int64_t i = 0; rescale && i < nq; ++i) {
+      T* oi = o + i * d;
+      const V a(alpha[i]);
+      for (int64_t c = 0; c < d; c += W) {
+        const int64_t n = std::min(W, d - c);
+        (load(oi + c, n) * a).store(oi + c, n);
+      }
+    }
+    gemm<T>(nq, d, nk, st, 1, ld, v + j0 * Vh.sl, Vh.sl, o, d, true);
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const V inv_l(T(1) / l[i]);
+    T* dst = out + ((b * L + i0 + i) * H + h) * d;
+    for (int64_t c = 0; c < d; c += W) {
+      const int64_t n = std::min(W, d - c);
+      (load(o + i * d + c, n) * inv_l).store(dst + c, n);
+    }
+    lse[bh * L + i0 + i] = m[i] + std::log(l[i]);
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+// D_i = sum_c dO_ic O_ic of every row, [B, H, L].
+template <typename T>
+void row_dots(const Heads<T>& dO, const Heads<T>& O, int64_t B, int64_t H, int64_t L, int64_t d, T* D) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = kLanes<T>;
+  at::parallel_for(0, B * H, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t bh = p0; bh < p1; ++bh) {
+      const T* g = dO.at(bh / H, bh % H);
+      const T* o = O.at(bh / H, bh % H);
+      for (int64_t i = 0; i < L; ++i) {
+        V acc(T(0));
+        for (int64_t c = 0; c < d; c += W) {
+          const int64_t n = std::min(W, d - c);
+          acc = at::vec::fmadd(load(g + i * dO.sl + c, n), load(o + i * O.sl + c, n), acc);
+        }
+        D[bh * L + i] = static_cast<T>(vecmath::hsum(acc));
+      }
+    }
+  });
+}
+
+struct BackwardShape {
+  int64_t B, L, H, d;
+  int64_t chunks;      // key chunks per (b, h)
+  int64_t chunk_len;   // key blocks per chunk
+};
+
+// Key blocks [kb0, kb1) of head (b, h): their dK, dV rows, and this chunk's dQ partial.
+template <typename T>
+void backward_chunk(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, const Heads<T>& dO, const T* lse,
+                    const T* D, int64_t b, int64_t h, int64_t kb0, int64_t kb1, const BackwardShape& sh, T scale,
+                    const Dropout& drop, const DropoutWords& draw, T* dq, T* dk, T* dv, T* ws, uint32_t* words) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = kLanes<T>;
+  constexpr int64_t ld = kBlock;  // leading dimension of the key-indexed tiles
+  const int64_t L = sh.L, H = sh.H, d = sh.d, ldo = H * d;  // ldo: row stride of the outputs
+  T* kt = ws;                            // [kGroup, d, ld] K^T of the key blocks of a group
+  T* vt = kt + kGroup * d * ld;          // [kGroup, d, ld] V^T
+  T* sp = vt + kGroup * d * ld;          // [kBlock queries, ld]: S, then P Z (dropped and rescaled)
+  T* ds = sp + kBlock * ld;              // [kBlock queries, ld]: dO V^T, then scale dS
+  const T* q = Q.at(b, h);
+  const T* k = K.at(b, h);
+  const T* v = Vh.at(b, h);
+  const T* g = dO.at(b, h);
+  const int64_t bh = b * H + h;
+  const V vscale(scale);
+  // Locals: not reloaded after every store.
+  const bool dropout = drop.active;
+  const uint32_t threshold = drop.threshold;
+  const T inv_keep = static_cast<T>(drop.inv_keep);
+  for (int64_t kg = kb0; kg < kb1; kg += kGroup) {
+    const int64_t kg1 = std::min(kb1, kg + kGroup);
+    for (int64_t kb = kg; kb < kg1; ++kb) {
+      const int64_t j0 = kb * kBlock, nk = std::min(kBlock, L - j0);
+      pack_transposed(k + j0 * K.sl, K.sl, nk, d, kt + (kb - kg) * d * ld, ld);
+      pack_transposed(v + j0 * Vh.sl, Vh.sl, nk, d, vt + (kb - kg) * d * ld, ld);
+    }
+    // Query blocks outside, the group's key blocks inside: the rows of Q, dO and
+    // dQ of a query block are fetched once per group, not once per key block.
+    for (int64_t i0 = 0; i0 < L; i0 += kBlock) {
+      const int64_t nq = std::min(kBlock, L - i0);
+      for (int64_t kb = kg; kb < kg1; ++kb) {
+        const int64_t j0 = kb * kBlock, nk = std::min(kBlock, L - j0);
+        const int64_t nvec = (nk + W - 1) / W;  // lanes past nk hold don't-care values
+        gemm<T>(nq, nk, d, q + i0 * Q.sl, Q.sl, 1, kt + (kb - kg) * d * ld, ld, sp, ld, false);
+        gemm<T>(nq, nk, d, g + i0 * dO.sl, dO.sl, 1, vt + (kb - kg) * d * ld, ld, ds, ld, false);
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t row = bh * L + i0 + i;
+          const V neg_lse(-lse[row]), d_i(D[row]);
+          for (int64_t j = 0; dropout && j < nk; j += kPhiloxBatch) draw(static_cast<uint64_t>(row * L + j0 + j), words + j);
+          for (int64_t t = 0; t < nvec; ++t) {
+            T* s = sp + i * ld + t * W;
+            T* dp = ds + i * ld + t * W;
+            V p = vexp(at::vec::fmadd(V::loadu(s), vscale, neg_lse));
+            V dpz = V::loadu(dp);
+            if (dropout) {
+              const V z = keep_scale<T>(words + t * W, threshold, inv_keep);
+              dpz = dpz * z;
+              (p * z).store(s);
+            } else {
+              p.store(s);
+            }
+            (p * (dpz - d_i) * vscale).store(dp);
+          }
+        }
+        const bool acc = i0 > 0;
+        gemm<T>(nk, d, nq, sp, 1, ld, g + i0 * dO.sl, dO.sl, dv + j0 * ldo, ldo, acc);  // dV += (P Z)^T dO
+        gemm<T>(nk, d, nq, ds, 1, ld, q + i0 * Q.sl, Q.sl, dk + j0 * ldo, ldo, acc);    // dK += scale dS^T Q
+        gemm<T>(nq, d, nk, ds, ld, 1, k + j0 * K.sl, K.sl, dq + i0 * ldo, ldo, true);   // dQ += scale dS K
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- checks
+
+constexpr AttentionKernel kKernel{c10::DeviceType::CPU, /*half_types=*/false};
+
+Dropout make_dropout(const AttentionProblem& pb) {
+  return {pb.dropout_p > 0, pb.seed, pb.offset, dropout_threshold(pb.dropout_p), 1.0 / (1.0 - pb.dropout_p)};
+}
+
+// ---------------------------------------------------------------- ops
+
+std::tuple<Tensor, Tensor> intra_sample_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                          double scale, double dropout_p, const Tensor& rng_state) {
+  const AttentionProblem pb =
+      check_attention("intra_sample_attention_forward", kKernel, q, k, v, scale, dropout_p, rng_state);
+  const Dropout drop = make_dropout(pb);
+  const int64_t B = pb.B, L = pb.L, H = pb.H, d = pb.d;
+  Tensor out = at::empty({B, L, H, d}, q.options());
+  Tensor lse = at::empty({B, H, L}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "intra_sample_attention_forward", [&] {
+    const Heads<scalar_t> Q(q), K(k), Vh(v);
+    scalar_t* po = out.data_ptr<scalar_t>();
+    scalar_t* pl = lse.data_ptr<scalar_t>();
+    const int64_t nqb = blocks(L);
+    const int64_t ws_size = 2 * d * kBlock + kBlock * kBlock + 3 * kBlock;
+    at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<scalar_t> ws(ws_size);
+      std::vector<uint32_t> words(kPhiloxBatch);
+      const DropoutWords draw(drop.seed, drop.offset, 1, static_cast<uint64_t>(L));  // [keys, queries] blocks
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bh = t / nqb, i0 = (t % nqb) * kBlock;
+        forward_block<scalar_t>(Q, K, Vh, bh / H, bh % H, H, L, d, i0, std::min(kBlock, L - i0),
+                                static_cast<scalar_t>(scale), drop, draw, po, pl, ws.data(), words.data());
+      }
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> intra_sample_attention_backward(const Tensor& grad_out, const Tensor& q,
+                                                                   const Tensor& k, const Tensor& v, const Tensor& out,
+                                                                   const Tensor& lse_in, double scale,
+                                                                   double dropout_p, const Tensor& rng_state) {
+  const AttentionProblem pb =
+      check_attention_backward("intra_sample_attention_backward", kKernel, LseLayout::kBHL, grad_out, q, k, v, out,
+                               lse_in, scale, dropout_p, rng_state);
+  const Dropout drop = make_dropout(pb);
+  const int64_t B = pb.B, L = pb.L, H = pb.H, d = pb.d;
+  const Tensor lse = lse_in.contiguous();
+  const auto opts = q.options();
+  Tensor grad_k = at::empty({B, L, H, d}, opts), grad_v = at::empty({B, L, H, d}, opts);
+  const int64_t nkb = blocks(L);
+  BackwardShape sh{B, L, H, d, 1, nkb};
+  if (B * H > 0) {
+    sh.chunks = std::min(nkb, (kMinBackwardTasks + B * H - 1) / (B * H));
+    sh.chunk_len = (nkb + sh.chunks - 1) / sh.chunks;
+    sh.chunks = (nkb + sh.chunk_len - 1) / sh.chunk_len;
+  }
+  // Chunk 0 accumulates dQ into grad_q itself, chunk c > 0 into partials[c - 1].
+  Tensor grad_q = at::zeros({B, L, H, d}, opts);
+  Tensor partials = at::zeros({sh.chunks - 1, B, L, H, d}, opts);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "intra_sample_attention_backward", [&] {
+    const Heads<scalar_t> Q(q), K(k), Vh(v), dO(grad_out), O(out);
+    Tensor D = at::empty({B, H, L}, opts);
+    row_dots(dO, O, B, H, L, d, D.data_ptr<scalar_t>());
+    const scalar_t* pd = D.data_ptr<scalar_t>();
+    const scalar_t* pl = lse.data_ptr<scalar_t>();
+    scalar_t* pq = grad_q.data_ptr<scalar_t>();
+    scalar_t* pp = partials.data_ptr<scalar_t>();
+    scalar_t* pk = grad_k.data_ptr<scalar_t>();
+    scalar_t* pv = grad_v.data_ptr<scalar_t>();
+    const int64_t ws_size = 2 * kGroup * d * kBlock + 2 * kBlock * kBlock;
+    at::parallel_for(0, B * H * sh.chunks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<scalar_t> ws(ws_size);
+      std::vector<uint32_t> words(kBlock);
+      const DropoutWords draw(drop.seed, drop.offset, kPhiloxCols, 1);  // runs of 32 along a row of P
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bh = t / sh.chunks, c = t % sh.chunks, b = bh / H, h = bh % H;
+        const int64_t head = (b * L * H + h) * d;  // offset of row 0 of head (b, h) in [B, L, H, d]
+        const int64_t kb0 = c * sh.chunk_len, kb1 = std::min(nkb, kb0 + sh.chunk_len);
+        scalar_t* dq = (c == 0 ? pq : pp + (c - 1) * B * L * H * d) + head;
+        backward_chunk<scalar_t>(Q, K, Vh, dO, pl, pd, b, h, kb0, kb1, sh, static_cast<scalar_t>(scale), drop, draw,
+                                 dq, pk + head, pv + head, ws.data(), words.data());
+      }
+    });
+  });
+  for (int64_t c = 1; c < sh.chunks; ++c) grad_q.add_(partials[c - 1]);
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(caml_ops, CPU, m) {
+  m.impl("intra_sample_attention_forward", &intra_sample_attention_forward);
+  m.impl("intra_sample_attention_backward", &intra_sample_attention_backward);
+}
+
+}  // namespace caml_ops
