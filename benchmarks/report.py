@@ -35,7 +35,8 @@ def markdown(table: dict, machine: str) -> str:
         f"Machine: {machine}. Median time (ms) and peak memory growth (MiB) per pass; "
         "speed-up and memory saving of the fused op against the official CAML computation, "
         "else torch's SDPA (attention ops), else the reference backend (training step); "
-        "a blank where an implementation cannot run (quadratic memory past the benchmark's limit).",
+        "a blank where an implementation is not run (quadratic memory past the benchmark's limit, or the "
+        "reference attention with dropout, whose Philox mask in tensor arithmetic is no speed baseline).",
         "",
         "| op | size | device | pass | fused ms | reference ms | official ms | SDPA ms | fused MiB "
         "| reference MiB | official MiB | SDPA MiB | speed-up | memory saving |",

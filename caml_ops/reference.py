@@ -126,19 +126,25 @@ def philox4x32_10(counter: Sequence[Tensor], key: Sequence[Tensor]) -> tuple[Ten
     return c0, c1, c2, c3
 
 
-def attention_dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: float, device=None) -> Tensor:
-    """The keep mask (True = keep) the fused attention kernels draw for `rng_state` = int64 [seed, offset].
-
-    Element i of the row-major `shape` ([L, H, B, B] for cross-sample, [B, H, L, L] for intra-sample
-    attention) is kept iff word 0 of Philox4x32-10(key = seed, counter = offset + i) >= floor(p 2^32).
-    """
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    seed, offset = rng_state.to(device).unbind()
-    counter = torch.arange(numel, dtype=torch.int64, device=device) + offset
+def attention_dropout_keep(rng_state: Tensor, index: Tensor, dropout_p: float) -> Tensor:
+    """Whether the fused kernels keep the attention-probability elements at the int64 `index` (row-major
+    position in [L, H, B, B] for cross-sample, [B, H, L, L] for intra-sample attention), for
+    `rng_state` = int64 [seed, offset]: word 0 of Philox4x32-10(key = seed, counter = offset + index)
+    >= floor(p 2^32)."""
+    seed, offset = rng_state.to(index.device).unbind()
+    counter = index + offset
     zeros = torch.zeros_like(counter)
     word, _, _, _ = philox4x32_10(
         (counter & _MASK32, (counter >> 32) & _MASK32, zeros, zeros), (seed & _MASK32, (seed >> 32) & _MASK32)
     )
-    return (word >= int(dropout_p * 2.0**32)).view(*shape)
+    return word >= int(dropout_p * 2.0**32)
+
+
+def attention_dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: float, device=None) -> Tensor:
+    """The keep mask (True = keep) of the fused attention kernels for `rng_state`, over the whole row-major
+    `shape` ([L, H, B, B] or [B, H, L, L]; see :func:`attention_dropout_keep`)."""
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    index = torch.arange(numel, dtype=torch.int64, device=device)
+    return attention_dropout_keep(rng_state, index, dropout_p).view(*shape)
