@@ -57,6 +57,15 @@ def _head(ptr, b, h, s_b, s_h):
 
 
 @triton.jit
+def _program_block(H, L, BLOCK: tl.constexpr):
+    """This program's (b h, b, h) from grid axis 1 and its block of BLOCK positions (int64) from axis 0,
+    with their validity mask."""
+    bh = tl.program_id(1).to(tl.int64)
+    positions = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return bh, bh // H, bh % H, positions, positions < L
+
+
+@triton.jit
 def _keep(bh, L, i, j, seed_lo, seed_hi, rng_offset, threshold):
     """Dropout keep mask of P[b, h, i, j] (i, j broadcastable int64 position tiles)."""
     return dropout_keep((bh * L + i) * L + j, seed_lo, seed_hi, rng_offset, threshold)
@@ -77,11 +86,7 @@ def _fwd_kernel(
     DROPOUT: tl.constexpr, PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
     # Query blocks vary fastest: the programs of one head run together and share its K, V in L2.
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    row_ok = rows < L
+    bh, b, h, rows, row_ok = _program_block(H, L, BM)
     cd = tl.arange(0, BD)
     k_base = _head(k_ptr, b, h, s_kb, s_kh)
     v_base = _head(v_ptr, b, h, s_vb, s_vh)
@@ -132,11 +137,7 @@ def _bwd_delta_kernel(
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr,
 ):
     """D_i = sum_c dO_ic O_ic, [B, H, L]."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    row_ok = rows < L
+    bh, b, h, rows, row_ok = _program_block(H, L, BM)
     cd = tl.arange(0, BD)
     o = load_tile(_head(out_ptr, b, h, s_ob, s_oh), rows, row_ok, s_ol, 1, cd, D, BD)
     do = load_tile(_head(do_ptr, b, h, s_db, s_dh), rows, row_ok, s_dl, 1, cd, D, BD)
@@ -153,11 +154,7 @@ def _bwd_dkdv_kernel(
     DROPOUT: tl.constexpr, PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
     """dV = (P Z)^T dO and dK = scale dS^T Q for a block of BN keys, in the transposed [keys, queries] frame."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    keys = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    key_ok = keys < L
+    bh, b, h, keys, key_ok = _program_block(H, L, BN)
     cd = tl.arange(0, BD)
     q_base = _head(q_ptr, b, h, s_qb, s_qh)
     do_base = _head(do_ptr, b, h, s_db, s_dh)
@@ -206,11 +203,7 @@ def _bwd_dq_kernel(
     DROPOUT: tl.constexpr, PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
     """dQ = scale dS K for a block of BM queries."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    row_ok = rows < L
+    bh, b, h, rows, row_ok = _program_block(H, L, BM)
     cd = tl.arange(0, BD)
     k_base = _head(k_ptr, b, h, s_kb, s_kh)
     v_base = _head(v_ptr, b, h, s_vb, s_vh)
