@@ -24,19 +24,30 @@ _FUSED = {
     "intra_sample_attention": ("triton", "cpu"),
 }
 
+# The kernel ops csrc/caml_ops.cpp defines (each with its _backward twin).
+_KERNEL_OPS = (
+    "occ_loss", "omni_correlation", "mutual_consistency", "cross_sample_attention", "intra_sample_attention"
+)
+
 _selected = "auto"
 _warned_missing_ext = False
 
 
-def _load_extension() -> bool:
+def _load_extension() -> str | None:
+    """None if caml_ops._C is importable and current, else what is wrong with it."""
     try:
         import caml_ops._C  # noqa: F401  (registers the torch.ops.caml_ops kernels)
     except ImportError:
-        return False
-    return True
+        return "is not importable"
+    for name in _KERNEL_OPS:
+        for op in (f"{name}_forward", f"{name}_backward"):
+            if not hasattr(torch.ops.caml_ops, op):  # an editable install whose build predates this source
+                return f"was built from older sources (it lacks caml_ops::{op})"
+    return None
 
 
-HAS_EXTENSION = _load_extension()
+_EXTENSION_PROBLEM = _load_extension()
+HAS_EXTENSION = _EXTENSION_PROBLEM is None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -67,12 +78,17 @@ def _check_name(backend: str, what: str) -> str:
     return backend
 
 
+def _extension_problem() -> str:
+    return _EXTENSION_PROBLEM or "is not importable"  # (tests patch HAS_EXTENSION alone)
+
+
 def _warn_missing_extension(fallback: str) -> None:
     global _warned_missing_ext
     if not _warned_missing_ext:
         _warned_missing_ext = True
         warnings.warn(
-            f"caml_ops._C (the compiled kernels) is not importable; backend 'auto' falls back to '{fallback}'. "
+            f"caml_ops._C (the compiled kernels) {_extension_problem()}; "
+            f"backend 'auto' falls back to '{fallback}'. "
             "Reinstall with `pip install --no-build-isolation -e .` to build it.",
             RuntimeWarning,
             stacklevel=4,
@@ -118,7 +134,10 @@ def _check_usable(op: str, backend: str, device: torch.device) -> None:
         if device.type != "cpu":
             raise ValueError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
         if not HAS_EXTENSION:
-            raise RuntimeError("backend 'cpu' needs the compiled extension caml_ops._C, which is not importable")
+            raise RuntimeError(
+                f"backend 'cpu' needs the compiled extension caml_ops._C, which {_extension_problem()}; "
+                "rebuild it with `pip install --no-build-isolation -e .`"
+            )
     elif backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")

@@ -87,3 +87,17 @@ def test_public_ops_honour_the_environment_variable(monkeypatch):
     monkeypatch.setattr(caml_ops.reference, "mutual_consistency_loss", lambda *a: calls.append(a) or torch.zeros(()))
     caml_ops.mutual_consistency_loss([torch.randn(1, 2, 3)] * 2)
     assert len(calls) == 1
+
+
+def test_a_stale_extension_counts_as_missing(monkeypatch):
+    """An editable install whose _C predates the Python sources (an op schema missing) must not break the
+    import: the extension is treated as missing and the message says to rebuild."""
+    pytest.importorskip("caml_ops._C")
+    assert _backend._load_extension() is None
+    monkeypatch.setattr(_backend, "_KERNEL_OPS", _backend._KERNEL_OPS + ("no_such_op",))
+    problem = _backend._load_extension()
+    assert problem == "was built from older sources (it lacks caml_ops::no_such_op_forward)"
+    monkeypatch.setattr(_backend, "_EXTENSION_PROBLEM", problem)
+    monkeypatch.setattr(_backend, "HAS_EXTENSION", False)
+    with pytest.raises(RuntimeError, match="older sources.*rebuild"):
+        _backend.resolve("cross_sample_attention", "cpu", CPU)
