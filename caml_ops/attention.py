@@ -6,8 +6,9 @@ csrc/cpu, csrc/cuda (C++/CUDA) and caml_ops/triton; each op has a forward kernel
 and the per-row log-sum-exp, and a backward kernel that recomputes the probabilities from them.
 
 Dropout on the attention probabilities is drawn inside the kernels from a counter-based RNG
-(Philox4x32-10, csrc/philox.h): element ``i`` of the row-major probabilities is kept iff the Philox word
-of ``(seed, offset + i)`` is at least ``floor(p 2^32)``. ``seed`` and ``offset`` come from torch's default
+(Philox4x32-10, csrc/philox.h): columns 4g to 4g + 3 of row r of the probabilities (rows of n keys) take
+the four words of Philox(key = seed, counter = offset + r ceil(n / 4) + g), and an element is kept iff its
+word is at least ``floor(p 2^32)``. ``seed`` and ``offset`` come from torch's default
 (CPU) generator, so ``torch.manual_seed`` reproduces a run, and every backend, the reference included,
 draws the same mask for the same generator state. The backward regenerates the mask instead of storing
 it. ``return_dropout_mask=True`` is the debug path: it also returns that mask, which

@@ -126,25 +126,37 @@ def philox4x32_10(counter: Sequence[Tensor], key: Sequence[Tensor]) -> tuple[Ten
     return c0, c1, c2, c3
 
 
-def attention_dropout_keep(rng_state: Tensor, index: Tensor, dropout_p: float) -> Tensor:
-    """Whether the fused kernels keep the attention-probability elements at the int64 `index` (row-major
-    position in [L, H, B, B] for cross-sample, [B, H, L, L] for intra-sample attention), for
-    `rng_state` = int64 [seed, offset]: word 0 of Philox4x32-10(key = seed, counter = offset + index)
-    >= floor(p 2^32)."""
-    seed, offset = rng_state.to(index.device).unbind()
-    counter = index + offset
+def _dropout_words(rng_state: Tensor, row: Tensor, group: Tensor, row_len: int) -> Tensor:
+    """The four Philox words [..., 4] of column group `group` (columns 4 group to 4 group + 3) of `row`."""
+    seed, offset = rng_state.to(row.device).unbind()
+    counter = offset + row * ((row_len + 3) // 4) + group
     zeros = torch.zeros_like(counter)
-    word, _, _, _ = philox4x32_10(
+    return torch.stack(philox4x32_10(
         (counter & _MASK32, (counter >> 32) & _MASK32, zeros, zeros), (seed & _MASK32, (seed >> 32) & _MASK32)
-    )
-    return word >= int(dropout_p * 2.0**32)
+    ), dim=-1)
+
+
+def attention_dropout_keep(rng_state: Tensor, row: Tensor, col: Tensor, row_len: int, dropout_p: float) -> Tensor:
+    """Whether the fused kernels keep the attention-probability elements (`row`, `col`) (int64 tensors that
+    broadcast), for `rng_state` = int64 [seed, offset].
+
+    The probabilities are rows of `row_len` elements: cross-sample [L, H, B] rows of B (row (l H + h) B + i),
+    intra-sample [B, H, L] rows of L (row (b H + h) L + i). Columns 4g to 4g + 3 of row r take the four words
+    of one Philox4x32-10 (key = seed, counter = offset + r ceil(row_len / 4) + g); element (r, j) is kept iff
+    word j mod 4 >= floor(p 2^32)."""
+    row, col = torch.broadcast_tensors(row, col)
+    words = _dropout_words(rng_state, row, col // 4, row_len)
+    return words.gather(-1, (col % 4).unsqueeze(-1)).squeeze(-1) >= int(dropout_p * 2.0**32)
 
 
 def attention_dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: float, device=None) -> Tensor:
     """The keep mask (True = keep) of the fused attention kernels for `rng_state`, over the whole row-major
     `shape` ([L, H, B, B] or [B, H, L, L]; see :func:`attention_dropout_keep`)."""
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    index = torch.arange(numel, dtype=torch.int64, device=device)
-    return attention_dropout_keep(rng_state, index, dropout_p).view(*shape)
+    *lead, row_len = (int(size) for size in shape)
+    rows = 1
+    for size in lead:
+        rows *= size
+    row = torch.arange(rows, dtype=torch.int64, device=device)[:, None]
+    group = torch.arange((row_len + 3) // 4, dtype=torch.int64, device=device)[None, :]
+    words = _dropout_words(rng_state, row, group, row_len).view(rows, -1)[:, :row_len]
+    return (words >= int(dropout_p * 2.0**32)).view(*shape)

@@ -2,12 +2,15 @@
 // attention dropout of every backend (C++, CUDA; caml_ops/triton/_common.py
 // and caml_ops/reference.py hold the same function).
 //
-// Dropout spec, shared by all backends so that one seed gives one mask:
-// element `index` of the attention probabilities (row-major [L, H, B, B] for
-// cross-sample, [B, H, L, L] for intra-sample attention) is kept iff
-//   philox(key = seed, counter = (lo32(offset + index), hi32(offset + index), 0, 0)).word0
-//     >= threshold,   threshold = floor(dropout_p * 2^32),
-// and kept values are scaled by 1 / (1 - dropout_p).
+// Dropout spec, shared by all backends so that one seed gives one mask. The
+// attention probabilities are rows of n elements: cross-sample [L, H, B] rows
+// of B (row (l H + h) B + i), intra-sample [B, H, L] rows of L (row
+// (b H + h) L + i). Columns 4g .. 4g + 3 of row r take the four words of
+//   philox(key = seed, counter = (lo32(c), hi32(c), 0, 0)),  c = offset + r ceil(n / 4) + g,
+// element (r, j) is kept iff word j mod 4 >= threshold = floor(dropout_p * 2^32),
+// and kept values are scaled by 1 / (1 - dropout_p). One Philox per four
+// elements, and a row's groups never straddle rows, so tiles whose column
+// offsets are multiples of 4 use every word they draw.
 #pragma once
 #include <cstdint>
 
@@ -47,12 +50,16 @@ CAML_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, ui
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// The dropout spec above: the random word of one attention-probability element.
-CAML_HOST_DEVICE uint32_t dropout_word(uint64_t seed, uint64_t offset, uint64_t index) {
-  const uint64_t counter = offset + index;
+// The dropout spec above: the counter of column group `group` (columns
+// 4 group .. 4 group + 3) of row `row` of P, rows of `row_len` elements.
+CAML_HOST_DEVICE uint64_t dropout_counter(uint64_t offset, uint64_t row, uint64_t row_len, uint64_t group) {
+  return offset + row * ((row_len + 3) / 4) + group;
+}
+
+// The four dropout words of `counter` (word w: column 4 group + w).
+CAML_HOST_DEVICE Philox4 dropout_words(uint64_t seed, uint64_t counter) {
   return philox4x32_10(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u, 0u,
-                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32))
-      .x[0];
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
 // floor(p * 2^32) for p in [0, 1): elements whose word is below it are dropped.

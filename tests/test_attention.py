@@ -132,24 +132,27 @@ INTRA_COMPILED = [c for c in CASES if c.values[0] == "intra_sample_attention" an
 
 
 @pytest.mark.parametrize("name,backend,device", INTRA_COMPILED)
-def test_intra_long_sequence_has_64bit_dropout_indices(name, backend, device):
-    """L = 70,000: the element indices i L + j of the probabilities pass 2^32. Checked on a few query rows,
-    those past the 2^32 boundary included, against a float64 reference over all the keys."""
+def test_intra_long_sequence_has_64bit_dropout_counters(name, backend, device):
+    """L = 70,000 with 4 heads: the dropout counters ((b H + h) L + i) ceil(L / 4) + j / 4 pass 2^32 in the
+    last head. Checked on a few of its query rows, those past the 2^32 boundary included, against a float64
+    reference over all the keys."""
     seed = fresh_seed()
-    length, dim, p = 70_000, 16, 0.3
-    q, k, v = (torch.randn(1, length, 1, dim, device=device) for _ in range(3))
+    length, heads, dim, p = 70_000, 4, 16, 0.3
+    q, k, v = (torch.randn(1, length, heads, dim, device=device) for _ in range(3))
     torch.manual_seed(seed)
     out = caml_ops.intra_sample_attention(q, k, v, dropout_p=p, backend=backend)
     torch.manual_seed(seed)
     rng_state = torch.randint(0, 2**62, (2,))  # the draw the op makes (caml_ops.attention._rng_state)
-    rows = torch.tensor([0, 1, length // 2, 2**32 // length + 1, length - 2, length - 1], device=device)
-    assert int(rows.max()) * length >= 2**32
-    index = rows[:, None] * length + torch.arange(length, device=device)[None, :]
-    keep = reference.attention_dropout_keep(rng_state, index, p)
-    q64, k64, v64 = (x[0, :, 0].double() for x in (q, k, v))
+    head, groups = heads - 1, (length + 3) // 4
+    rows = torch.tensor([0, 1, length // 2, 2**32 // groups + 1 - head * length, length - 2, length - 1],
+                        device=device)
+    assert (head * length + int(rows.max())) * groups >= 2**32
+    keys = torch.arange(length, device=device)
+    keep = reference.attention_dropout_keep(rng_state, head * length + rows[:, None], keys[None, :], length, p)
+    q64, k64, v64 = (x[0, :, head].double() for x in (q, k, v))
     probs = torch.softmax(q64[rows] @ k64.T * dim**-0.5, dim=1)
     expected = (probs * keep / (1 - p)) @ v64
-    assert_close_to_reference(out[0, rows, 0], expected, seed, "rows of a 70,000-long attention",
+    assert_close_to_reference(out[0, rows, head], expected, seed, "rows of a 70,000-long attention",
                               rtol=1e-4, atol=1e-5)
 
 

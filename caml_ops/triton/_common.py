@@ -32,13 +32,9 @@ def split_float(x: float) -> tuple[float, float]:
 
 
 @triton.jit
-def dropout_keep(index, seed_lo, seed_hi, offset, threshold):
-    """The attention dropout spec of csrc/philox.h: True where element `index` (int64) is kept.
-
-    Word 0 of Philox4x32-10 with key (seed_lo, seed_hi) and counter (lo32, hi32 of offset + index, 0, 0),
-    compared with `threshold` = floor(dropout_p 2^32).
-    """
-    counter = index + offset
+def _philox(counter, seed_lo, seed_hi):
+    """The four words of Philox4x32-10 with key (seed_lo, seed_hi) and counter (lo32, hi32 of the int64
+    `counter`, 0, 0)."""
     c0 = counter.to(tl.uint32)
     c1 = (counter >> 32).to(tl.uint32)
     c2 = tl.zeros_like(c0)
@@ -54,11 +50,51 @@ def dropout_keep(index, seed_lo, seed_hi, offset, threshold):
         c2 = n2
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    return c0.to(tl.int64) >= threshold
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _group_counter(row, group, row_len, offset):
+    """Philox counter of columns 4 group .. 4 group + 3 of `row` (int64) of rows of `row_len` elements."""
+    return offset + row * ((row_len + 3) // 4) + group
+
+
+@triton.jit
+def dropout_keep(row, col, row_len, seed_lo, seed_hi, offset, threshold):
+    """The attention dropout spec of csrc/philox.h: True where element (`row`, `col`) (int64, broadcasting)
+    of the probabilities, rows of `row_len` elements, is kept.
+
+    Word col mod 4 of Philox4x32-10 with key (seed_lo, seed_hi) and counter offset + row ceil(row_len / 4)
+    + col // 4, compared unsigned with `threshold` = floor(dropout_p 2^32). One Philox per element, four
+    times the work of :func:`dropout_keep_tile`: for tiles narrower than four columns (cross-sample rows of B).
+    """
+    x0, x1, x2, x3 = _philox(_group_counter(row, col // 4, row_len, offset), seed_lo, seed_hi)
+    odd = (col & 1) != 0
+    word = tl.where((col & 2) != 0, tl.where(odd, x3, x2), tl.where(odd, x1, x0))
+    return word >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def dropout_keep_tile(row, col0, row_len, seed_lo, seed_hi, offset, threshold, BN: tl.constexpr):
+    """:func:`dropout_keep` on the [BM, BN] tile of the rows `row` (int64 [BM]) and columns col0 .. col0 + BN,
+    with col0 and BN multiples of 4: one Philox per four columns. Columns from row_len on get meaningless
+    values (words of the next row): the callers mask them."""
+    BM: tl.constexpr = row.shape[0]
+    group = col0 // 4 + tl.arange(0, BN // 4)
+    x0, x1, x2, x3 = _philox(_group_counter(row[:, None], group[None, :], row_len, offset), seed_lo, seed_hi)
+    # [BM, BN / 4, 2, 2] with element [m, c, s, t] = word 2 s + t: row-major, that is column 4 c + 2 s + t.
+    words = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [BM, BN])
+    return words >= threshold.to(tl.uint32)
+
+
+# The kernel parameters that get dropout_args: they change every step, so kernels take them with
+# do_not_specialize=RNG_ARGS (a value of 1 would become a constexpr, divisibility a recompile).
+RNG_ARGS = ["seed_lo", "seed_hi", "rng_offset", "threshold"]
 
 
 def dropout_args(rng_state, dropout_p: float) -> tuple[int, int, int, int]:
-    """(seed_lo, seed_hi, offset, threshold) kernel arguments of :func:`dropout_keep`."""
+    """(seed_lo, seed_hi, offset, threshold) kernel arguments of :func:`dropout_keep` and
+    :func:`dropout_keep_tile`, from `rng_state` = int64 [seed, offset]."""
     seed, offset = (int(x) for x in rng_state.tolist())
     return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, offset, int(dropout_p * 2.0**32)
 

@@ -7,10 +7,11 @@ BLOCK_DC] tiles of q, k, v through the strides of B, L and H (the unbind views
 of a [B, L, 3, H, d] Linear output, no copy), d in chunks of BLOCK_DC, and
 forms the B x B scores of every position as broadcast-multiply-sums over a
 [BLOCK_P, BLOCK_B, BLOCK_B, BLOCK_DC] product (B is small: no tl.dot), then the
-softmax over the key samples, the dropout of _common.dropout_keep on element
-(p*B + i)*B + j, and the output. Backward recomputes P from q, k and lse,
-regenerates the mask, takes D_i = sum_j P_ij dP_ij (= sum_c dO_ic O_ic, so
-`out` is not read) and writes each element of dq, dk, dv once: deterministic.
+softmax over the key samples, the dropout of _common.dropout_keep (row
+p*B + i, column j of P: rows of B), and the output. Backward recomputes P
+from q, k and lse, regenerates the mask, takes D_i = sum_j P_ij dP_ij
+(= sum_c dO_ic O_ic, so `out` is not read) and writes each element of dq,
+dk, dv once: deterministic.
 Accumulation is float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dropout_args, dropout_keep, float_arg, split_float
+from ._common import RNG_ARGS, dropout_args, dropout_keep, float_arg, split_float
 
 # Elements of the [BLOCK_P, BLOCK_B, BLOCK_B, BLOCK_DC] products a program holds at once (half that for
 # its [BLOCK_P, BLOCK_B, BLOCK_DC] tiles); sized for ~100 registers per thread at 4 warps (ptxas, sm_80/90).
@@ -52,10 +53,11 @@ def _store_chunk(ptr, value, p, b, row_ok, c0, LH, D: tl.constexpr, BLOCK_DC: tl
 
 
 @triton.jit
-def _dropout_scale(p, b, seed_lo, seed_hi, offset, threshold, keep, B: tl.constexpr):
+def _dropout_scale(p, b, seed_lo, seed_hi, rng_offset, threshold, keep, B: tl.constexpr):
     """Z on the [BLOCK_P, BLOCK_B, BLOCK_B] tile: `keep` = 1 / (1 - dropout_p) where kept, 0 where dropped."""
-    index = (p[:, None, None] * B + b[None, :, None]) * B + b[None, None, :]
-    return tl.where(dropout_keep(index, seed_lo, seed_hi, offset, threshold), keep, 0.0)
+    # One Philox per element, not per four columns: BLOCK_B (a power of two >= B) can be 1 or 2.
+    row = p[:, None, None] * B + b[None, :, None]
+    return tl.where(dropout_keep(row, b[None, None, :], B, seed_lo, seed_hi, rng_offset, threshold), keep, 0.0)
 
 
 @triton.jit
@@ -67,10 +69,10 @@ def _positions(LH, H, B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.conste
     return p, p // H, p % H, b, row_ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _forward_kernel(q, k, v, out, lse, LH, H,
                     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
-                    scale_hi, scale_lo, keep_hi, keep_lo, seed_lo, seed_hi, offset, threshold,
+                    scale_hi, scale_lo, keep_hi, keep_lo, seed_lo, seed_hi, rng_offset, threshold,
                     B: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr,
                     BLOCK_DC: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -91,7 +93,8 @@ def _forward_kernel(q, k, v, out, lse, LH, H,
     prob = e / total[:, :, None]
     tl.store(lse + b[None, :] * LH + p[:, None], (m + tl.log(total)).to(lse.dtype.element_ty), mask=row_ok)
     if DROPOUT:
-        prob = prob * _dropout_scale(p, b, seed_lo, seed_hi, offset, threshold, float_arg(keep_hi, keep_lo, FP64), B)
+        keep = float_arg(keep_hi, keep_lo, FP64)
+        prob = prob * _dropout_scale(p, b, seed_lo, seed_hi, rng_offset, threshold, keep, B)
 
     for c0 in range(0, D, BLOCK_DC):
         vc = _load_chunk(v, v_rows, row_ok, c0, D, BLOCK_DC, ACC)
@@ -99,10 +102,10 @@ def _forward_kernel(q, k, v, out, lse, LH, H,
         _store_chunk(out, o, p, b, row_ok, c0, LH, D, BLOCK_DC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _backward_kernel(dout, q, k, v, lse, dq, dk, dv, LH, H,
                      sg_b, sg_l, sg_h, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
-                     scale_hi, scale_lo, keep_hi, keep_lo, seed_lo, seed_hi, offset, threshold,
+                     scale_hi, scale_lo, keep_hi, keep_lo, seed_lo, seed_hi, rng_offset, threshold,
                      B: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr,
                      BLOCK_DC: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -127,7 +130,7 @@ def _backward_kernel(dout, q, k, v, lse, dq, dk, dv, LH, H,
     pair_ok = row_ok[:, :, None] & (b < B)[None, None, :]
     prob = tl.where(pair_ok, tl.exp(s * scale - row_lse[:, :, None]), 0.0)
     if DROPOUT:
-        z = _dropout_scale(p, b, seed_lo, seed_hi, offset, threshold, float_arg(keep_hi, keep_lo, FP64), B)
+        z = _dropout_scale(p, b, seed_lo, seed_hi, rng_offset, threshold, float_arg(keep_hi, keep_lo, FP64), B)
         dp = dp * z
         pz = prob * z
     else:

@@ -3,7 +3,8 @@
 For every sample b and head h, ordinary attention over the L positions
 (FlashAttention-2, as in Triton's fused-attention tutorial), with dropout on
 the probabilities drawn inside the kernels (the Philox spec of
-csrc/philox.h, element index ((b H + h) L + i) L + j of P [B, H, L, L]):
+csrc/philox.h: row (b H + h) L + i of P [B, H, L, L], column j; the key
+blocks are multiples of 4 long, so every Philox serves four keys of a tile):
 
 - forward: one program per (query block, b h) streams over the key blocks
   with an online softmax in base 2 (logits pre-multiplied by scale log2 e);
@@ -30,20 +31,18 @@ import triton.language as tl
 
 from .._checks import check_floating, check_rank, check_same
 from ._common import (
+    RNG_ARGS,
     acc_dtypes,
     device_context,
     dot_precision,
     dropout_args,
-    dropout_keep,
+    dropout_keep_tile,
     float_arg,
     load_tile,
     matmul_acc,
     split_float,
     store_tile,
 )
-
-# The RNG scalars change every step: no specialisation (value 1, divisibility) and so no recompiles.
-_RNG_ARGS = ["seed_lo", "seed_hi", "rng_offset", "threshold"]
 
 # ---------------------------------------------------------------------------
 # Device helpers
@@ -66,9 +65,9 @@ def _program_block(H, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _keep(bh, L, i, j, seed_lo, seed_hi, rng_offset, threshold):
-    """Dropout keep mask of P[b, h, i, j] (i, j broadcastable int64 position tiles)."""
-    return dropout_keep((bh * L + i) * L + j, seed_lo, seed_hi, rng_offset, threshold)
+def _keep(bh, L, queries, key0, seed_lo, seed_hi, rng_offset, threshold, BN: tl.constexpr):
+    """Dropout keep mask [BM, BN] of P[b, h] at the `queries` (int64 [BM]) and keys key0 .. key0 + BN."""
+    return dropout_keep_tile(bh * L + queries, key0, L, seed_lo, seed_hi, rng_offset, threshold, BN)
 
 
 # ---------------------------------------------------------------------------
@@ -76,7 +75,7 @@ def _keep(bh, L, i, j, seed_lo, seed_hi, rng_offset, threshold):
 # ---------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=_RNG_ARGS)
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     H, L, s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
@@ -111,7 +110,7 @@ def _fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _keep(bh, L, rows[:, None], cols[None, :], seed_lo, seed_hi, rng_offset, threshold)
+            keep = _keep(bh, L, rows, n0, seed_lo, seed_hi, rng_offset, threshold, BN)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + matmul_acc(p.to(v.dtype), v, PREC, FP64)
         m = m_new
@@ -144,7 +143,7 @@ def _bwd_delta_kernel(
     tl.store(delta_ptr + bh * L + rows, tl.sum(o.to(ACC) * do.to(ACC), 1), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=_RNG_ARGS)
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     H, L, s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_db, s_dl, s_dh, s_gb, s_gl, s_gh,
@@ -155,6 +154,7 @@ def _bwd_dkdv_kernel(
 ):
     """dV = (P Z)^T dO and dK = scale dS^T Q for a block of BN keys, in the transposed [keys, queries] frame."""
     bh, b, h, keys, key_ok = _program_block(H, L, BN)
+    key0 = tl.program_id(0) * BN
     cd = tl.arange(0, BD)
     q_base = _head(q_ptr, b, h, s_qb, s_qh)
     do_base = _head(do_ptr, b, h, s_db, s_dh)
@@ -179,7 +179,8 @@ def _bwd_dkdv_kernel(
         dp_t = matmul_acc(v, tl.trans(do), PREC, FP64)
         pz_t = p_t
         if DROPOUT:
-            keep = _keep(bh, L, rows[None, :], keys[:, None], seed_lo, seed_hi, rng_offset, threshold)
+            # The RNG draws along keys (groups of 4 columns): draw the [queries, keys] tile and transpose it.
+            keep = tl.trans(_keep(bh, L, rows, key0, seed_lo, seed_hi, rng_offset, threshold, BN))
             pz_t = tl.where(keep, p_t, 0.0)  # times 1 / (1 - p) once, on dV
             dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
         dv += matmul_acc(pz_t.to(do.dtype), do, PREC, FP64)
@@ -193,7 +194,7 @@ def _bwd_dkdv_kernel(
                 cd, D, BD)
 
 
-@triton.jit(do_not_specialize=_RNG_ARGS)
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     H, L, s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_db, s_dl, s_dh, s_gb, s_gl, s_gh,
@@ -226,7 +227,7 @@ def _bwd_dq_kernel(
             p = tl.where(col_ok[None, :], p, 0.0)
         dp = matmul_acc(do, tl.trans(v), PREC, FP64)
         if DROPOUT:
-            keep = _keep(bh, L, rows[:, None], cols[None, :], seed_lo, seed_hi, rng_offset, threshold)
+            keep = _keep(bh, L, rows, n0, seed_lo, seed_hi, rng_offset, threshold, BN)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += matmul_acc(ds.to(k.dtype), k, PREC, FP64)

@@ -19,7 +19,7 @@
 // over the key samples j in vector lanes (k, v of the position transposed to
 // [d, B] in the buffer first: no horizontal sums), softmax rows over j with
 // the vec_math exp, the row combinations (P Z) V, dS K, ... over d.
-// Dropout: element ((l*H + h)*B + i)*B + j of csrc/philox.h's spec.
+// Dropout: csrc/philox.h's spec on the [L, H, B] rows of B key samples.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -119,12 +119,18 @@ struct Dropout {
     inv_keep = 1 / (1 - pb.dropout_p);
   }
 
-  // z[e] = Z of element first + e (1 / (1 - p) kept, 0 dropped), e < count.
+  // z[i * B + j] = Z of the B x B probabilities at position-head `pos` (1 / (1 - p) kept, 0 dropped).
   template <typename T>
-  void fill(T* z, int64_t first, int64_t count) const {
+  void fill(T* z, int64_t pos, int64_t B) const {
     const T kept = static_cast<T>(inv_keep);
-    for (int64_t e = 0; e < count; ++e) {
-      z[e] = dropout_word(seed, offset, static_cast<uint64_t>(first + e)) >= threshold ? kept : T(0);
+    for (int64_t i = 0; i < B; ++i) {
+      const uint64_t row = static_cast<uint64_t>(pos * B + i);
+      for (int64_t j0 = 0; j0 < B; j0 += 4) {
+        const Philox4 words = dropout_words(seed, dropout_counter(offset, row, B, j0 / 4));
+        for (int64_t w = 0; w < std::min<int64_t>(4, B - j0); ++w) {
+          z[i * B + j0 + w] = words.x[w] >= threshold ? kept : T(0);
+        }
+      }
     }
   }
 };
@@ -150,7 +156,7 @@ void forward_kernel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const 
         lse[i * LH + pos] = static_cast<T>(m + std::log(sum));
       }
       if (drop.on) {
-        drop.fill(z, pos * BB, BB);
+        drop.fill(z, pos, B);
         for (int64_t e = 0; e < BB; ++e) p[e] *= z[e];
       }
       combine_rows(p, B, int64_t(1), v.at(l, h), v.sB, B, d, T(1), out + pos * d, LH * d);
@@ -175,7 +181,7 @@ void backward_kernel(const Rows<T>& dout, const Rows<T>& q, const Rows<T>& k, co
       for (int64_t i = 0; i < B; ++i) exp_shift_inplace(p + i * B, B, lse[i * LH + pos]);
       row_dots(dop, dout.sB, vt, B, Bp, d, T(1), g);  // dO V^T
       if (drop.on) {
-        drop.fill(z, pos * BB, BB);
+        drop.fill(z, pos, B);
         for (int64_t e = 0; e < BB; ++e) g[e] *= z[e];  // dP
       }
       for (int64_t i = 0; i < B; ++i) {

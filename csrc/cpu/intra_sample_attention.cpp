@@ -14,8 +14,8 @@
 // first). Chunks per (b, h) depend on the sizes only; partials are summed in
 // chunk order: deterministic, no float atomics, whatever the thread count.
 //
-// Dropout mask: csrc/philox.h, element ((b H + h) L + i) L + j, drawn in [4, 8]
-// blocks of words by philox_vec.h (AVX2); no RNG at all when dropout_p == 0.
+// Dropout mask: csrc/philox.h on the [B, H, L] rows of L keys, drawn 128 words
+// at a time by philox_vec.h (AVX2); no RNG at all when dropout_p == 0.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -44,7 +44,8 @@ using vecmath::vexp;
 
 // Query and key block sizes: a 64 x 64 float tile is 16 KiB.
 constexpr int64_t kBlock = 64;
-static_assert(kBlock % kPhiloxBatch == 0, "a row of a backward tile is whole [4, 8] Philox blocks");
+static_assert(kBlock == DropoutWords::kRowLen, "a row of a backward tile is one row of DropoutWords::rows()");
+static_assert(kBlock % DropoutWords::kColumnLen == 0, "a forward tile is whole DropoutWords::columns() blocks");
 // Backward: (b, h) pairs are split into key chunks until there are this many
 // tasks (parallelism for small B H), which costs one dQ partial per chunk.
 constexpr int64_t kMinBackwardTasks = 32;
@@ -252,14 +253,14 @@ void forward_block(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, int
       for (int64_t j = 0; j < nk; ++j) m_new = at::vec::maximum(m_new, V::loadu(st + j * ld + i) * vscale);
       const V neg_m = V(T(0)) - m_new;
       V sum(T(0));
-      for (int64_t j = 0; j < nk; j += kPhiloxRows) {
-        // Words of rows j0 + j + r (r < 4) for queries i0 + i + c (c < 8, the lanes).
-        if (dropout) draw(static_cast<uint64_t>((bh * L + i0 + i) * L + j0 + j), words);
-        for (int64_t r = 0; r < std::min(kPhiloxRows, nk - j); ++r) {
+      for (int64_t j = 0; j < nk; j += DropoutWords::kColumnLen) {
+        // Words of keys j0 + j + r (r < 16) for queries i0 + i + c (c < 8, the lanes).
+        if (dropout) draw.columns(static_cast<uint64_t>(bh * L + i0 + i), static_cast<uint64_t>(j0 + j), words);
+        for (int64_t r = 0; r < std::min(DropoutWords::kColumnLen, nk - j); ++r) {
           T* s = st + (j + r) * ld + i;
           V p = vexp(at::vec::fmadd(V::loadu(s), vscale, neg_m));
           sum += p;
-          if (dropout) p = p * keep_scale<T>(words + r * kPhiloxCols, threshold, inv_keep);
+          if (dropout) p = p * keep_scale<T>(words + r * DropoutWords::kColumnRows, threshold, inv_keep);
           p.store(s);
         }
       }
@@ -363,14 +364,16 @@ void backward_chunk(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, co
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t row = bh * L + i0 + i;
           const V neg_lse(-lse[row]), d_i(D[row]);
-          for (int64_t j = 0; dropout && j < nk; j += kPhiloxBatch) draw(static_cast<uint64_t>(row * L + j0 + j), words + j);
+          // Words of keys j0 .. j0 + 63 for this query row and the next.
+          if (dropout && i % 2 == 0) draw.rows(static_cast<uint64_t>(row), static_cast<uint64_t>(j0), words);
+          const uint32_t* row_words = words + (i % 2) * kBlock;
           for (int64_t t = 0; t < nvec; ++t) {
             T* s = sp + i * ld + t * W;
             T* dp = ds + i * ld + t * W;
             V p = vexp(at::vec::fmadd(V::loadu(s), vscale, neg_lse));
             V dpz = V::loadu(dp);
             if (dropout) {
-              const V z = keep_scale<T>(words + t * W, threshold, inv_keep);
+              const V z = keep_scale<T>(row_words + t * W, threshold, inv_keep);
               dpz = dpz * z;
               (p * z).store(s);
             } else {
@@ -414,8 +417,8 @@ std::tuple<Tensor, Tensor> intra_sample_attention_forward(const Tensor& q, const
     const int64_t ws_size = 2 * d * kBlock + kBlock * kBlock + 3 * kBlock;
     at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
       std::vector<scalar_t> ws(ws_size);
-      std::vector<uint32_t> words(kPhiloxBatch);
-      const DropoutWords draw(drop.seed, drop.offset, 1, static_cast<uint64_t>(L));  // [keys, queries] blocks
+      std::vector<uint32_t> words(DropoutWords::kColumnLen * DropoutWords::kColumnRows);
+      const DropoutWords draw(drop.seed, drop.offset, static_cast<uint64_t>(L));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / nqb, i0 = (t % nqb) * kBlock;
         forward_block<scalar_t>(Q, K, Vh, bh / H, bh % H, H, L, d, i0, std::min(kBlock, L - i0),
@@ -461,8 +464,8 @@ std::tuple<Tensor, Tensor, Tensor> intra_sample_attention_backward(const Tensor&
     const int64_t ws_size = 2 * kGroup * d * kBlock + 2 * kBlock * kBlock;
     at::parallel_for(0, B * H * sh.chunks, 1, [&](int64_t t0, int64_t t1) {
       std::vector<scalar_t> ws(ws_size);
-      std::vector<uint32_t> words(kBlock);
-      const DropoutWords draw(drop.seed, drop.offset, kPhiloxCols, 1);  // runs of 32 along a row of P
+      std::vector<uint32_t> words(DropoutWords::kPairRows * kBlock);
+      const DropoutWords draw(drop.seed, drop.offset, static_cast<uint64_t>(L));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / sh.chunks, c = t % sh.chunks, b = bh / H, h = bh % H;
         const int64_t head = (b * L * H + h) * d;  // offset of row 0 of head (b, h) in [B, L, H, d]

@@ -11,9 +11,9 @@
 // sweep, with vector accesses when d, the strides and the pointers allow. The
 // scores are dot products summed over the group by xor shuffles: a butterfly,
 // so every lane ends with the same bits and runs the softmax itself, and the
-// summation order depends on G only (deterministic). Dropout bits of a tile: each
-// lane draws every G-th element with the Philox of csrc/philox.h, the group ORs
-// them into one 64-bit mask.
+// summation order depends on G only (deterministic). Dropout bits of a tile: the
+// lanes share its Philox calls (csrc/philox.h: one per row and 4 columns), the
+// group ORs their bits into one 64-bit mask.
 //
 // The B x B scores of a pair go in kI x kI tiles (kI = 2, 4 or 8 from B, d and
 // the dtype; B itself is a runtime value). For B <= kI (CAML: B = 4) a pair is
@@ -175,18 +175,25 @@ struct Dropout {
 };
 
 // Keep bits of pair p's B x B dropout mask for rows i0 + r (r < kR) and columns
-// j0 + c (c < kC): bit r * kC + c. All ones without dropout.
+// j0 + c (c < kC): bit r * kC + c. All ones without dropout. The lanes share
+// the tile's Philox calls, one per row and group of 4 columns (csrc/philox.h);
+// j0 is a multiple of kC, so a tile of kC = 2 columns lies in one group.
 template <int kR, int kC>
 __device__ __forceinline__ unsigned long long keep_bits(const Dropout& dr, int64_t p, int B, int i0, int j0,
                                                         bool active, int t, int G) {
   static_assert(kR * kC <= 64, "one 64-bit mask per tile");
+  static_assert(kC == 2 || kC % 4 == 0, "a column tile is half a group or whole groups");
+  constexpr int kGroups = (kC + 3) / 4;  // column groups per tile row
   if (!dr.on) return ~0ull;
   unsigned long long mine = 0;
-  for (int e = t; e < kR * kC; e += G) {
-    const int i = i0 + e / kC, j = j0 + e % kC;
-    if (active && i < B && j < B) {
-      const uint64_t index = (static_cast<uint64_t>(p) * B + i) * B + j;
-      if (dropout_word(dr.seed, dr.offset, index) >= dr.threshold) mine |= 1ull << e;
+  for (int u = t; u < kR * kGroups; u += G) {
+    const int r = u / kGroups, i = i0 + r, g = j0 / 4 + u % kGroups;
+    if (!active || i >= B) continue;
+    const Philox4 words = dropout_words(dr.seed, dropout_counter(dr.offset, static_cast<uint64_t>(p) * B + i, B, g));
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const int c = 4 * g + w - j0;
+      if (c >= 0 && c < kC && j0 + c < B && words.x[w] >= dr.threshold) mine |= 1ull << (r * kC + c);
     }
   }
   return group_or(mine, G);
