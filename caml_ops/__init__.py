@@ -2,6 +2,7 @@
 from . import nn
 from ._backend import BACKENDS, get_backend, set_backend
 from .attention import cross_sample_attention, intra_sample_attention
+from .dropout import dropout
 from .mutual_consistency import mutual_consistency_loss
 from .omni_correlation import omni_correlation, omni_correlation_loss
 
@@ -11,6 +12,7 @@ __all__ = [
     "get_backend",
     "set_backend",
     "cross_sample_attention",
+    "dropout",
     "intra_sample_attention",
     "mutual_consistency_loss",
     "omni_correlation",

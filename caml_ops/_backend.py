@@ -22,12 +22,16 @@ _FUSED = {
     "mutual_consistency_loss": ("cuda", "triton", "cpu"),
     "cross_sample_attention": ("cuda", "triton", "cpu"),
     "intra_sample_attention": ("triton", "cpu"),
+    "dropout": ("triton", "cpu"),
 }
 
-# The kernel ops csrc/caml_ops.cpp defines (each with its _backward twin).
-_KERNEL_OPS = (
-    "occ_loss", "omni_correlation", "mutual_consistency", "cross_sample_attention", "intra_sample_attention"
-)
+# The kernel ops csrc/caml_ops.cpp defines.
+_KERNEL_OPS = tuple(
+    f"{name}_{step}"
+    for name in ("occ_loss", "omni_correlation", "mutual_consistency", "cross_sample_attention",
+                 "intra_sample_attention")
+    for step in ("forward", "backward")
+) + ("philox_dropout",)
 
 _selected = "auto"
 _warned_missing_ext = False
@@ -39,10 +43,9 @@ def _load_extension() -> str | None:
         import caml_ops._C  # noqa: F401  (registers the torch.ops.caml_ops kernels)
     except ImportError:
         return "is not importable"
-    for name in _KERNEL_OPS:
-        for op in (f"{name}_forward", f"{name}_backward"):
-            if not hasattr(torch.ops.caml_ops, op):  # an editable install whose build predates this source
-                return f"was built from older sources (it lacks caml_ops::{op})"
+    for op in _KERNEL_OPS:
+        if not hasattr(torch.ops.caml_ops, op):  # an editable install whose build predates this source
+            return f"was built from older sources (it lacks caml_ops::{op})"
     return None
 
 

@@ -23,8 +23,9 @@ from torch import Tensor
 
 from . import reference
 from ._backend import resolve
-from ._checks import check_floating, check_rank, check_same, compute_dtype
+from ._checks import check_dropout_p, check_floating, check_rank, check_same, compute_dtype
 from ._registry import op_variants, register_variants, resolve_op
+from .dropout import draw_rng_state
 
 _KERNEL_ARGS = "Tensor q, Tensor k, Tensor v, float scale, float dropout_p, Tensor rng_state"
 _FORWARD_SCHEMA = f"({_KERNEL_ARGS}) -> (Tensor, Tensor)"
@@ -109,8 +110,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: floa
         )
     if q.numel() == 0:
         raise ValueError(f"q, k and v must be non-empty [B, L, H, d], got shape {tuple(q.shape)}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    check_dropout_p(dropout_p, "dropout_p")
     if scale is None:
         return q.shape[-1] ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -118,11 +118,6 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: floa
     return float(scale)
 
 
-def _rng_state(dropout_p: float) -> Tensor:
-    """int64 [seed, offset] for the kernels' Philox, drawn from torch's default generator (only when dropping)."""
-    if dropout_p == 0.0:
-        return torch.zeros(2, dtype=torch.int64)
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64)
 
 
 def _mask_shape(name: str, q: Tensor) -> tuple[int, int, int, int]:
@@ -137,7 +132,7 @@ def _attention(
     scale = _check_inputs(q, k, v, dropout_p, scale)
     dropout_p = float(dropout_p)
     impl = resolve(name, backend, q.device)
-    rng_state = _rng_state(dropout_p)
+    rng_state = draw_rng_state(dropout_p)
     mask = None
     if dropout_p > 0.0 and (impl == "reference" or return_dropout_mask):
         mask = reference.attention_dropout_mask(rng_state, _mask_shape(name, q), dropout_p, device=q.device)

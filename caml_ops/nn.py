@@ -3,8 +3,9 @@
 The transformer layer keeps the parameters and the semantics of ``nn.TransformerEncoderLayer``
 (post-norm, ReLU, dropout on the attention probabilities, after the attention, after the FFN's
 activation and after the FFN), so weights move between the two with ``load_state_dict(strict=True)``;
-only the attention is replaced by :func:`caml_ops.cross_sample_attention` (across the samples of the
-batch at every position) or :func:`caml_ops.intra_sample_attention` (over the positions of each sample).
+the attention is replaced by :func:`caml_ops.cross_sample_attention` (across the samples of the batch at
+every position) or :func:`caml_ops.intra_sample_attention` (over the positions of each sample), and the
+three other dropouts by :class:`Dropout` (:func:`caml_ops.dropout`, the same Philox RNG).
 """
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice
+from ._checks import check_choice, check_dropout_p
 from .attention import cross_sample_attention, intra_sample_attention
+from .dropout import dropout as philox_dropout
 from .mutual_consistency import mutual_consistency_loss
 from .omni_correlation import omni_correlation_loss
 
 __all__ = [
+    "Dropout",
     "CrossSampleTransformerLayer",
     "CrossSampleMutualAttention",
     "OmniCorrelationLoss",
@@ -30,10 +33,19 @@ __all__ = [
 ATTENTIONS = ("inter", "intra")
 
 
-def _check_dropout(dropout: float) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    return float(dropout)
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the Philox mask of :func:`caml_ops.dropout`: no mask kept for the backward, and
+    on CPU the mask costs a fraction of torch's Bernoulli sampling."""
+
+    def __init__(self, p: float = 0.5, *, backend: str = "auto") -> None:
+        super().__init__(check_dropout_p(p, "p"))
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        return philox_dropout(x, self.p, self.training, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, backend={self.backend!r}"
 
 
 class _SampleSelfAttention(nn.Module):
@@ -100,18 +112,21 @@ class CrossSampleTransformerLayer(nn.Module):
             raise ValueError(f"d_model ({d_model}) must be a positive multiple of nhead ({nhead})")
         if dim_feedforward <= 0:
             raise ValueError(f"dim_feedforward must be > 0, got {dim_feedforward}")
-        dropout = _check_dropout(dropout)
+        dropout = check_dropout_p(dropout, "dropout")
         check_choice(attention, "attention", ATTENTIONS)
         self.d_model, self.nhead, self.dim_feedforward = d_model, nhead, dim_feedforward
         self.attention, self.active_in_eval = attention, bool(active_in_eval)
         self.self_attn = _SampleSelfAttention(d_model, nhead, dropout, attention, backend)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        # `backend` picks the attention kernels; the dropouts draw the same masks on every backend, so
+        # they take the fastest one (the reference only for a reference layer).
+        dropout_backend = "reference" if backend == "reference" else "auto"
+        self.dropout = Dropout(dropout, backend=dropout_backend)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout, backend=dropout_backend)
+        self.dropout2 = Dropout(dropout, backend=dropout_backend)
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training or self.active_in_eval):

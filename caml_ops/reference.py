@@ -158,5 +158,20 @@ def attention_dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: f
         rows *= size
     row = torch.arange(rows, dtype=torch.int64, device=device)[:, None]
     group = torch.arange((row_len + 3) // 4, dtype=torch.int64, device=device)[None, :]
-    words = _dropout_words(rng_state, row, group, row_len).view(rows, -1)[:, :row_len]
+    words = _dropout_words(rng_state, row, group, row_len).view(rows, 4 * group.shape[1])[:, :row_len]
     return (words >= int(dropout_p * 2.0**32)).view(*shape)
+
+
+def philox_dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: float, device=None) -> Tensor:
+    """The keep mask of :func:`caml_ops.dropout` over a tensor of `shape`: its row-major elements as rows of 64
+    (element i: word i mod 4 of Philox(seed, offset + i / 4); see :func:`attention_dropout_keep`)."""
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    rows = -(-numel // 64)
+    return attention_dropout_mask(rng_state, (rows, 64), dropout_p, device=device).flatten()[:numel].view(tuple(shape))
+
+
+def dropout(x: Tensor, dropout_p: float, mask: Tensor) -> Tensor:
+    """x * mask / (1 - dropout_p): dropout with a given keep mask (True = keep)."""
+    return x * (mask.to(x.dtype) * (1.0 / (1.0 - dropout_p)))

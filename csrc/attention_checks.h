@@ -1,5 +1,6 @@
-// Input checks of the attention kernel ops (cross_sample_attention_*, intra_sample_attention_*),
-// shared by the CPU kernels and the CUDA binding; host code only. Messages name the op, the
+// Input checks of the attention kernel ops (cross_sample_attention_*,
+// intra_sample_attention_*) and the rng_state of philox_dropout, shared by the
+// CPU kernels and the CUDA binding; host code only. Messages name the op, the
 // argument and the expected form.
 #pragma once
 
@@ -18,6 +19,22 @@ struct AttentionProblem {
   double scale, dropout_p;
   uint64_t seed, offset;  // csrc/philox.h; unused when dropout_p == 0
 };
+
+// The (seed, offset) of csrc/philox.h's dropout.
+struct RngState {
+  uint64_t seed, offset;
+};
+
+// Reads rng_state, an int64 CPU tensor [2] = (seed, offset).
+inline RngState read_rng_state(const char* op, const at::Tensor& rng_state) {
+  TORCH_CHECK(rng_state.device().is_cpu() && rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 &&
+                  rng_state.size(0) == 2,
+              op, ": rng_state must be an int64 CPU tensor [2] = (seed, offset), got ", rng_state.scalar_type(), " ",
+              rng_state.sizes(), " on ", rng_state.device());
+  const at::Tensor state = rng_state.contiguous();
+  const int64_t* seed_offset = state.const_data_ptr<int64_t>();
+  return {static_cast<uint64_t>(seed_offset[0]), static_cast<uint64_t>(seed_offset[1])};
+}
 
 // What the calling kernels take.
 struct AttentionKernel {
@@ -59,13 +76,8 @@ inline AttentionProblem check_attention(const char* op, AttentionKernel kernel, 
   TORCH_CHECK(B >= 1 && L >= 1 && d >= 1, op, ": q must be [B, L, H, d] with B, L, d >= 1, got shape ", q.sizes());
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(rng_state.device().is_cpu() && rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 &&
-                  rng_state.size(0) == 2,
-              op, ": rng_state must be an int64 CPU tensor [2] = (seed, offset), got ", rng_state.scalar_type(), " ",
-              rng_state.sizes(), " on ", rng_state.device());
-  const at::Tensor state = rng_state.contiguous();
-  const int64_t* seed_offset = state.const_data_ptr<int64_t>();
-  return {B, L, H, d, scale, dropout_p, static_cast<uint64_t>(seed_offset[0]), static_cast<uint64_t>(seed_offset[1])};
+  const RngState rng = read_rng_state(op, rng_state);
+  return {B, L, H, d, scale, dropout_p, rng.seed, rng.offset};
 }
 
 // check_attention, and grad_out, out like q, lse as the forward wrote it.

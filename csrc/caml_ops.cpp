@@ -45,4 +45,7 @@ TORCH_LIBRARY(caml_ops, m) {
         " Tensor rng_state) -> (Tensor out, Tensor lse)");
   m.def("intra_sample_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " float scale, float dropout_p, Tensor rng_state) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Dropout x * keep / (1 - dropout_p) with csrc/philox.h's mask over the
+  // row-major elements (rows of 64); its own backward (the same mask on grad).
+  m.def("philox_dropout(Tensor x, float dropout_p, Tensor rng_state) -> Tensor");
 }

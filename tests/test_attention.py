@@ -142,7 +142,7 @@ def test_intra_long_sequence_has_64bit_dropout_counters(name, backend, device):
     torch.manual_seed(seed)
     out = caml_ops.intra_sample_attention(q, k, v, dropout_p=p, backend=backend)
     torch.manual_seed(seed)
-    rng_state = torch.randint(0, 2**62, (2,))  # the draw the op makes (caml_ops.attention._rng_state)
+    rng_state = torch.randint(0, 2**62, (2,))  # the draw the op makes (caml_ops.dropout.draw_rng_state)
     head, groups = heads - 1, (length + 3) // 4
     rows = torch.tensor([0, 1, length // 2, 2**32 // groups + 1 - head * length, length - 2, length - 1],
                         device=device)

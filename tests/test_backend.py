@@ -96,7 +96,7 @@ def test_a_stale_extension_counts_as_missing(monkeypatch):
     assert _backend._load_extension() is None
     monkeypatch.setattr(_backend, "_KERNEL_OPS", _backend._KERNEL_OPS + ("no_such_op",))
     problem = _backend._load_extension()
-    assert problem == "was built from older sources (it lacks caml_ops::no_such_op_forward)"
+    assert problem == "was built from older sources (it lacks caml_ops::no_such_op)"
     monkeypatch.setattr(_backend, "_EXTENSION_PROBLEM", problem)
     monkeypatch.setattr(_backend, "HAS_EXTENSION", False)
     with pytest.raises(RuntimeError, match="older sources.*rebuild"):

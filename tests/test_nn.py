@@ -81,9 +81,9 @@ def test_state_dict_moves_both_ways():
 
 
 def spelled_out_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attention: str, p: float) -> torch.Tensor:
-    """nn.TransformerEncoderLayer's computation written out on tokens [B, L, C], with the attention's
-    Philox mask drawn first from torch's generator (as caml_ops does), then dropout1, the FFN dropout
-    and dropout2 drawn by torch in that order."""
+    """nn.TransformerEncoderLayer's computation written out on tokens [B, L, C], with the Philox states
+    drawn from torch's generator in the order caml_ops draws them: the attention's mask, then dropout1,
+    the FFN dropout and dropout2."""
     tokens = x.flatten(2).transpose(1, 2)
     batch, length, channels = tokens.shape
     heads = layer.self_attn.num_heads
@@ -94,9 +94,14 @@ def spelled_out_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attent
     shape = (length, heads, batch, batch) if attention == "inter" else (batch, heads, length, length)
     mask = reference.attention_dropout_mask(rng_state, shape, p)
     attended = getattr(reference, op)(q, k, v, p, None, dropout_mask=mask).reshape(batch, length, channels)
-    h = layer.norm1(tokens + F.dropout(layer.self_attn.out_proj(attended), p))
-    h = layer.norm2(h + F.dropout(layer.linear2(F.dropout(F.relu(layer.linear1(h)), p)), p))
+    h = layer.norm1(tokens + philox_dropout(layer.self_attn.out_proj(attended), p))
+    h = layer.norm2(h + philox_dropout(layer.linear2(philox_dropout(F.relu(layer.linear1(h)), p)), p))
     return h.transpose(1, 2).reshape(x.shape)
+
+
+def philox_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The reference dropout with the Philox mask of a state drawn now from torch's generator."""
+    return reference.dropout(x, p, reference.philox_dropout_mask(torch.randint(0, 2**62, (2,)), x.shape, p))
 
 
 @pytest.mark.parametrize("attention,backend,device", LAYER_CASES)

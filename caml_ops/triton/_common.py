@@ -92,6 +92,13 @@ def dropout_keep_tile(row, col0, row_len, seed_lo, seed_hi, offset, threshold, B
 RNG_ARGS = ["seed_lo", "seed_hi", "rng_offset", "threshold"]
 
 
+def check_rng_state(rng_state) -> None:
+    if (not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.int64 or rng_state.shape != (2,)
+            or rng_state.device.type != "cpu"):
+        raise ValueError("rng_state must be an int64 CPU tensor [2] = (seed, offset), got "
+                         f"{getattr(rng_state, 'dtype', type(rng_state))} {tuple(getattr(rng_state, 'shape', ()))}")
+
+
 def dropout_args(rng_state, dropout_p: float) -> tuple[int, int, int, int]:
     """(seed_lo, seed_hi, offset, threshold) kernel arguments of :func:`dropout_keep` and
     :func:`dropout_keep_tile`, from `rng_state` = int64 [seed, offset]."""

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RNG_ARGS, dropout_args, dropout_keep, float_arg, split_float
+from ._common import RNG_ARGS, check_rng_state, dropout_args, dropout_keep, float_arg, split_float
 
 # Elements of the [BLOCK_P, BLOCK_B, BLOCK_B, BLOCK_DC] products a program holds at once (half that for
 # its [BLOCK_P, BLOCK_B, BLOCK_DC] tiles); sized for ~100 registers per thread at 4 warps (ptxas, sm_80/90).
@@ -171,9 +171,7 @@ def _check(q, k, v, scale: float, dropout_p: float, rng_state) -> None:
         raise ValueError(f"scale must be finite, got {scale!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if (not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.int64 or rng_state.shape != (2,)
-            or rng_state.device.type != "cpu"):
-        raise ValueError("rng_state must be an int64 CPU tensor [2] = (seed, offset)")
+    check_rng_state(rng_state)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from .._checks import check_floating, check_rank, check_same
 from ._common import (
     RNG_ARGS,
     acc_dtypes,
+    check_rng_state,
     device_context,
     dot_precision,
     dropout_args,
@@ -293,10 +294,7 @@ def _check_args(tensors: dict, scale: float, dropout_p: float, rng_state: torch.
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if (not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.int64 or rng_state.shape != (2,)
-            or rng_state.device.type != "cpu"):
-        raise ValueError("rng_state must be an int64 CPU tensor [2] = (seed, offset), got "
-                         f"{getattr(rng_state, 'dtype', type(rng_state))} {tuple(getattr(rng_state, 'shape', ()))}")
+    check_rng_state(rng_state)
 
 
 def _scalars(scale: float, dropout_p: float, rng_state: torch.Tensor) -> tuple:

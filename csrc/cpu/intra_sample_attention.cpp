@@ -38,6 +38,7 @@ namespace {
 
 using at::Tensor;
 using at::vec::Vectorized;
+using vecmath::keep_scale;
 using vecmath::kLanes;
 using vecmath::load;
 using vecmath::vexp;
@@ -173,23 +174,6 @@ struct Dropout {
   uint32_t threshold;
   double inv_keep;  // 1 / (1 - p)
 };
-
-// Per lane: inv_keep where the element is kept (word >= threshold), else 0.
-template <typename T>
-inline Vectorized<T> keep_scale(const uint32_t* words, uint32_t threshold, T inv_keep) {
-  T z[kLanes<T>];
-  for (int64_t t = 0; t < kLanes<T>; ++t) z[t] = words[t] >= threshold ? inv_keep : T(0);
-  return Vectorized<T>::loadu(z);
-}
-
-#if defined(CPU_CAPABILITY_AVX2)
-template <>
-inline Vectorized<float> keep_scale<float>(const uint32_t* words, uint32_t threshold, float inv_keep) {
-  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
-  const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(w, _mm256_set1_epi32(static_cast<int>(threshold))), w);
-  return _mm256_and_ps(_mm256_castsi256_ps(keep), _mm256_set1_ps(inv_keep));
-}
-#endif
 
 // ---------------------------------------------------------------- operands
 

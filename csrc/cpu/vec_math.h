@@ -1,5 +1,5 @@
 // Vector helpers of the CPU kernels: partial loads, horizontal sums,
-// accurate exp and log, and the shifted exp of a softmax row.
+// accurate exp and log, the shifted exp of a softmax row, the dropout scale.
 //
 // float: inline AVX2 polynomials (cephes expf/logf, ~1 ulp), so the extension
 // needs no Sleef symbol from libtorch_cpu and is more accurate than at::vec's
@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 namespace caml_ops {
 namespace vecmath {
@@ -116,6 +117,25 @@ double exp_shift_inplace(T* s, int64_t n, T m) {
   }
   return hsum(sum);
 }
+
+// Dropout scale Z per lane from the Philox words of csrc/philox.h: inv_keep
+// where the element is kept (word >= threshold), else 0. Branch-free: the
+// words are random, so a branch per element would mispredict half the time.
+template <typename T>
+inline Vectorized<T> keep_scale(const uint32_t* words, uint32_t threshold, T inv_keep) {
+  T z[kLanes<T>];
+  for (int64_t t = 0; t < kLanes<T>; ++t) z[t] = words[t] >= threshold ? inv_keep : T(0);
+  return Vectorized<T>::loadu(z);
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vectorized<float> keep_scale<float>(const uint32_t* words, uint32_t threshold, float inv_keep) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
+  const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(w, _mm256_set1_epi32(static_cast<int>(threshold))), w);
+  return _mm256_and_ps(_mm256_castsi256_ps(keep), _mm256_set1_ps(inv_keep));
+}
+#endif
 
 }  // namespace vecmath
 }  // namespace caml_ops
