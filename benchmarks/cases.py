@@ -25,6 +25,7 @@ OP_IMPLS = {
     "intra": ("fused", "reference", "sdpa"),
     "inter": ("fused", "reference", "sdpa"),
     "cma": ("fused", "reference", "official"),
+    "dropout": ("fused", "official"),
     "train_step": ("fused", "reference"),
 }
 # Implementations that hold B x H x L x L (or B x B per position) matrices are skipped where those would
@@ -134,6 +135,11 @@ def cma_sizes(device: str) -> list[str]:
     return ["4x128x14x14x10-p0.5", "4x128x28x28x20-p0.5"]
 
 
+def dropout_sizes(device: str) -> list[str]:
+    """Rows x columns and p: the FFN activations of the CMA block at CAML's size (4 x 1,960 tokens x 4C)."""
+    return ["100x64-p0.5"] if QUICK else ["7840x512-p0.5"]
+
+
 def _size_and_dropout(size: str) -> tuple[list[int], float]:
     dims, p = size.split("-p")
     return _dims(dims), float(p)
@@ -179,6 +185,15 @@ def _cma(case: Case):
     return lambda: _weighted_sum(block(x), weight), (x, *block.parameters())
 
 
+def _dropout(case: Case):
+    """caml_ops.dropout against torch's (what the official layers' three dropouts run)."""
+    (rows, cols), p = _size_and_dropout(case.size)
+    x = torch.randn(rows, cols, device=case.device, dtype=getattr(torch, case.dtype)).requires_grad_()
+    weight = torch.randn_like(x)
+    drop = caml_ops.dropout if case.impl == "fused" else torch.nn.functional.dropout
+    return lambda: _weighted_sum(drop(x, p), weight), (x,)
+
+
 def feasible(case: Case) -> bool:
     """False for the quadratic-memory implementations where their matrices pass QUADRATIC_LIMIT, and for
     the reference attention with dropout: it draws the kernels' Philox mask in int64 tensor arithmetic
@@ -202,7 +217,7 @@ def feasible(case: Case) -> bool:
 
 BUILDERS = {
     "occ": _occ, "consistency": _consistency, "intra": _attention, "inter": _attention, "cma": _cma,
-    "train_step": _train_step,
+    "dropout": _dropout, "train_step": _train_step,
 }
 
 
@@ -232,7 +247,7 @@ def all_cases() -> list[Case]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     sizes = {
         "occ": occ_sizes, "consistency": consistency_sizes, "intra": attention_sizes, "inter": attention_sizes,
-        "cma": cma_sizes, "train_step": train_step_sizes,
+        "cma": cma_sizes, "dropout": dropout_sizes, "train_step": train_step_sizes,
     }
     cases = [
         Case(op, size, impl, device)
