@@ -67,7 +67,7 @@ def triton_interpreted() -> bool:
 def set_backend(backend: str) -> None:
     """Set the process-wide default backend ("auto", "reference", "cpu", "triton", "cuda")."""
     global _selected
-    _selected = _check_name(backend, "backend")
+    _selected = check_backend_name(backend, "backend")
 
 
 def get_backend() -> str:
@@ -75,7 +75,7 @@ def get_backend() -> str:
     return _selected
 
 
-def _check_name(backend: str, what: str) -> str:
+def check_backend_name(backend: str, what: str = "backend") -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{what} must be one of {BACKENDS}, got {backend!r}")
     return backend
@@ -100,11 +100,11 @@ def _warn_missing_extension(fallback: str) -> None:
 
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend that runs `op` on `device`; raises ValueError if it cannot."""
-    choice = _check_name(backend, "backend")
+    choice = check_backend_name(backend, "backend")
     if choice == "auto":
         choice = _selected
     if choice == "auto":
-        choice = _check_name(os.environ.get("CAML_OPS_BACKEND", "auto"), "CAML_OPS_BACKEND")
+        choice = check_backend_name(os.environ.get("CAML_OPS_BACKEND", "auto"), "CAML_OPS_BACKEND")
     if choice == "auto":
         return _auto(op, device)
     _check_usable(op, choice, device)

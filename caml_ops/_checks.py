@@ -1,6 +1,7 @@
 """Input validation shared by the public ops: clear errors that name the argument."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -30,20 +31,42 @@ def check_same(tensors: Sequence[Tensor], names: Sequence[str]) -> None:
             raise TypeError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}; use one dtype")
 
 
-def check_positive(value: float, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+# The smallest temperature the ops take: the smallest normal float32. Below it 1 / T overflows float32
+# (the kernels' arithmetic for float32 inputs) and T itself rounds to a subnormal, where backends would
+# each compute a different limit.
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_temperature(value: float, name: str = "temperature", *, at_most: float = math.inf) -> float:
+    """A finite temperature in [MIN_TEMPERATURE, at_most]: the one check every backend relies on."""
+    if not _is_number(value) or not (MIN_TEMPERATURE <= value <= at_most and math.isfinite(value)):
+        upper = "" if at_most == math.inf else f" and <= {at_most:g}"
+        raise ValueError(
+            f"{name} must be a finite number >= {MIN_TEMPERATURE:.6g} (the smallest normal float32){upper}, "
+            f"got {value!r}"
+        )
     return float(value)
 
 
-def check_non_negative(value: float, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+def check_eps(value: float, name: str = "eps") -> float:
+    if not _is_number(value) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Sizes of modules (channels, heads, widths): a Python int (not bool) > 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be an int > 0, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def check_dropout_p(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if not _is_number(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
 

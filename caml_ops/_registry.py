@@ -24,6 +24,22 @@ def op_variants(forward: str, backward: str) -> dict[str, tuple[str, str]]:
     return variants
 
 
+def contiguous_like(x: torch.Tensor) -> torch.Tensor:
+    """A fake kernel's output like x, contiguous as every real kernel returns it (whatever x's strides)."""
+    return x.new_empty(x.shape)
+
+
+def _no_double_backward(backward_name: str) -> Callable:
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{backward_name} has no derivative: caml_ops ops support first derivatives only (a backward "
+            "through a gradient taken with create_graph=True, e.g. a gradient penalty or double backward, "
+            "is not implemented); use backend='reference' for higher derivatives"
+        )
+
+    return backward
+
+
 def resolve_op(qualname: str):
     namespace, name = qualname.split("::")
     return getattr(getattr(torch.ops, namespace), name).default
@@ -49,3 +65,6 @@ def register_variants(
             functools.partial(backward, resolve_op(backward_name)),
             setup_context=setup_context,
         )
+        # Without a formula, autograd would let a C++ backward op fall through with zero second
+        # derivatives (and only a warning); with this one, every backend raises alike.
+        torch.library.register_autograd(backward_name, _no_double_backward(backward_name))

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from . import reference
 from ._backend import resolve
-from ._checks import check_floating, check_positive, check_same, compute_dtype
-from ._registry import op_variants, register_variants, resolve_op
+from ._checks import check_floating, check_same, check_temperature, compute_dtype
+from ._registry import contiguous_like, op_variants, register_variants, resolve_op
 
 
 def _triton_kernels():
@@ -38,7 +38,7 @@ def _fake_forward(logits, temperature):
 
 
 def _fake_backward(grad, logits, temperature):
-    return [torch.empty_like(x) for x in logits]
+    return [contiguous_like(x) for x in logits]
 
 
 def _setup(ctx, inputs, output):
@@ -83,7 +83,8 @@ def mutual_consistency_loss(
     Args:
         logits: a sequence of S >= 2 tensors [B, C, *spatial] (same shape, dtype and device, C >= 2),
             or one stacked tensor [S, B, C, *spatial].
-        temperature: sharpening temperature T, > 0.
+        temperature: sharpening temperature T, finite, in [1.18e-38, 1] (the smallest normal float32 to 1:
+            above 1 the map softens, and its derivative at a probability of 0 or 1 is infinite).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
 
     Returns:
@@ -104,7 +105,7 @@ def mutual_consistency_loss(
             raise ValueError(f"{name} has shape {tuple(x.shape)} but logits[0] has {tuple(first.shape)}; they must match")
     if first.numel() == 0:
         raise ValueError(f"logits are empty (shape {tuple(first.shape)}): the mean over no voxels is undefined")
-    temperature = check_positive(temperature, "temperature")
+    temperature = check_temperature(temperature, at_most=1.0)
     impl = resolve("mutual_consistency_loss", backend, first.device)
     if impl == "reference":
         return reference.mutual_consistency_loss(logits, temperature)

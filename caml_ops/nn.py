@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_dropout_p
+from ._backend import check_backend_name
+from ._checks import check_choice, check_dropout_p, check_eps, check_positive_int, check_temperature
 from .attention import cross_sample_attention, intra_sample_attention
 from .dropout import dropout as philox_dropout
 from .mutual_consistency import mutual_consistency_loss
-from .omni_correlation import omni_correlation_loss
+from .omni_correlation import REDUCTIONS, omni_correlation_loss
 
 __all__ = [
     "Dropout",
@@ -39,7 +40,7 @@ class Dropout(nn.Dropout):
 
     def __init__(self, p: float = 0.5, *, backend: str = "auto") -> None:
         super().__init__(check_dropout_p(p, "p"))
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
         return philox_dropout(x, self.p, self.training, backend=self.backend)
@@ -108,11 +109,12 @@ class CrossSampleTransformerLayer(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if d_model <= 0 or nhead <= 0 or d_model % nhead:
-            raise ValueError(f"d_model ({d_model}) must be a positive multiple of nhead ({nhead})")
-        if dim_feedforward <= 0:
-            raise ValueError(f"dim_feedforward must be > 0, got {dim_feedforward}")
+        for value, name in ((d_model, "d_model"), (nhead, "nhead"), (dim_feedforward, "dim_feedforward")):
+            check_positive_int(value, name)
+        if d_model % nhead:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of nhead ({nhead})")
         dropout = check_dropout_p(dropout, "dropout")
+        check_backend_name(backend)
         check_choice(attention, "attention", ATTENTIONS)
         self.d_model, self.nhead, self.dim_feedforward = d_model, nhead, dim_feedforward
         self.attention, self.active_in_eval = attention, bool(active_in_eval)
@@ -169,6 +171,8 @@ class CrossSampleMutualAttention(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        for value, name in ((channels, "channels"), (nhead, "nhead"), (ffn_mult, "ffn_mult")):
+            check_positive_int(value, name)
         self.channels, self.nhead, self.ffn_mult, self.dropout = channels, nhead, ffn_mult, dropout
 
         def stage(attention: str) -> nn.Sequential:
@@ -192,7 +196,8 @@ class OmniCorrelationLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, eps: float = 1e-8, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.temperature, self.eps, self.reduction, self.backend = temperature, eps, reduction, backend
+        self.temperature, self.eps = check_temperature(temperature), check_eps(eps)
+        self.reduction, self.backend = check_choice(reduction, "reduction", REDUCTIONS), check_backend_name(backend)
 
     def forward(self, feat_v: Tensor, feat_a: Tensor, memory: Tensor) -> Tensor:
         return omni_correlation_loss(
@@ -213,7 +218,8 @@ class MutualConsistencyLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, backend: str = "auto"):
         super().__init__()
-        self.temperature, self.backend = temperature, backend
+        self.temperature = check_temperature(temperature, at_most=1.0)
+        self.backend = check_backend_name(backend)
 
     def forward(self, *logits: Tensor | Sequence[Tensor]) -> Tensor:
         return mutual_consistency_loss(

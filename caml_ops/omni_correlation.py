@@ -14,14 +14,14 @@ from . import reference
 from ._backend import resolve
 from ._checks import (
     check_choice,
+    check_eps,
     check_floating,
-    check_non_negative,
-    check_positive,
     check_rank,
     check_same,
+    check_temperature,
     compute_dtype,
 )
-from ._registry import op_variants, register_variants, resolve_op
+from ._registry import contiguous_like, op_variants, register_variants, resolve_op
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -88,7 +88,7 @@ def _fake_occ_forward(feat_v, feat_a, memory, temperature, eps):
 
 
 def _fake_occ_backward(grad_rows, feat_v, feat_a, memory, *stats_and_scalars):
-    return torch.empty_like(feat_v), torch.empty_like(feat_a), torch.empty_like(memory)
+    return contiguous_like(feat_v), contiguous_like(feat_a), contiguous_like(memory)
 
 
 def _setup_occ(ctx, inputs, output):
@@ -113,7 +113,7 @@ def _fake_corr_forward(feat, memory, temperature):
 
 
 def _fake_corr_backward(grad_out, probs, feat, memory, temperature, memory_grad):
-    return torch.empty_like(feat), torch.empty_like(memory)
+    return contiguous_like(feat), contiguous_like(memory)
 
 
 def _setup_corr(ctx, inputs, output):
@@ -175,8 +175,8 @@ def omni_correlation_loss(
         feat_v: [N, D] embeddings of the first sub-model (the "prediction").
         feat_a: [N, D] embeddings of the second sub-model (the target; gradients flow to it too, as in CAML).
         memory: [K, D] labeled embeddings of the memory bank, K >= 1; gets gradients if it requires them.
-        temperature: softmax temperature, > 0.
-        eps: added inside the log (CAML: 1e-8); 0 gives the exact cross-entropy ``lse(s_v) - q . s_v``.
+        temperature: softmax temperature, finite and >= 1.18e-38 (the smallest normal float32).
+        eps: finite, >= 0, added inside the log (CAML: 1e-8); 0 gives the exact cross-entropy ``lse(s_v) - q . s_v``.
         reduction: "mean" (sum / N; the CAML loss), "sum" or "none" ([N]). N = 0 gives 0 with zero gradients.
         backend: "auto", "reference", "cpu", "triton" or "cuda" (see caml_ops.set_backend).
 
@@ -189,8 +189,8 @@ def omni_correlation_loss(
     _check_features(feat_v, memory, "feat_v")
     if feat_a.shape != feat_v.shape:
         raise ValueError(f"feat_a must have the shape of feat_v {tuple(feat_v.shape)}, got {tuple(feat_a.shape)}")
-    temperature = check_positive(temperature, "temperature")
-    eps = check_non_negative(eps, "eps")
+    temperature = check_temperature(temperature)
+    eps = check_eps(eps)
     check_choice(reduction, "reduction", REDUCTIONS)
     impl = resolve("omni_correlation_loss", backend, feat_v.device)
     if impl == "reference":
@@ -206,7 +206,7 @@ def omni_correlation(feat: Tensor, memory: Tensor, *, temperature: float = 0.1, 
 
     Args:
         feat: [N, D] embeddings; memory: [K, D] memory-bank embeddings (K >= 1).
-        temperature: softmax temperature, > 0.
+        temperature: softmax temperature, finite and >= 1.18e-38 (the smallest normal float32).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
 
     Returns:
@@ -216,7 +216,7 @@ def omni_correlation(feat: Tensor, memory: Tensor, *, temperature: float = 0.1, 
     check_floating(memory, "memory")
     check_same((feat, memory), ("feat", "memory"))
     _check_features(feat, memory, "feat")
-    temperature = check_positive(temperature, "temperature")
+    temperature = check_temperature(temperature)
     impl = resolve("omni_correlation", backend, feat.device)
     if impl == "reference":
         return reference.omni_correlation(feat, memory, temperature)

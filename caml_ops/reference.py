@@ -44,14 +44,22 @@ def omni_correlation_loss(
     eps: float = 1e-8,
     reduction: str = "mean",
 ) -> Tensor:
-    """CAML's omni-correlation consistency loss (see DESIGN.md)."""
+    """CAML's omni-correlation consistency loss: the mean, sum or rows of omni_correlation_loss_rows."""
     return _reduce(omni_correlation_loss_rows(feat_v, feat_a, memory, temperature, eps), reduction)
 
 
 def sharpen(p: Tensor, temperature: float = 0.1) -> Tensor:
-    """p^(1/T) / (p^(1/T) + (1 - p)^(1/T)), elementwise."""
-    pt = p ** (1.0 / temperature)
-    return pt / (pt + (1 - p) ** (1.0 / temperature))
+    """p^(1/T) / (p^(1/T) + (1 - p)^(1/T)), elementwise, for 0 < T <= 1.
+
+    Written through the ratio of the smaller to the larger of p and 1 - p, raised to 1/T >= 1: it lies in
+    [0, 1], so no power overflows or turns 0 / 0 for tiny T (where the kernels' sigmoid form is exact
+    too), and the gradient at p = 0 or 1 (a -inf logit) is the limit 0, not 0 * inf. Each branch sees p
+    clamped to its own half, so the branch not taken adds no NaN to the gradient; NaN passes through."""
+    a = 1.0 / temperature
+    upper = p.clamp(min=0.5)
+    lower = p.clamp(max=0.5)
+    t = (lower / (1 - lower)) ** a
+    return torch.where(p >= 0.5, 1 / (1 + ((1 - upper) / upper) ** a), t / (1 + t))
 
 
 def mutual_consistency_loss(logits: Sequence[Tensor] | Tensor, temperature: float = 0.1) -> Tensor:

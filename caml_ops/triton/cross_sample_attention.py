@@ -135,7 +135,8 @@ def _backward_kernel(dout, q, k, v, lse, dq, dk, dv, LH, H,
         pz = prob * z
     else:
         pz = prob
-    ds = prob * (dp - tl.sum(prob * dp, axis=2)[:, :, None]) * scale
+    # Padding pairs: 0, not 0 * (dp - D), which is NaN once a row of v holds inf (its dp on padding rows is 0 * inf).
+    ds = tl.where(pair_ok, prob * (dp - tl.sum(prob * dp, axis=2)[:, :, None]) * scale, 0.0)
 
     for c0 in range(0, D, BLOCK_DC):
         qc = _load_chunk(q, q_rows, row_ok, c0, D, BLOCK_DC, ACC)

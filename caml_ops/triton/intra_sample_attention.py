@@ -112,7 +112,7 @@ def _fwd_kernel(
         l = l * alpha + tl.sum(p, 1)
         if DROPOUT:
             keep = _keep(bh, L, rows, n0, seed_lo, seed_hi, rng_offset, threshold, BN)
-            p = tl.where(keep, p, 0.0)
+            p = p * keep.to(p.dtype)  # not tl.where: a dropped NaN stays NaN, as x * mask does
         acc = acc * alpha[:, None] + matmul_acc(p.to(v.dtype), v, PREC, FP64)
         m = m_new
 
@@ -182,8 +182,9 @@ def _bwd_dkdv_kernel(
         if DROPOUT:
             # The RNG draws along keys (groups of 4 columns): draw the [queries, keys] tile and transpose it.
             keep = tl.trans(_keep(bh, L, rows, key0, seed_lo, seed_hi, rng_offset, threshold, BN))
-            pz_t = tl.where(keep, p_t, 0.0)  # times 1 / (1 - p) once, on dV
-            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
+            # Products with the mask, not tl.where: a dropped NaN stays NaN, as in x * mask.
+            pz_t = p_t * keep.to(p_t.dtype)  # times 1 / (1 - p) once, on dV
+            dp_t = dp_t * tl.where(keep, inv_keep, 0.0)
         dv += matmul_acc(pz_t.to(do.dtype), do, PREC, FP64)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += matmul_acc(ds_t.to(q.dtype), q, PREC, FP64)
@@ -229,7 +230,7 @@ def _bwd_dq_kernel(
         dp = matmul_acc(do, tl.trans(v), PREC, FP64)
         if DROPOUT:
             keep = _keep(bh, L, rows, n0, seed_lo, seed_hi, rng_offset, threshold, BN)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
+            dp = dp * tl.where(keep, inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += matmul_acc(ds.to(k.dtype), k, PREC, FP64)
     store_tile(_head(dq_ptr, b, h, s_gb, s_gh), dq * float_arg(scale_hi, scale_lo, FP64), rows, row_ok, s_gl,

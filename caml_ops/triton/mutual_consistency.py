@@ -48,7 +48,9 @@ def _sharpen(x, cls, inv_t, C: tl.constexpr, TINY: tl.constexpr):
     if tl.min(others, axis=0) < TINY:  # rare: the argmax dominates so far that the others' sum underflows
         m2 = tl.max(tl.where(is_am, float("-inf"), xs), axis=0)
         rest = tl.sum(tl.where(is_am, 0.0, tl.exp(xs - m2[None, :])), axis=0)
-        log_others = tl.where(others < TINY, m2 + tl.log(rest), log_others)
+        # Where m2 = -inf (every other logit is -inf), rest is exp(-inf + inf) = NaN; log D is -inf there.
+        log_rest = tl.where(m2 == float("-inf"), float("-inf"), m2 + tl.log(rest))
+        log_others = tl.where(others < TINY, log_rest, log_others)
     # log D_c; for C = 2 the other class's D is e_argmax = 1 exactly.
     if C == 2:
         log_d = tl.where(is_am, log_others[None, :], 0.0)
@@ -58,7 +60,9 @@ def _sharpen(x, cls, inv_t, C: tl.constexpr, TINY: tl.constexpr):
     a = tl.exp(-tl.abs(z))
     inv_1a = 1.0 / (1.0 + a)
     q = tl.where(z >= 0, inv_1a, a * inv_1a)
-    r = tl.exp(-tl.abs(z) - log_d) * total[None, :] * inv_1a * inv_1a * inv_t
+    # log D = -inf (p = q = 1): -|z| - log D = log D (1/T - 1) in the limit, not -inf + inf.
+    log_r = tl.where(log_d == float("-inf"), tl.where(inv_t == 1.0, 0.0, log_d * (inv_t - 1.0)), -tl.abs(z) - log_d)
+    r = tl.exp(log_r) * total[None, :] * inv_1a * inv_1a * inv_t
     p = e / total[None, :]
     return p, q, r
 

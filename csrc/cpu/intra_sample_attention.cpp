@@ -39,6 +39,7 @@ namespace {
 using at::Tensor;
 using at::vec::Vectorized;
 using vecmath::keep_scale;
+using vecmath::rounded;
 using vecmath::kLanes;
 using vecmath::load;
 using vecmath::vexp;
@@ -242,7 +243,9 @@ void forward_block(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, int
         if (dropout) draw.columns(static_cast<uint64_t>(bh * L + i0 + i), static_cast<uint64_t>(j0 + j), words);
         for (int64_t r = 0; r < std::min(DropoutWords::kColumnLen, nk - j); ++r) {
           T* s = st + (j + r) * ld + i;
-          V p = vexp(at::vec::fmadd(V::loadu(s), vscale, neg_m));
+          // The rounded product, as in the maximum: a fused one can exceed it by half an ulp of the logit
+          // (32 at 1e9), and exp of that overflows the row sum.
+          V p = vexp(rounded(V::loadu(s) * vscale) + neg_m);
           sum += p;
           if (dropout) p = p * keep_scale<T>(words + r * DropoutWords::kColumnRows, threshold, inv_keep);
           p.store(s);
@@ -354,7 +357,7 @@ void backward_chunk(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, co
           for (int64_t t = 0; t < nvec; ++t) {
             T* s = sp + i * ld + t * W;
             T* dp = ds + i * ld + t * W;
-            V p = vexp(at::vec::fmadd(V::loadu(s), vscale, neg_lse));
+            V p = vexp(rounded(V::loadu(s) * vscale) + neg_lse);  // rounded as in the forward's maximum
             V dpz = V::loadu(dp);
             if (dropout) {
               const V z = keep_scale<T>(row_words + t * W, threshold, inv_keep);

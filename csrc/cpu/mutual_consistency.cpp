@@ -11,6 +11,8 @@
 // class but the argmax (there D_c >= 1, so the subtraction loses nothing that
 // matters; D_c = 1 when C = 2); for the argmax D = sum of the others, and when that underflows it
 // is taken through the second largest logit m2: log D = m2 - max + log(sum_{j != am} exp(x_j - m2)).
+// When every other logit is -inf, D = 0 (p = q = 1): log D = -inf, and r takes its limit
+// exp(log D (1/T - 1)) (0 for T < 1), as the reference's autograd of sharpen does.
 //
 // The pair sum is taken with values shifted by model 0's probability,
 // u_s = p_s - p_0, w_s = q_s - p_0, U = sum_s u_s, W = sum_s w_s, so its terms
@@ -80,12 +82,16 @@ void sharpen_voxels(const T* x, int64_t N, int64_t C, int64_t n, const Vec<T>& i
   const Vec<T> sum = one + others, inv_sum = one / sum;
   Vec<T> log_others = vlog(others);
   const Vec<T> tiny = others < Vec<T>(T(kTiny));
+  bool lone = false;  // some voxel's other logits are all -inf: D = 0 for its argmax
   if (any(tiny)) {  // rare: the argmax dominates so far that the others' sum underflows
     Vec<T> m2 = ninf;
     for (int64_t c = 0; c < C; ++c) m2 = at::vec::maximum(m2, Vec<T>::blendv(xs[c], ninf, Vec<T>(T(c)) == am));
     Vec<T> rest = zero;
     for (int64_t c = 0; c < C; ++c) rest += Vec<T>::blendv(vexp(xs[c] - m2), zero, Vec<T>(T(c)) == am);
-    log_others = Vec<T>::blendv(log_others, m2 + vlog(rest), tiny);
+    // Where m2 = -inf, rest is exp(-inf + inf) = NaN; log D is -inf there.
+    const Vec<T> alone = m2 == ninf;
+    lone = any(alone);
+    log_others = Vec<T>::blendv(log_others, Vec<T>::blendv(m2 + vlog(rest), ninf, alone), tiny);
   }
   for (int64_t c = 0; c < C; ++c) {
     // log D_c; for C = 2 the other class's D is e_argmax = 1 exactly.
@@ -94,7 +100,12 @@ void sharpen_voxels(const T* x, int64_t N, int64_t C, int64_t n, const Vec<T>& i
     const Vec<T> nabs = zero - z.abs();
     const Vec<T> a = vexp(nabs), inv_1a = one / (one + a);
     q[c] = Vec<T>::blendv(a * inv_1a, inv_1a, z >= zero);
-    if (r != nullptr) r[c] = vexp(nabs - log_d) * sum * inv_1a * inv_1a * inv_t;
+    if (r != nullptr) {
+      Vec<T> log_r = nabs - log_d;
+      // log D = -inf (p = q = 1): -|z| - log D = log D (1/T - 1) in the limit, not -inf + inf.
+      if (lone) log_r = Vec<T>::blendv(log_r, Vec<T>::blendv(log_d * (inv_t - one), zero, inv_t == one), log_d == ninf);
+      r[c] = vexp(log_r) * sum * inv_1a * inv_1a * inv_t;
+    }
     p[c] = p[c] * inv_sum;
   }
 }

@@ -9,6 +9,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -44,11 +45,12 @@ inline double hsum(const Vectorized<T>& v) {
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// exp(x); 0 below log(FLT_MIN) (like exp_u20), +inf above log(FLT_MAX).
+// exp(x); 0 below log(FLT_MIN) (like exp_u20), +inf above log(FLT_MAX), NaN for NaN.
 inline Vectorized<float> vexp(const Vectorized<float>& v) {
   const __m256 x0 = v;
-  // Clamped so that the power of two below stays a normal float exponent.
-  const __m256 x = _mm256_min_ps(_mm256_max_ps(x0, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  // Clamped so that the power of two below stays a normal float exponent. max/min return their
+  // second operand when either is NaN: x0 goes second, so NaN passes the clamp and the blends below.
+  const __m256 x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x0));
   const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // r = x - fx log(2), log(2) split in two for exactness.
@@ -65,7 +67,8 @@ inline Vectorized<float> vexp(const Vectorized<float>& v) {
   return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x0, _mm256_set1_ps(88.72283f), _CMP_GT_OQ));
 }
 
-// log(x) for normal x > 0 (other lanes: unspecified, no trap).
+// log(x) for normal x > 0; NaN for NaN and x < 0, -inf for 0, +inf for +inf (as std::log);
+// subnormal x: unspecified (the kernels take logs of sums >= 1 or of p + eps, eps normal).
 inline Vectorized<float> vlog(const Vectorized<float>& v) {
   const __m256 x = v;
   const __m256i bits = _mm256_castps_si256(x);
@@ -86,7 +89,12 @@ inline Vectorized<float> vlog(const Vectorized<float>& v) {
   y = _mm256_mul_ps(_mm256_mul_ps(y, f), f2);                       // f^3 P(f)
   y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);       // + e log(2) (low part)
   y = _mm256_fnmadd_ps(f2, _mm256_set1_ps(0.5f), y);                // - f^2 / 2
-  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+  // The special values: x + (-inf where x == 0) gives -inf at 0 and keeps +inf and NaN; then NaN below 0.
+  const __m256 special = _mm256_cmp_ps(x, _mm256_set1_ps(FLT_MAX), _CMP_NLE_UQ);  // NaN, +inf
+  y = _mm256_blendv_ps(y, x, special);
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
+  return _mm256_blendv_ps(y, _mm256_set1_ps(NAN), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
 }
 #else
 inline Vectorized<float> vexp(const Vectorized<float>& x) {
@@ -103,6 +111,26 @@ inline Vectorized<double> vexp(const Vectorized<double>& x) {
 inline Vectorized<double> vlog(const Vectorized<double>& x) {
   return x.map([](double v) { return std::log(v); });
 }
+
+// v, rounded: a compiler barrier, so that v + w is not contracted with the product that made v into a
+// fused multiply-add (GCC contracts vector intrinsics too) where v must round as a maximum taken of it did.
+#if defined(CPU_CAPABILITY_AVX2)
+inline Vectorized<float> rounded(const Vectorized<float>& v) {
+  __m256 x = v;
+  asm("" : "+x"(x));
+  return x;
+}
+inline Vectorized<double> rounded(const Vectorized<double>& v) {
+  __m256d x = v;
+  asm("" : "+x"(x));
+  return x;
+}
+#else
+template <typename T>
+inline Vectorized<T> rounded(const Vectorized<T>& v) {
+  return v;
+}
+#endif
 
 // s <- exp(s - m) for a row of n values; returns their sum (accumulated in vector lanes, then in double).
 template <typename T>
