@@ -74,8 +74,10 @@ def test_synthetic_cli(tmp_path, capsys):
                     "--min-shape", "32", "32", "20", "--max-shape", "32", "32", "20"])
     assert "wrote 2 synthetic cases" in capsys.readouterr().out
     assert load_case(case_path(str(tmp_path), "synth_001"))[0].shape == (32, 32, 20)
-    with pytest.raises(SystemExit):
-        synthetic.main(["--out", str(tmp_path), "--cases", "1"])
+    with pytest.raises(SystemExit) as info:  # the exit status of python -m caml.data.synthetic
+        raise SystemExit(synthetic.main(["--out", str(tmp_path), "--cases", "1"]))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[0].startswith("python -m caml.data.synthetic: error:")
 
 
 # ---------------------------------------------------------------- LA h5 dataset
