@@ -2,10 +2,12 @@
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then moved over the
 target with ``os.replace``: a reader (or a run killed mid-write) sees the old file or the new one,
-never a torn one.
+never a torn one. The temporary of a writer killed mid-write (``.tmp-<name>-*.pt``) is removed by the
+next writer of that path, or at the start of a run (:func:`remove_stale_temporaries`).
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 import tempfile
@@ -14,14 +16,29 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_atomic", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_atomic", "load_checkpoint", "remove_stale_temporaries", "rng_state", "set_rng_state"]
+
+
+def _temporary_prefix(path: str) -> str:
+    return f".tmp-{os.path.basename(path)}-"
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Removes the temporaries that killed writers of ``path`` left (one writer per path at a time)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for tmp in glob.glob(os.path.join(glob.escape(folder), glob.escape(_temporary_prefix(path)) + "*.pt")):
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def save_atomic(obj: Any, path: str) -> None:
     """``torch.save(obj, path)`` through a temporary file and ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

@@ -12,13 +12,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import caml_ops
+
 from .losses import official_rampup_length
 
-__all__ = ["TrainConfig", "PRESETS", "preset_config", "default_cache_dir"]
+__all__ = ["TrainConfig", "TRAIN_FLAGS", "PRESETS", "preset_config", "default_cache_dir"]
 
 
 @dataclass
@@ -69,34 +72,83 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, values: dict) -> "TrainConfig":
+    def from_json(cls, values, where: str) -> "TrainConfig":
+        """The config saved as JSON (``config.json``, a checkpoint's ``config``), validated; errors name
+        ``where`` and the field. Keys that are not fields (``data_root``, ``world_size``) are ignored."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected a JSON object of settings, got {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in values.items() if k in names})
-        cfg.patch_size, cfg.eval_strides = tuple(cfg.patch_size), tuple(cfg.eval_strides)
+        for name in ("patch_size", "eval_strides"):
+            if isinstance(getattr(cfg, name), list):
+                setattr(cfg, name, tuple(getattr(cfg, name)))
+        cfg.validate(where)
         return cfg
 
-    def validate(self) -> None:
-        """Raises ValueError naming the first inconsistent setting."""
+    def validate(self, where: Optional[str] = None) -> None:
+        """Raises ValueError naming the first bad setting: by its flag (``--lr``) for settings from the
+        command line, else ``<where>: field <name>`` (a saved config)."""
+
+        def fail(name: str, problem: str):
+            label = f"{where}: field {name}" if where else ("--" + name.replace("_", "-") if name in TRAIN_FLAGS
+                                                              else name)
+            raise ValueError(f"{label} {problem}, got {getattr(self, name)!r}")
+
+        for f in dataclasses.fields(self):  # types first: a hand-edited config may hold anything
+            value, kind = getattr(self, f.name), _KINDS[f.name]
+            if value is None and f.name in _OPTIONAL:
+                continue
+            if kind == "int" and not _is_int(value):
+                fail(f.name, "must be an integer")
+            if kind == "float" and not ((_is_int(value) or isinstance(value, float)) and math.isfinite(value)):
+                fail(f.name, "must be a finite number")
+            if kind in ("str", "bool", "dict") and type(value).__name__ != kind:
+                fail(f.name, f"must be a {kind}")
+            if kind == "ints" and not (isinstance(value, tuple) and len(value) == 3 and all(map(_is_int, value))):
+                fail(f.name, "must be three integers")
+        for name, minimum in _AT_LEAST.items():
+            if getattr(self, name) is not None and getattr(self, name) < minimum:
+                fail(name, f"must be >= {minimum}")
+        for name in ("lr", "temperature"):
+            if getattr(self, name) <= 0:
+                fail(name, "must be > 0")
+        if not 0 <= self.momentum < 1:
+            fail("momentum", "must be in [0, 1)")
+        if self.seed >= 2**32:  # numpy's global seed
+            fail("seed", "must be < 2**32")
         if self.method not in ("caml", "supervised"):
-            raise ValueError(f"unknown method {self.method!r} (choose from caml, supervised)")
-        if len(self.patch_size) != 3 or any(int(s) < 16 or int(s) % 16 for s in self.patch_size):
-            raise ValueError(f"patch size must be three multiples of 16, got {tuple(self.patch_size)}")
-        if len(self.eval_strides) != 3 or min(self.eval_strides) < 1:
-            raise ValueError(f"eval strides must be three positive ints, got {tuple(self.eval_strides)}")
-        if not 1 <= self.labeled_bs < self.batch_size:
-            raise ValueError(f"need 1 <= labeled batch size < batch size, got {self.labeled_bs} and {self.batch_size}")
+            fail("method", "is an unknown method (choose from caml, supervised)")
+        if self.preset not in PRESETS:
+            fail("preset", f"is an unknown preset (choose from {', '.join(PRESETS)})")
+        if self.ops_backend not in caml_ops.BACKENDS:
+            fail("ops_backend", f"is an unknown ops backend (choose from {', '.join(caml_ops.BACKENDS)})")
+        if any(s < 16 or s % 16 for s in self.patch_size):
+            fail("patch_size", "must be three multiples of 16")
+        if min(self.eval_strides) < 1:
+            fail("eval_strides", "must be three positive integers")
+        if self.labeled_bs >= self.batch_size:
+            fail("labeled_bs", f"must be smaller than the batch size {self.batch_size}")
         if self.labeled < self.labeled_bs:
-            raise ValueError(f"--labeled {self.labeled} is fewer than the labeled batch size {self.labeled_bs}")
-        for name in ("max_iters", "checkpoint_every", "eval_every", "rampup_interval", "n_filters", "feat_dim",
-                     "num_filtered", "eval_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.memory_num < 2:
-            raise ValueError(f"memory-num must be >= 2 (the official loss skips smaller classes), got {self.memory_num}")
-        if self.memory_cap is not None and self.memory_cap < 1:
-            raise ValueError(f"memory-cap must be >= 1, got {self.memory_cap}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            fail("labeled", f"is fewer than the labeled batch size {self.labeled_bs}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The settings of python -m caml.train's flags (--name-with-dashes); the others come from the preset.
+TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "labeled", "max_iters", "batch_size", "labeled_bs",
+               "patch_size", "n_filters", "lr", "memory_num", "num_filtered", "memory_cap", "eval_every",
+               "checkpoint_every", "num_workers", "device", "seed", "threads", "ops_backend")
+_OPTIONAL = {f.name for f in dataclasses.fields(TrainConfig) if f.type.startswith("Optional[")}
+_KINDS = {f.name: f.type[len("Optional["):-1] if f.name in _OPTIONAL else f.type  # the annotations, as text
+          for f in dataclasses.fields(TrainConfig)}
+_KINDS.update(patch_size="ints", eval_strides="ints")
+_AT_LEAST = {"split_seed": 0, "labeled": 1, "max_train_cases": 1, "batch_size": 2, "labeled_bs": 1, "n_filters": 1,
+             "feat_dim": 1, "weight_decay": 0, "max_iters": 1, "lamda": 0, "consistency": 0, "consistency_o": 0,
+             "rampup_length": 0, "rampup_interval": 1, "memory_num": 2, "num_filtered": 1, "memory_cap": 1,
+             "ce_weight": 0, "eval_every": 1, "eval_start": 0, "eval_batch": 1, "checkpoint_every": 1, "seed": 0,
+             "num_workers": 0, "threads": 1}
 
 
 _SMALL_SYNTHETIC = dict(cases=20, seed=0, test_cases=4, min_shape=[32, 32, 32], max_shape=[40, 40, 32])

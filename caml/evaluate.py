@@ -16,7 +16,6 @@ moved into place at the end, so a failed run leaves no partial results.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import shutil
@@ -28,14 +27,15 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
+from .cli import Interrupted, Parser, UsageError, check_out_folder, int_at_least, run
 from .config import TrainConfig
-from .data.msd import write_nifti
+from .data.msd import require_nibabel, write_nifti
 from .data.source import open_source
 from .inference import OFFICIAL_ROI_SIZE, OFFICIAL_STRIDES, largest_component, sliding_window_predict
 from .metrics import case_metrics
 from .models import CAML3d
-from .runlog import plot_overlays
-from .train import UsageError, _device, _Parser, _print_metrics, _summary, _write_json
+from .runlog import plot_overlays, read_json
+from .train import _device, _print_metrics, _summary, _write_json
 
 __all__ = ["main", "build_parser", "load_model", "evaluate"]
 
@@ -45,7 +45,7 @@ CSV_FIELDS = ("case", "dice", "jaccard", "hd95", "asd")
 
 
 def build_parser():
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoints/last.pt of caml.train, or an official state_dict")
     p.add_argument("--data", required=True, help="LA h5 folder or MSD folder (imagesTr/, labelsTr/)")
     p.add_argument("--out", required=True, help="output folder")
@@ -54,11 +54,11 @@ def build_parser():
     p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
     p.add_argument("--save-probs", action="store_true", help="also write the foreground probability maps")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("W", "H", "D"))
-    p.add_argument("--strides", type=int, nargs=3, default=None, metavar=("W", "H", "D"))
-    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--strides", type=int_at_least(1), nargs=3, default=None, metavar=("W", "H", "D"))
+    p.add_argument("--sw-batch-size", type=int_at_least(1), default=4, help="windows per forward pass (default 4)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (default: float32)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads")
     return p
 
 
@@ -74,12 +74,11 @@ def load_model(path: str) -> tuple[CAML3d, dict]:
     if not ours:
         return model, {"kind": "official", "patch_size": OFFICIAL_ROI_SIZE, "strides": OFFICIAL_STRIDES,
                        "iteration": None, "max_iters": None, "split": None, "split_seed": 0}
-    cfg = TrainConfig.from_json(obj["config"])
+    cfg = TrainConfig.from_json(obj["config"], f"checkpoint {path}: config")
     split = obj.get("split")
     run_split = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "split.json")
     if split is None and os.path.isfile(run_split):
-        with open(run_split) as f:
-            split = json.load(f)
+        split = read_json(run_split)
     return model, {"kind": "caml.train", "patch_size": tuple(cfg.patch_size), "strides": tuple(cfg.eval_strides),
                    "iteration": obj.get("iteration"), "max_iters": cfg.max_iters, "split": split,
                    "split_seed": cfg.split_seed}
@@ -135,14 +134,16 @@ def _write_csv(path: str, summary: dict) -> None:
 def evaluate(args) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.sw_batch_size < 1:
-        raise UsageError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
     device = _device(args.device, 0)
+    out = check_out_folder(args.out)
+    if os.path.isfile(os.path.join(out, "config.json")) and os.path.isdir(os.path.join(out, "checkpoints")):
+        raise UsageError(f"--out {out} is a run folder of caml.train (its metrics.json would be replaced); "
+                         f"choose another, e.g. {os.path.join(out, 'eval')}")
     model, info = load_model(os.path.abspath(args.checkpoint))
     patch = tuple(args.patch_size) if args.patch_size else info["patch_size"]
     strides = tuple(args.strides) if args.strides else info["strides"]
-    if any(s < 16 or s % 16 for s in patch) or min(strides) < 1:
-        raise UsageError(f"patch size must be three multiples of 16 and strides positive, got {patch} and {strides}")
+    if any(s < 16 or s % 16 for s in patch):
+        raise UsageError(f"patch size must be three multiples of 16, got {patch}")
     data = os.path.abspath(args.data)
     split_file = os.path.abspath(args.split) if args.split else None
     recorded = info["split"] if info["split"] is not None and info["split"].get("layout") == "msd" else None
@@ -151,12 +152,7 @@ def evaluate(args) -> dict:
     protocol, origin = _protocol(info), _test_origin(source, info, split_file)
     print(f"{len(source.test_cases)} test cases from {origin}; {protocol}", flush=True)
 
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} exists and is not a folder")
-    if os.path.isfile(os.path.join(out, "config.json")) and os.path.isdir(os.path.join(out, "checkpoints")):
-        raise UsageError(f"--out {out} is a run folder of caml.train (its metrics.json would be replaced); "
-                         f"choose another, e.g. {os.path.join(out, 'eval')}")
+    require_nibabel()  # the predictions are NIfTI files: fail before the inference without it
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
@@ -198,20 +194,15 @@ def evaluate(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
+    def body():
         args = build_parser().parse_args(argv)
-        metrics = evaluate(args)
-    except UsageError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"{PROG}: error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
-    _print_metrics(metrics, os.path.abspath(args.out), "output folder")
-    return 0
+        try:
+            metrics = evaluate(args)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted; nothing written") from None
+        _print_metrics(metrics, os.path.abspath(args.out), "output folder")
+
+    return run(PROG, body)
 
 
 if __name__ == "__main__":

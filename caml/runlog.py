@@ -2,38 +2,67 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["CSVLog", "TensorBoard", "plot_losses", "plot_validation", "plot_overlays"]
+__all__ = ["read_json", "CSVLog", "TensorBoard", "plot_losses", "plot_validation", "plot_overlays"]
+
+
+def read_json(path: str):
+    """The JSON in ``path``; a ValueError naming the file if it does not parse."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"cannot read {path}: {' '.join(str(err).split())[:200]}") from None
 
 
 class CSVLog:
-    """Rows appended to a CSV file with a fixed header; :meth:`truncate` drops rows past an iteration
-    (after a resume, the rows a killed run wrote after its last checkpoint)."""
+    """Rows appended to a CSV file with a fixed header, one per iteration, in order. :meth:`truncate`
+    keeps the complete rows up to an iteration (after a resume: not the rows a killed run wrote after
+    its last checkpoint, nor a row torn by the kill); appending a row for an iteration already logged
+    replaces it and anything after it (resuming a finished run evaluates it again)."""
 
     def __init__(self, path: str, fields: Sequence[str]):
         self.path, self.fields = path, list(fields)
-        if not os.path.isfile(path):
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(self.fields)
+        self._write(self.rows() if os.path.isfile(path) else [])
 
     def append(self, row: dict) -> None:
+        if int(row["iteration"]) <= self.last:
+            self.truncate(int(row["iteration"]) - 1)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+        self.last = int(row["iteration"])
 
     def rows(self) -> list[dict]:
+        """The complete rows: a last line without its newline, a short row or a row whose iteration is
+        not after the previous one's is dropped."""
         with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
+            lines = f.read().splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()  # torn by a kill mid-write
+        rows, last = [], 0
+        for row in csv.DictReader(lines):
+            if None in row.values() or None in row or not row["iteration"].isdigit() or int(row["iteration"]) <= last:
+                continue
+            rows.append(row)
+            last = int(row["iteration"])
+        return rows
 
     def truncate(self, iteration: int) -> None:
-        kept = [r for r in self.rows() if int(r["iteration"]) <= iteration]
-        with open(self.path, "w", newline="") as f:
+        self._write([r for r in self.rows() if int(r["iteration"]) <= iteration])
+
+    def _write(self, rows: list[dict]) -> None:
+        tmp = self.path + ".tmp"  # the old log or the new one, never half of one
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(kept)
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+        self.last = int(rows[-1]["iteration"]) if rows else 0  # the last iteration logged
 
 
 class TensorBoard:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 from typing import Optional, Sequence
@@ -31,9 +32,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 import caml_ops
+from caml_ops._backend import resolve as resolve_backend
 
-from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from .config import PRESETS, TrainConfig, default_cache_dir, preset_config
+from .checkpoint import load_checkpoint, remove_stale_temporaries, rng_state, save_atomic, set_rng_state
+from .cli import Interrupted, Parser, UsageError, check_out_folder, run
+from .config import PRESETS, TRAIN_FLAGS, TrainConfig, default_cache_dir, preset_config
 from .data import Compose, RandomCrop, RandomRotFlip, ToTensor, TwoStreamBatchSampler
 from .data.source import CaseDataset, open_source
 from .data.synthetic import ensure_synthetic_la
@@ -42,30 +45,27 @@ from .losses import CAMLObjective, LossWeights
 from .memory import MemoryBank
 from .metrics import case_metrics, dice
 from .models import CAML3d
-from .runlog import CSVLog, TensorBoard, plot_losses, plot_overlays, plot_validation
+from .runlog import CSVLog, TensorBoard, plot_losses, plot_overlays, plot_validation, read_json
 
 __all__ = ["main", "train", "build_parser", "evaluate_model"]
 
 TRAIN_FIELDS = ["iteration", "epoch", "loss", "loss_s", "loss_c", "loss_o", "lambda_c", "lambda_o", "lr", "seconds"]
 VAL_FIELDS = ["iteration", "dice"]
 NUM_CLASSES = 2
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        raise UsageError(message)
+PROG = "python -m caml.train"
+# The flags that leave the training trajectory as it was: the only ones --resume may change.
+RESUME_FLAGS = ("max_iters", "device", "ops_backend", "num_workers", "eval_every", "checkpoint_every", "threads")
+# The ops a run uses (model and losses): the backend must run them all on the run's device.
+OPS = ("omni_correlation_loss", "mutual_consistency_loss", "cross_sample_attention", "intra_sample_attention",
+       "dropout")
 
 
 # --- command line ---
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m caml.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small", help=f"configuration preset: {', '.join(PRESETS)} (default small)")
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help=f"configuration preset: {', '.join(PRESETS)} (default small)")
     p.add_argument("--method", default=None, help="caml (default) or supervised (lamda * supervised loss only)")
     p.add_argument("--data", default=None, help="LA h5 folder (train.list, test.list, 2018LA_Seg_Training Set/) or "
                    "MSD folder (imagesTr/, labelsTr/); default for small/tiny: the synthetic dataset in the cache")
@@ -97,45 +97,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_OVERRIDES = {  # argparse dest -> TrainConfig field
-    "method": "method", "data": "data", "labeled": "labeled", "max_iters": "max_iters", "batch_size": "batch_size",
-    "labeled_bs": "labeled_bs", "patch_size": "patch_size", "n_filters": "n_filters", "lr": "lr",
-    "memory_num": "memory_num", "num_filtered": "num_filtered", "memory_cap": "memory_cap",
-    "eval_every": "eval_every", "checkpoint_every": "checkpoint_every", "num_workers": "num_workers",
-    "device": "device", "seed": "seed", "ops_backend": "ops_backend", "threads": "threads", "split": "split",
-    "split_seed": "split_seed",
-}
-_RESUME_OVERRIDES = ("max_iters", "device", "ops_backend", "num_workers", "eval_every", "checkpoint_every", "threads")
-
-
-def config_from_args(args: argparse.Namespace, saved: Optional[dict] = None) -> TrainConfig:
-    """The preset with the given flags applied; when resuming, the saved config with only the flags
-    that do not change the training trajectory."""
-    if saved is not None:
-        cfg = TrainConfig.from_json(saved)
-        allowed = _RESUME_OVERRIDES
-    else:
-        cfg = preset_config(args.preset)
-        allowed = tuple(_OVERRIDES)
-    for dest, name in _OVERRIDES.items():
-        value = getattr(args, dest)
-        if value is not None and dest in allowed:
-            setattr(cfg, name, tuple(value) if isinstance(value, list) else value)
+def _given(args: argparse.Namespace) -> dict:
+    """The config settings the command line gives (flags left out are None)."""
+    given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    for name in ("data", "split"):
+        if name in given:
+            given[name] = os.path.abspath(os.path.expanduser(given[name]))
+    if "patch_size" in given:
+        given["patch_size"] = tuple(given["patch_size"])
     if args.no_amp:
-        cfg.amp = False
-    if cfg.data is not None:
-        cfg.data = os.path.abspath(os.path.expanduser(cfg.data))
-    if cfg.split is not None and saved is None:
-        cfg.split = os.path.abspath(os.path.expanduser(cfg.split))
-    if cfg.ops_backend not in caml_ops.BACKENDS:
-        raise UsageError(f"unknown ops backend {cfg.ops_backend!r} (choose from {', '.join(caml_ops.BACKENDS)})")
-    if cfg.preset == "la" and cfg.data is None:
+        given["amp"] = False
+    return given
+
+
+def _text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def config_from_args(args: argparse.Namespace, saved=None, where: Optional[str] = None) -> TrainConfig:
+    """The preset with the given flags applied; when resuming, the saved config (read from ``where``),
+    to which only the flags of ``RESUME_FLAGS`` may bring a change: any other given flag that differs
+    from the saved run is refused, naming it."""
+    given = _given(args)
+    if saved is None:
+        cfg = preset_config(given.get("preset", "small"))
+    else:
+        cfg = TrainConfig.from_json(saved, where)
+        differ = ["--no-amp (saved: autocast)" if name == "amp" else
+                  f"--{name.replace('_', '-')} {_text(value)} (saved {_text(getattr(cfg, name))})"
+                  for name, value in given.items() if name not in RESUME_FLAGS and value != getattr(cfg, name)]
+        if differ:
+            allowed = ", ".join("--" + name.replace("_", "-") for name in RESUME_FLAGS)
+            raise UsageError(f"--resume continues the saved run, from which {', '.join(differ)} differ; only "
+                             f"{allowed} may change on --resume (start a new run in another --out to change more)")
+    for name, value in given.items():
+        setattr(cfg, name, value)
+    if cfg.data is None and cfg.preset == "la":
         raise UsageError("preset 'la' needs --data DIR (the LA h5 folder)")
     try:
         cfg.validate()
     except ValueError as err:
         raise UsageError(str(err)) from None
     return cfg
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """The ops backend runs every op of a run on ``device`` (else it would fail at the first step)."""
+    try:
+        for op in OPS:
+            resolve_backend(op, backend, device)
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(f"--ops-backend {backend}: {err}") from None
 
 
 # --- distributed ---
@@ -338,8 +350,11 @@ def _train(cfg: TrainConfig, out: str, resume: bool, evaluate: bool, ctx: Dist) 
         torch.set_num_threads(cfg.threads)
     elif device.type == "cpu" and ctx.world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
+    check_backend(cfg.ops_backend, device)
     caml_ops.set_backend(cfg.ops_backend)
     ckpt_path = os.path.join(out, "checkpoints", "last.pt")
+    if ctx.main:
+        remove_stale_temporaries(ckpt_path)
     checkpoint = load_checkpoint(ckpt_path) if resume else None
     if checkpoint is not None and checkpoint.get("world_size", 1) != ctx.world:
         raise UsageError(f"checkpoint was written by {checkpoint.get('world_size', 1)} process(es); resume with "
@@ -352,8 +367,7 @@ def _train(cfg: TrainConfig, out: str, resume: bool, evaluate: bool, ctx: Dist) 
     split_path = os.path.join(out, "split.json")
     recorded = None
     if resume and os.path.isfile(split_path):  # the run's own split, even if the folder has changed since
-        with open(split_path) as f:
-            recorded = json.load(f)
+        recorded = read_json(split_path)
     try:
         source = open_source(root, cfg.split if recorded is None else None, cfg.split_seed, recorded)
         data = TrainData(cfg, source, ctx.rank)
@@ -393,8 +407,8 @@ def _train(cfg: TrainConfig, out: str, resume: bool, evaluate: bool, ctx: Dist) 
     if ctx.main:
         _write_json(os.path.join(out, "config.json"), {**cfg.to_json(), "data_root": root, "world_size": ctx.world})
         _write_json(split_path, source.split_record())
-        if not resume:
-            for name in ("train_log.csv", "val_log.csv"):
+        if not resume:  # a new run replaces the folder's earlier one (its checkpoint could not be resumed)
+            for name in ("train_log.csv", "val_log.csv", os.path.join("checkpoints", "last.pt")):
                 if os.path.exists(os.path.join(out, name)):
                     os.unlink(os.path.join(out, name))
         train_log, val_log = CSVLog(os.path.join(out, "train_log.csv"), TRAIN_FIELDS), \
@@ -484,35 +498,30 @@ def _print_metrics(metrics: dict, out: str, label: str = "run folder") -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    prog = "python -m caml.train"
+    return run(PROG, lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> None:
+    args = build_parser().parse_args(argv)
+    preset = args.preset or "small"
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    out = check_out_folder(args.out or os.path.join("runs", f"{preset}-{args.method or 'caml'}"))
+    ckpt_path, config_path = os.path.join(out, "checkpoints", "last.pt"), os.path.join(out, "config.json")
+    saved = None
+    if args.resume:
+        if not os.path.isfile(ckpt_path) or not os.path.isfile(config_path):
+            raise UsageError(f"nothing to resume: {out} has no checkpoints/last.pt and config.json")
+        saved = read_json(config_path)
+    cfg = config_from_args(args, saved, config_path)
     try:
-        args = build_parser().parse_args(argv)
-        if args.preset not in PRESETS:
-            raise UsageError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
-        method = args.method or "caml"
-        out = os.path.abspath(args.out or os.path.join("runs", f"{args.preset}-{method}"))
-        saved = None
-        if args.resume:
-            config_path = os.path.join(out, "config.json")
-            if not os.path.isfile(os.path.join(out, "checkpoints", "last.pt")) or not os.path.isfile(config_path):
-                raise UsageError(f"nothing to resume: {out} has no checkpoints/last.pt and config.json")
-            with open(config_path) as f:
-                saved = json.load(f)
-        cfg = config_from_args(args, saved)
         metrics = train(cfg, out, resume=args.resume, evaluate=not args.no_eval)
-    except UsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, FloatingPointError, RuntimeError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted (resume with --resume --out ...)", file=sys.stderr)
-        return 130
+        if os.path.isfile(ckpt_path):
+            raise Interrupted(f"interrupted; resume with --resume --out {shlex.quote(out)}") from None
+        raise Interrupted("interrupted before the first checkpoint: nothing to resume") from None
     if metrics is not None:
         _print_metrics(metrics, out)
-    return 0
 
 
 if __name__ == "__main__":

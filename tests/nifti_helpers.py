@@ -1,15 +1,21 @@
-"""Tiny MSD-layout folders for the NIfTI / evaluate tests."""
+"""Tiny MSD-layout folders for the NIfTI / evaluate tests. nibabel is optional (the GPU image lacks it):
+a test that writes or reads NIfTI through these helpers (or calls :func:`nibabel`) skips without it."""
 from __future__ import annotations
 
 import json
 import os
 
-import nibabel as nib
 import numpy as np
+import pytest
 
 from caml.data.synthetic import make_case
 
 SPACING = (1.5, 1.0, 2.0)
+
+
+def nibabel():
+    """The nibabel module, or a skip of the calling test where it is not installed."""
+    return pytest.importorskip("nibabel")
 
 
 def affine_of(spacing=SPACING, origin=(-10.0, 5.0, 3.0)) -> np.ndarray:
@@ -19,6 +25,7 @@ def affine_of(spacing=SPACING, origin=(-10.0, 5.0, 3.0)) -> np.ndarray:
 
 
 def save(path, array, affine=None) -> None:
+    nib = nibabel()
     nib.save(nib.Nifti1Image(np.asarray(array), affine_of() if affine is None else affine), str(path))
 
 

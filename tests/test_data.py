@@ -74,8 +74,10 @@ def test_synthetic_cli(tmp_path, capsys):
                     "--min-shape", "32", "32", "20", "--max-shape", "32", "32", "20"])
     assert "wrote 2 synthetic cases" in capsys.readouterr().out
     assert load_case(case_path(str(tmp_path), "synth_001"))[0].shape == (32, 32, 20)
-    with pytest.raises(SystemExit):
-        synthetic.main(["--out", str(tmp_path), "--cases", "1"])
+    with pytest.raises(SystemExit) as info:  # the exit status of python -m caml.data.synthetic
+        raise SystemExit(synthetic.main(["--out", str(tmp_path), "--cases", "1"]))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[0].startswith("python -m caml.data.synthetic: error:")
 
 
 # ---------------------------------------------------------------- LA h5 dataset
@@ -224,3 +226,56 @@ def test_training_pipeline(synth_root):
     assert batch["image"].shape == (4, 1, 32, 32, 16) and batch["image"].dtype == torch.float32
     assert batch["label"].shape == (4, 32, 32, 16) and batch["label"].dtype == torch.int64
     assert set(batch["case"][:2]) <= {"synth_000", "synth_001"}
+
+
+# ---------------------------------------------------------------- LA h5 values
+
+
+def _write_h5(root, case, image, label) -> str:
+    path = case_path(str(root), case)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f["image"], f["label"] = image, label
+    return path
+
+
+@pytest.mark.parametrize("values", [(0, 255), (0, 1, 2), (0.0, 0.5)])
+def test_la_labels_other_than_0_and_1_are_rejected(tmp_path, values):
+    from caml.data.source import LASource
+
+    label = np.zeros((4, 4, 4), np.asarray(values).dtype)
+    label.flat[: len(values)] = values
+    path = _write_h5(tmp_path, "case", np.zeros((4, 4, 4), np.float32), label)
+    (tmp_path / "train.list").write_text("case\n")
+    (tmp_path / "test.list").write_text("case\n")
+    for read in (lambda: load_case(path), lambda: LASource(str(tmp_path)).check(["case"])):
+        with pytest.raises(ValueError, match="label values") as info:
+            read()
+        assert path in str(info.value) and "\n" not in str(info.value)
+
+
+def test_la_label_mapping_is_explicit(tmp_path):
+    label = np.zeros((4, 4, 4), np.uint8)
+    label[1:3] = 255
+    path = _write_h5(tmp_path, "case", np.zeros((4, 4, 4), np.float32), label)
+    image, mapped = load_case(path, label_values=(0, 255))
+    assert mapped.dtype == np.uint8 and np.array_equal(mapped, (label == 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="label values"):
+        load_case(path, label_values=(0, 7))
+
+
+def test_la_non_finite_image_voxels_are_rejected(tmp_path):
+    image = np.zeros((4, 4, 4), np.float32)
+    image[1, 2, 3] = np.nan
+    path = _write_h5(tmp_path, "case", image, np.zeros((4, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="not finite") as info:
+        load_case(path)
+    assert path in str(info.value)
+
+
+def test_case_names_in_lists_are_names(tmp_path):
+    for name in ("../../x/evil", "a/b", "..", "/abs"):
+        (tmp_path / "test.list").write_text(f"ok\n{name}\n")
+        with pytest.raises(ValueError, match="not a plain name") as info:
+            read_case_list(str(tmp_path), "test")
+        assert str(tmp_path / "test.list") in str(info.value) and repr(name) in str(info.value)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -22,7 +21,7 @@ from caml.data.source import open_source
 from caml.metrics import case_metrics
 from caml.models import CAML3d
 
-from .nifti_helpers import SPACING, affine_of, save, write_msd_folder
+from .nifti_helpers import SPACING, affine_of, nibabel, save, write_msd_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--threads", "1", "--eval-every", "1000", "--ops-backend", "reference",
@@ -76,6 +75,7 @@ def _run(argv, capsys):
 
 
 def test_la_checkpoint_outputs_hold_what_they_claim(la, la_run, tmp_path, capsys):
+    nib = nibabel()
     out = tmp_path / "eval"
     rc, io = _run(["--checkpoint", f"{la_run}/checkpoints/last.pt", "--data", la, "--out", out, "--save-probs",
                    "--threads", "1"], capsys)
@@ -105,6 +105,7 @@ def test_la_checkpoint_outputs_hold_what_they_claim(la, la_run, tmp_path, capsys
 
 
 def test_msd_run_records_split_and_evaluate_scores_it(msd, msd_run, tmp_path, capsys):
+    nib = nibabel()
     split = json.load(open(os.path.join(msd_run, "split.json")))
     assert split["layout"] == "msd" and len(split["test"]) == 1 and len(split["train"]) == 5
     assert split["unlabeled"] == ["heart_006", "heart_007"]
@@ -148,6 +149,7 @@ def test_msd_split_file_and_resume_keeps_split(msd, tmp_path):
 
 
 def test_official_state_dict_and_largest_component(la, tmp_path, capsys):
+    nib = nibabel()
     torch.manual_seed(0)
     model = CAML3d(n_filters=2, feat_dim=8)
     path = tmp_path / "official.pth"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from caml.models import CAML3d, CAML3dOutput, load_checkpoint, read_state_dict
+from caml.models import CAML3d, CAML3dOutput, Decoder, Encoder, load_checkpoint, read_state_dict
 
 from .helpers import assert_close_to_reference, fresh_seed
 
@@ -242,3 +242,18 @@ def test_checkpoint_reading_is_weights_only_and_checked(tmp_path):
     torch.save({"optimizer": {"lr": 0.1}}, tmp_path / "nothing.pt")
     with pytest.raises(ValueError, match="neither a state_dict"):
         read_state_dict(os.fspath(tmp_path / "nothing.pt"))
+
+
+@pytest.mark.parametrize("module, kwargs, name", [
+    (CAML3d, dict(n_filters=4.0), "n_filters"), (CAML3d, dict(feat_dim="8"), "feat_dim"),
+    (CAML3d, dict(in_channels=True), "in_channels"), (CAML3d, dict(num_classes=0), "num_classes"),
+    (CAML3d, dict(cma_heads=2.5), "cma_heads"), (CAML3d, dict(cma_dropout=1.5), "cma_dropout"),
+    (CAML3d, dict(normalization="bn"), "normalization"), (CAML3d, dict(has_dropout="yes"), "has_dropout"),
+    (Encoder, dict(n_filters=float("nan")), "n_filters"), (Decoder, dict(num_classes=2.0), "num_classes"),
+    (Decoder, dict(up_mode="cubic"), "up_mode"),
+])
+def test_wrongly_typed_arguments_are_named(module, kwargs, name):
+    with pytest.raises((TypeError, ValueError)) as info:
+        module(**kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{module.__name__}: {name} must be"), message

@@ -3,7 +3,6 @@ checks), the seeded split and split files, layout detection."""
 import json
 import os
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -11,7 +10,7 @@ from caml.data.msd import MSDFolder, read_nifti, write_nifti, zscore
 from caml.data.source import CaseDataset, LASource, MSDSource, make_split, open_source
 from caml.data.synthetic import generate_synthetic_la
 
-from .nifti_helpers import SPACING, affine_of, save, write_msd_folder
+from .nifti_helpers import SPACING, affine_of, nibabel, save, write_msd_folder
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +31,7 @@ def test_reader_spacing_affine_and_voxels(tmp_path):
 
 
 def test_write_nifti_keeps_geometry(tmp_path):
+    nib = nibabel()
     path = str(tmp_path / "p.nii.gz")
     write_nifti(path, np.ones((3, 4, 5), np.uint8), affine_of(), SPACING)
     img = nib.load(path)
@@ -161,3 +161,16 @@ def test_layout_detection(tmp_path):
 
 def test_zscore_constant_volume():
     assert not zscore(np.full((2, 2, 2), 7.0)).any()
+
+
+def test_non_finite_image_voxels_are_rejected(tmp_path):
+    root = tmp_path / "nan"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    image = np.zeros((4, 4, 4), np.float32)
+    image[0, 1, 2] = np.inf
+    save(root / "imagesTr" / "case.nii.gz", image)
+    save(root / "labelsTr" / "case.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="not finite") as info:
+        MSDFolder(str(root)).load("case")
+    assert str(root / "imagesTr" / "case.nii.gz") in str(info.value)

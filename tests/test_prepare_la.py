@@ -5,12 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nrrd
 import numpy as np
 import pytest
 
 from caml.data import case_path, load_case, read_case_list
 from caml.data.prepare_la import main
+
+nrrd = pytest.importorskip("nrrd")  # pynrrd is optional (the GPU image lacks it); every test here writes nrrd
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (200, 180, 8)
@@ -135,6 +136,11 @@ def test_bad_input(raw, tmp_path, capsys):
                                                      or c / "laendo.nrrd")
     assert "empty" in broken("empty", lambda c: nrrd.write(str(c / "laendo.nrrd"), np.zeros(SHAPE, np.uint8))
                              or c / "laendo.nrrd")
+    nan_image = np.ones(SHAPE, np.float32)
+    nan_image[0, 0, 0] = np.nan
+    assert "not finite" in broken("nan", lambda c: nrrd.write(str(c / "lgemri.nrrd"), nan_image) or c / "lgemri.nrrd")
+    assert "constant" in broken("constant", lambda c: nrrd.write(str(c / "lgemri.nrrd"), np.full(SHAPE, 7, np.int16))
+                                or c / "lgemri.nrrd")
 
     out.mkdir()
     (out / "keep.txt").write_text("x")

@@ -3,6 +3,9 @@
     <root>/train.list, <root>/test.list            one case name per line
     <root>/2018LA_Seg_Training Set/<case>/mri_norm2.h5
         image: float32 [W, H, D] (normalised MRI), label: uint8 [W, H, D] (0 background, 1 atrium)
+
+Case names are names, never paths (they become file names of the outputs). Image voxels must be
+finite and labels 0 / 1; other label values are refused unless mapped explicitly (``label_values``).
 """
 from __future__ import annotations
 
@@ -13,11 +16,22 @@ import h5py
 import numpy as np
 from torch.utils.data import Dataset
 
-__all__ = ["CASES_DIR", "H5_NAME", "read_case_list", "case_path", "load_case", "write_case", "LAHeartH5"]
+from .checks import check_finite, unexpected_values
+
+__all__ = ["CASES_DIR", "H5_NAME", "LABEL_VALUES", "check_case_name", "read_case_list", "case_path", "load_case",
+           "check_label", "write_case", "LAHeartH5"]
 
 CASES_DIR = "2018LA_Seg_Training Set"
 H5_NAME = "mri_norm2.h5"
 SPLITS = ("train", "test")
+LABEL_VALUES = (0, 1)  # (background, foreground) in the label of the official files
+
+
+def check_case_name(name: str, where: str) -> str:
+    """``name`` if it is a plain file name (no path separator, not ``.`` or ``..``)."""
+    if name in (".", "..") or any(sep in name for sep in ("/", "\\", os.sep, "\0")):
+        raise ValueError(f"{where}: case name {name!r} is not a plain name (no path separators, not . or ..)")
+    return name
 
 
 def read_case_list(root: str, split: str) -> list[str]:
@@ -30,7 +44,7 @@ def read_case_list(root: str, split: str) -> list[str]:
     if not os.path.isfile(list_path):
         raise FileNotFoundError(f"case list not found: {list_path} (the LA h5 layout needs train.list and test.list)")
     with open(list_path) as f:
-        cases = [line.strip() for line in f if line.strip()]
+        cases = [check_case_name(line.strip(), f"case list {list_path}") for line in f if line.strip()]
     if not cases:
         raise ValueError(f"case list is empty: {list_path}")
     return cases
@@ -40,8 +54,19 @@ def case_path(root: str, case: str) -> str:
     return os.path.join(root, CASES_DIR, case, H5_NAME)
 
 
-def load_case(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(image float32 [W, H, D], label uint8 [W, H, D]) of one h5 file; one-line errors naming the file."""
+def check_label(path: str, label: np.ndarray, label_values: tuple = LABEL_VALUES) -> np.ndarray:
+    """The label as uint8 0 / 1 (foreground: ``label_values[1]``); a ValueError naming the file for
+    any value that is neither ``label_values`` (e.g. 0 / 255, which would train with no foreground)."""
+    unexpected = unexpected_values(label, label_values)
+    if unexpected:
+        raise ValueError(f"h5 file {path}: unexpected label values {unexpected} (expected {label_values[0]} "
+                         f"background and {label_values[1]} foreground)")
+    return (label == label_values[1]).astype(np.uint8)
+
+
+def load_case(path: str, label_values: tuple = LABEL_VALUES) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32 [W, H, D], label uint8 0 / 1 [W, H, D]) of one h5 file; one-line errors naming the
+    file (unreadable, shapes, non-finite image voxels, label values other than ``label_values``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"case file not found: {path}")
     try:
@@ -56,7 +81,8 @@ def load_case(path: str) -> tuple[np.ndarray, np.ndarray]:
     if image.ndim != 3 or image.shape != label.shape:
         raise ValueError(f"h5 file {path}: image and label must both be [W, H, D] of one shape, "
                          f"got {image.shape} and {label.shape}")
-    return image.astype(np.float32, copy=False), label.astype(np.uint8, copy=False)
+    check_finite(image, f"h5 file {path}")
+    return image.astype(np.float32, copy=False), check_label(path, label, label_values)
 
 
 def write_case(root: str, case: str, image: np.ndarray, label: np.ndarray) -> str:
@@ -74,12 +100,12 @@ class LAHeartH5(Dataset):
     "case": name}`` (numpy) passed through ``transform`` when given.
 
     ``num`` keeps the first ``num`` cases of the list (the official ``labelnum`` / ``num`` argument).
-    All case files are checked to exist when the dataset is made.
+    All case files are checked to exist when the dataset is made. ``label_values``: see :func:`load_case`.
     """
 
     def __init__(self, root: str, split: str = "train", num: Optional[int] = None,
-                 transform: Optional[Callable[[dict], dict]] = None):
-        self.root, self.split, self.transform = root, split, transform
+                 transform: Optional[Callable[[dict], dict]] = None, label_values: tuple = LABEL_VALUES):
+        self.root, self.split, self.transform, self.label_values = root, split, transform, label_values
         cases = read_case_list(root, split)
         self.cases = cases[:num] if num is not None else cases
         missing = [case_path(root, c) for c in self.cases if not os.path.isfile(case_path(root, c))]
@@ -91,6 +117,6 @@ class LAHeartH5(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
-        image, label = load_case(case_path(self.root, case))
+        image, label = load_case(case_path(self.root, case), self.label_values)
         sample = {"image": image, "label": label, "case": case}
         return self.transform(sample) if self.transform is not None else sample

@@ -17,7 +17,9 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["IMAGES_DIR", "LABELS_DIR", "is_msd_folder", "read_nifti", "write_nifti", "zscore", "MSDFolder"]
+from .checks import check_finite, unexpected_values
+
+__all__ = ["IMAGES_DIR", "LABELS_DIR", "is_msd_folder", "require_nibabel", "read_nifti", "write_nifti", "zscore", "MSDFolder"]
 
 IMAGES_DIR, LABELS_DIR, DATASET_JSON = "imagesTr", "labelsTr", "dataset.json"
 SUFFIXES = (".nii.gz", ".nii")
@@ -32,19 +34,21 @@ def _reason(err: BaseException) -> str:
     return " ".join(str(err).split())[:200] or type(err).__name__
 
 
-def _nibabel():
+def require_nibabel():
+    """The nibabel module, imported when first needed: the package imports without it."""
     try:
         import nibabel
-    except ImportError as err:  # a dependency of the package; a clear line if an install lacks it
-        raise RuntimeError("reading NIfTI needs nibabel (pip install nibabel)") from err
+    except ImportError:  # a dependency of the package; a clear line if an install lacks it
+        raise RuntimeError("NIfTI files need nibabel (pip install nibabel)") from None
     return nibabel
 
 
 def _load_image(path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"NIfTI file not found: {path}")
+    nibabel = require_nibabel()
     try:
-        return _nibabel().load(path)
+        return nibabel.load(path)
     except Exception as err:  # nibabel reports bad files with many exception types
         raise ValueError(f"cannot read NIfTI file {path}: {_reason(err)}") from err
 
@@ -85,7 +89,7 @@ def read_nifti(path: str) -> tuple[np.ndarray, tuple[float, float, float], np.nd
 def write_nifti(path: str, array: np.ndarray, affine: Optional[np.ndarray] = None,
                 spacing: Optional[tuple] = None) -> None:
     """Writes ``array`` with ``affine`` (else a diagonal one from ``spacing``, else the identity)."""
-    nibabel = _nibabel()
+    nibabel = require_nibabel()
     if affine is None:
         affine = np.diag(list(spacing if spacing is not None else (1.0, 1.0, 1.0)) + [1.0])
     img = nibabel.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
@@ -170,8 +174,7 @@ class MSDFolder:
         label = read_nifti(path)[0]
         if label.shape != tuple(shape):
             raise ValueError(f"label file {path}: shape {label.shape} differs from its image's {tuple(shape)}")
-        values = np.unique(label)
-        unexpected = [v for v in values.tolist() if v not in self.allowed_labels]
+        unexpected = unexpected_values(label, self.allowed_labels)
         if unexpected:
             raise ValueError(f"label file {path}: unexpected values {unexpected[:5]} (allowed: "
                              f"{sorted(self.allowed_labels)})")
@@ -180,5 +183,6 @@ class MSDFolder:
     def load(self, case: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """(z-scored image float32, label uint8 0/1 or None for an unlabeled case)."""
         image = read_nifti(self.images[case])[0]
+        check_finite(image, f"NIfTI file {self.images[case]}")
         label = self._label(case, image.shape) if case in self.labels else None
         return zscore(image), label

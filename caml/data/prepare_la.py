@@ -16,7 +16,6 @@ built in a temporary folder and moved to ``--out`` at the end.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -26,6 +25,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..cli import Parser, check_out_folder, int_at_least, run
+from .checks import check_finite, unexpected_values
 from .la_h5 import write_case
 
 __all__ = ["IMAGE_NAME", "LABEL_NAME", "find_cases", "read_raw_case", "crop_case", "prepare_la", "main"]
@@ -47,10 +48,12 @@ def find_cases(raw: str) -> list[str]:
 
 
 def _read_nrrd(path: str) -> np.ndarray:
-    import nrrd
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"nrrd file not found: {path}")
+    try:
+        import nrrd
+    except ImportError:  # a dependency of the package, imported when used: a clear line if it is missing
+        raise RuntimeError("reading nrrd files needs pynrrd (pip install pynrrd)") from None
     try:
         data, _ = nrrd.read(path)
     except Exception as err:  # pynrrd reports bad files with several exception types
@@ -62,12 +65,16 @@ def _read_nrrd(path: str) -> np.ndarray:
 
 def read_raw_case(raw: str, case: str) -> tuple[np.ndarray, np.ndarray]:
     """(image float64, label uint8 0/1) of one raw case; one-line errors naming the file."""
-    image = _read_nrrd(os.path.join(raw, case, IMAGE_NAME))
+    image_path = os.path.join(raw, case, IMAGE_NAME)
+    image = _read_nrrd(image_path)
+    check_finite(image, f"nrrd file {image_path}")
+    if image.min() == image.max():  # the z-score would divide by a zero deviation
+        raise ValueError(f"nrrd file {image_path}: the image is constant ({image.flat[0]}), it cannot be z-scored")
     label_path = os.path.join(raw, case, LABEL_NAME)
     label = _read_nrrd(label_path)
     if label.shape != image.shape:
         raise ValueError(f"nrrd file {label_path}: shape {label.shape} differs from its image's {image.shape}")
-    unexpected = [v for v in np.unique(label).tolist() if v not in LABEL_VALUES]
+    unexpected = unexpected_values(label, LABEL_VALUES)
     if unexpected:
         raise ValueError(f"nrrd file {label_path}: unexpected label values {unexpected[:5]} (expected 0 and 255)")
     if not (label == 255).any():
@@ -156,30 +163,25 @@ def prepare_la(raw: str, out: str, seed: int = 0, test_cases: Optional[int] = No
     return train, test
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--raw", required=True, help="folder of <case>/lgemri.nrrd and <case>/laendo.nrrd")
     parser.add_argument("--out", required=True, help="output folder (LA h5 layout)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the crop margins and of the split (default 0)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0,
+                        help="seed of the crop margins and of the split (default 0)")
     parser.add_argument("--test-cases", type=int, default=None, help="test cases of the seeded split (default: a fifth)")
     parser.add_argument("--train-list", default=None, help="train.list to use (with --test-list)")
     parser.add_argument("--test-list", default=None, help="test.list to use (with --train-list)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = parser.parse_args(argv)
-    try:
-        train, test = prepare_la(args.raw, args.out, args.seed, args.test_cases, args.train_list, args.test_list,
+
+    def body():
+        args = parser.parse_args(argv)
+        out = check_out_folder(args.out)
+        train, test = prepare_la(args.raw, out, args.seed, args.test_cases, args.train_list, args.test_list,
                                  args.overwrite)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
-        print(f"{PROG}: error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
-        return 1
-    print(f"wrote {len(train)} train and {len(test)} test cases to {os.path.abspath(args.out)}")
-    return 0
+        print(f"wrote {len(train)} train and {len(test)} test cases to {out}")
+
+    return run(PROG, body)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 from torch.utils.data import Dataset
 
-from .la_h5 import CASES_DIR, case_path, load_case, read_case_list
+from .la_h5 import CASES_DIR, LABEL_VALUES, case_path, check_label, load_case, read_case_list
 from .msd import MSDFolder, is_msd_folder
 
 __all__ = ["TEST_FRACTION", "open_source", "make_split", "read_split_file", "LASource", "MSDSource", "CaseDataset"]
@@ -31,15 +31,16 @@ TEST_FRACTION = 0.2
 class LASource:
     layout = "la_h5"
 
-    def __init__(self, root: str):
-        self.root = root
+    def __init__(self, root: str, label_values: tuple = LABEL_VALUES):
+        """``label_values``: (background, foreground) of the files' labels, mapped to 0 / 1."""
+        self.root, self.label_values = root, label_values
         self.train_cases = read_case_list(root, "train")
         self.test_cases = read_case_list(root, "test")
         self.labeled_train = len(self.train_cases)
 
     def check(self, cases: Sequence[str]) -> None:
-        """Every case file exists and is a readable h5 with 3D ``image`` and ``label`` of one shape
-        (headers only: fast)."""
+        """Every case file exists and is a readable h5 with 3D ``image`` and ``label`` of one shape and
+        only the allowed label values (the labels are read, the images' headers only)."""
         for case in cases:
             path = case_path(self.root, case)
             if not os.path.isfile(path):
@@ -49,14 +50,16 @@ class LASource:
                     if "image" not in f or "label" not in f:
                         raise ValueError(f"h5 file {path} lacks 'image' or 'label'")
                     shapes = f["image"].shape, f["label"].shape
+                    label = f["label"][()]
             except OSError as err:
                 raise ValueError(f"cannot read h5 file {path}: {' '.join(str(err).split())}") from None
             if len(shapes[0]) != 3 or shapes[0] != shapes[1]:
                 raise ValueError(f"h5 file {path}: image and label must be 3D of one shape, "
                                  f"got {shapes[0]} and {shapes[1]}")
+            check_label(path, label, self.label_values)
 
     def load(self, case: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        return load_case(case_path(self.root, case))
+        return load_case(case_path(self.root, case), self.label_values)
 
     def geometry(self, case: str) -> tuple[Optional[tuple], Optional[np.ndarray]]:
         """(spacing, affine): unknown in the h5 layout, so metrics are in voxels as the official LA numbers."""

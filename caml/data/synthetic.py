@@ -19,15 +19,16 @@ shape and context; volume shapes vary per case. Case ``i`` depends only on ``(se
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 from typing import Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from ..cli import Parser, check_out_folder, int_at_least, run
 from .la_h5 import case_path, write_case
 
 __all__ = ["DEFAULT_MIN_SHAPE", "DEFAULT_MAX_SHAPE", "make_case", "generate_synthetic_la", "ensure_synthetic_la"]
@@ -211,22 +212,27 @@ def ensure_synthetic_la(out: str, cases: int = 20, seed: int = 0, test_cases: Op
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m caml.data.synthetic", description=__doc__.split("\n\n")[0])
+PROG = "python -m caml.data.synthetic"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (LA h5 layout)")
-    parser.add_argument("--cases", type=int, default=20, help="number of cases (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--test-cases", type=int, default=None, help="cases in test.list (default: a fifth)")
-    parser.add_argument("--min-shape", type=int, nargs=3, default=DEFAULT_MIN_SHAPE, metavar=("W", "H", "D"))
-    parser.add_argument("--max-shape", type=int, nargs=3, default=DEFAULT_MAX_SHAPE, metavar=("W", "H", "D"))
-    args = parser.parse_args(argv)
-    try:
+    parser.add_argument("--cases", type=int_at_least(2), default=20, help="number of cases (default 20)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
+    parser.add_argument("--test-cases", type=int_at_least(1), default=None, help="cases in test.list (default: a fifth)")
+    parser.add_argument("--min-shape", type=int_at_least(16), nargs=3, default=DEFAULT_MIN_SHAPE, metavar=("W", "H", "D"))
+    parser.add_argument("--max-shape", type=int_at_least(16), nargs=3, default=DEFAULT_MAX_SHAPE, metavar=("W", "H", "D"))
+
+    def body():
+        args = parser.parse_args(argv)
+        out = check_out_folder(args.out)
         start = time.perf_counter()
-        generate_synthetic_la(args.out, args.cases, args.seed, args.test_cases, args.min_shape, args.max_shape)
-    except ValueError as err:
-        parser.error(str(err))
-    print(f"wrote {args.cases} synthetic cases to {args.out} in {time.perf_counter() - start:.1f} s")
+        generate_synthetic_la(out, args.cases, args.seed, args.test_cases, args.min_shape, args.max_shape)
+        print(f"wrote {args.cases} synthetic cases to {out} in {time.perf_counter() - start:.1f} s")
+
+    return run(PROG, body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from caml_ops.nn import CrossSampleMutualAttention
 
-from .vnet import DEPTH, Decoder, Encoder
+from .vnet import DEPTH, Decoder, Encoder, check_args
 
 SUB_MODELS = ("v", "a")
 _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -51,6 +51,7 @@ class AuxiliaryEncoder(Encoder):
         cma_backend: str = "auto",
     ) -> None:
         super().__init__(in_channels, n_filters, normalization, has_dropout)
+        check_args(type(self).__name__, cma_heads=cma_heads, cma_dropout=cma_dropout)
         cma = CrossSampleMutualAttention(
             8 * n_filters, nhead=cma_heads, ffn_mult=4, dropout=cma_dropout, backend=cma_backend
         )
@@ -99,6 +100,9 @@ class CAML3d(nn.Module):
         cma_backend: str = "auto",
     ) -> None:
         super().__init__()
+        check_args(type(self).__name__, in_channels=in_channels, num_classes=num_classes, n_filters=n_filters,
+                   feat_dim=feat_dim, normalization=normalization, has_dropout=has_dropout, cma_heads=cma_heads,
+                   cma_dropout=cma_dropout)
         self.in_channels, self.num_classes = in_channels, num_classes
         self.n_filters, self.feat_dim = n_filters, feat_dim
         self.encoder1 = Encoder(in_channels, n_filters, normalization, has_dropout)

@@ -3,10 +3,41 @@ and the decoder, with the official module names (``block_one`` ... ``block_nine`
 official checkpoints load with ``strict=True``."""
 from __future__ import annotations
 
+import math
+import numbers
+
 from torch import Tensor, nn
 
 NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
+UP_MODES = ("deconv", "trilinear", "nearest")
 DEPTH = 4  # down-samplings by 2: the spatial sizes must be multiples of 2**DEPTH
+
+# The constructor arguments of the models, by name: checked up front, so that a wrong one (a float
+# width, a misspelt mode) is named instead of failing deep inside torch.
+_SIZES = ("in_channels", "out_channels", "num_classes", "n_filters", "feat_dim", "n_stages", "stride", "cma_heads")
+_CHOICES = {"normalization": NORMALIZATIONS, "up_mode": UP_MODES, "mode": UP_MODES[1:]}
+
+
+def check_args(owner: str, **args) -> None:
+    """Raises TypeError / ValueError ``<owner>: <name> must be ...`` for the first bad argument."""
+    for name, value in args.items():
+        if name in _SIZES:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+        elif name in _CHOICES:
+            if value not in _CHOICES[name]:
+                raise ValueError(f"{owner}: {name} must be one of {_CHOICES[name]}, got {value!r}")
+        elif name == "has_dropout":
+            if not isinstance(value, bool):
+                raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
+        elif name == "cma_dropout":
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1 or \
+                    math.isnan(value):
+                raise ValueError(f"{owner}: {name} must be a probability in [0, 1), got {value!r}")
+        else:
+            raise KeyError(f"no rule for argument {name!r}")  # a new argument needs its rule
 
 
 def _norm(normalization: str, channels: int) -> list[nn.Module]:
@@ -26,6 +57,8 @@ class ConvBlock(nn.Module):
 
     def __init__(self, n_stages: int, in_channels: int, out_channels: int, normalization: str = "none") -> None:
         super().__init__()
+        check_args(type(self).__name__, n_stages=n_stages, in_channels=in_channels, out_channels=out_channels,
+                   normalization=normalization)
         ops: list[nn.Module] = []
         for stage in range(n_stages):
             ops.append(nn.Conv3d(in_channels if stage == 0 else out_channels, out_channels, 3, padding=1))
@@ -42,6 +75,8 @@ class DownsamplingConvBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none") -> None:
         super().__init__()
+        check_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels, stride=stride,
+                   normalization=normalization)
         ops = [nn.Conv3d(in_channels, out_channels, stride, padding=0, stride=stride)]
         self.conv = nn.Sequential(*ops, *_norm(normalization, out_channels), nn.ReLU(inplace=True))
 
@@ -54,6 +89,8 @@ class UpsamplingDeconvBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none") -> None:
         super().__init__()
+        check_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels, stride=stride,
+                   normalization=normalization)
         ops = [nn.ConvTranspose3d(in_channels, out_channels, stride, padding=0, stride=stride)]
         self.conv = nn.Sequential(*ops, *_norm(normalization, out_channels), nn.ReLU(inplace=True))
 
@@ -69,6 +106,8 @@ class Upsampling(nn.Module):
         self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none", mode: str = "trilinear"
     ) -> None:
         super().__init__()
+        check_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels, stride=stride,
+                   normalization=normalization, mode=mode)
         if mode == "trilinear":
             upsample = nn.Upsample(scale_factor=stride, mode="trilinear", align_corners=True)
         elif mode == "nearest":
@@ -91,6 +130,8 @@ class Encoder(nn.Module):
         self, in_channels: int = 1, n_filters: int = 16, normalization: str = "none", has_dropout: bool = False
     ) -> None:
         super().__init__()
+        check_args(type(self).__name__, in_channels=in_channels, n_filters=n_filters, normalization=normalization,
+                   has_dropout=has_dropout)
         n = n_filters
         self.has_dropout = has_dropout
         self.block_one = ConvBlock(1, in_channels, n, normalization)
@@ -135,6 +176,8 @@ class Decoder(nn.Module):
         up_mode: str = "deconv",
     ) -> None:
         super().__init__()
+        check_args(type(self).__name__, num_classes=num_classes, n_filters=n_filters, normalization=normalization,
+                   has_dropout=has_dropout, up_mode=up_mode)
         n = n_filters
         self.has_dropout = has_dropout
 
