@@ -46,7 +46,7 @@ OPS = {
     ),
     "cross_sample_attention": (
         lambda xs, backend, **kw: caml_ops.cross_sample_attention(*xs, backend=backend, **kw),
-        _attention_inputs(5, 33, 2, 40),
+        _attention_inputs(5, 13, 2, 24),
         {"dropout_p": 0.3},
     ),
     "intra_sample_attention": (
@@ -252,9 +252,11 @@ def test_torch_compile_takes_strided_inputs(op, backend, device):
         return call(list(xs), backend, **kw).square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    torch.manual_seed(1234)  # (dropout: the same mask in both runs)
     out = compiled(*strided)
     grads = torch.autograd.grad(out, strided)
     plain = [x.detach().clone().requires_grad_() for x in inputs]
+    torch.manual_seed(1234)
     ref = step(*plain)
     ref_grads = torch.autograd.grad(ref, plain)
     torch.testing.assert_close(out, ref, msg=lambda m: f"{op} compiled on strided inputs (seed {seed}): {m}")

@@ -297,22 +297,21 @@ def _sum_chunks_kernel(part_ptr, out_ptr, num_chunks, KD, BLOCK: tl.constexpr, A
 
 @triton.jit
 def _corr_fwd_kernel(
-    f_ptr, mem_ptr, out_ptr, N, K, s_f0, s_f1, s_m0, s_m1, scale_hi, scale_lo,
+    f_ptr, mem_ptr, out_ptr, N, K, s_f0, s_f1, s_m0, s_m1, logit_hi, logit_lo,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    EVEN_K: tl.constexpr, PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
+    EVEN_K: tl.constexpr, PREC: tl.constexpr, DIVIDE: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     row_ok = rows < N
     cd = tl.arange(0, BD)
     f = load_tile(f_ptr, rows, row_ok, s_f0, s_f1, cd, D, BD)
-    scale = float_arg(scale_hi, scale_lo, FP64)
     m = tl.full([BM], float("-inf"), ACC)
     z = tl.zeros([BM], ACC)
     for n0 in range(0, K, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < K
         mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
-        s = matmul_acc(f, tl.trans(mem), PREC, FP64) * scale
+        s = _logits(matmul_acc(f, tl.trans(mem), PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
         if not EVEN_K:
             s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -323,7 +322,7 @@ def _corr_fwd_kernel(
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < K
         mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
-        s = matmul_acc(f, tl.trans(mem), PREC, FP64) * scale
+        s = _logits(matmul_acc(f, tl.trans(mem), PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
         p = tl.exp(s - m[:, None]) * inv_z[:, None]
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], p.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
@@ -421,7 +420,7 @@ def _config(D: int, dtype: torch.dtype) -> dict:
 
 
 def _logit_scale(x: torch.Tensor, temperature: float):
-    """(c_hi, c_lo, divide): the loss kernels' logits are dot(feat, memory) / c
+    """(c_hi, c_lo, divide): the kernels' forward logits are dot(feat, memory) / c
     (divide) or * c, rounded as PyTorch rounds (feat @ memory.T) / temperature
     on x's device: a true division by fl(t) on the CPU, a product with
     fl(1 / fl(t)) on CUDA (its kernel for a scalar divisor), t rounded to the
@@ -554,11 +553,12 @@ def omni_correlation_forward(feat: torch.Tensor, memory: torch.Tensor, temperatu
         return out
     acc_t, acc_tl = acc_dtypes(feat.dtype)
     c = _config(D, feat.dtype)
+    logit_hi, logit_lo, divide = _logit_scale(feat, temperature)  # the logits rounded as PyTorch's
     with device_context(feat):
         _corr_fwd_kernel[(triton.cdiv(N, c["BM"]),)](
-            feat, memory, out, N, K, *feat.stride(), *memory.stride(), *split_float(1.0 / temperature),
+            feat, memory, out, N, K, *feat.stride(), *memory.stride(), logit_hi, logit_lo,
             D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, PREC=dot_precision(memory),
-            FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=c["warps"])
+            DIVIDE=divide, FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=c["warps"])
     return out
 
 
