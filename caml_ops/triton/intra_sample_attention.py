@@ -251,7 +251,7 @@ def _config(D: int, dtype: torch.dtype, is_cuda: bool, dropout: bool) -> dict:
 
     As FlashAttention-2: a wide query block in the forward and dQ kernels, a
     wide key block in the dK/dV kernel, narrow blocks on the loop axis. Sized
-    with ptxas -v for sm_90 (Triton 3.8) to run without register spills:
+    with ptxas -v for sm_90 and sm_80 (Triton 3.8; benchmarks/compile_gpu_kernels.py) to run without spills:
     8 warps from d = 64 or with dropout (the Philox rounds keep many registers
     live per element); float32 gets small tiles, as its IEEE tl.dot runs on
     the FMA units with operands and accumulators in registers.
@@ -266,9 +266,10 @@ def _config(D: int, dtype: torch.dtype, is_cuda: bool, dropout: bool) -> dict:
         return dict(BD=bd, fwd=tile, dkdv=tile, dq=tile)
     wide = bd == _MAX_D
     if dtype == torch.float32:
-        return dict(BD=bd, fwd=(64, 32, 8, 2), dkdv=(16 if wide else 32, 64, 8, 2), dq=(32 if wide else 64, 32, 8, 2))
+        return dict(BD=bd, fwd=(16 if wide else 64, 32, 8, 2), dkdv=(16 if wide else 32, 64, 8, 2),
+                    dq=(16 if wide else 64, 32, 4 if bd <= 32 else 8, 2))
     warps = 8 if bd >= 64 or dropout else 4
-    return dict(BD=bd, fwd=(128, 64, warps, 3), dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
+    return dict(BD=bd, fwd=(128, 32 if wide else 64, warps, 3), dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
 
 
 def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
