@@ -37,10 +37,11 @@ MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 
 
 
 def _setup_env(cache_dir: str) -> None:
-    """Before triton is imported: compiled, not interpreted, kernels; a private cache (so ptxas runs and
-    logs for every kernel); ptxas's -v log printed, to be captured."""
+    """Before triton is imported: compiled, not interpreted, kernels; the cache `cache_dir`, compiling
+    even on a hit (so that ptxas runs and logs for every kernel); ptxas's -v log printed, to be captured."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
@@ -264,9 +265,13 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=None, help="only variants whose name contains this")
     parser.add_argument("--markdown", default=None, help="write the table here")
     parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--cache-dir", default=None,
+                        help="Triton cache to fill (on a GPU machine: the one the runs use, to warm it; "
+                             "default: a temporary one)")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="caml_aot_") as cache_dir:
+    with (contextlib.nullcontext(args.cache_dir) if args.cache_dir else
+          tempfile.TemporaryDirectory(prefix="caml_aot_")) as cache_dir:
         _setup_env(cache_dir)
         import triton
 
