@@ -52,8 +52,8 @@ def parse(log: str) -> list[dict]:
         # caml_ops::cuda::(anonymous namespace)::forward_kernel<float, 2>(...) -> forward_kernel<float, 2>
         short = re.sub(r"\(.*$", "", name.replace("caml_ops::cuda::(anonymous namespace)::", ""))
         row["kernel"] = short.replace("std::integral_constant<int, ", "").replace("__nv_bfloat16", "bf16")
-        row["caml_uses"] = "double" not in short and not re.search(r"(?<![\w])(forward|backward)_kernel<\w+, 32>",
-                                                                     short)
+        # The mutual-consistency kernels are <T, kC, Acc>: the 32-class bound is theirs, <T, 32, float>.
+        row["caml_uses"] = "double" not in short and not re.search(r"_kernel<[^,<>]+, 32, float>", short)
     return rows
 
 
