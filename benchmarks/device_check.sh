@@ -11,7 +11,8 @@
 #   1   in parallel, from t ~ 5:
 #       a build.log      the extension for the card's arch only, MAX_JOBS=6, ptxas -v; the long pole
 #                        is csrc/cuda/cross_sample_attention_kernel.cu (4 dtypes x 3 tiles x 2 widths,
-#                        forward + backward: 24 kernels): ~90 s expected, limit 170 s
+#                        forward + backward: 24 kernels; 27 s for one arch on one shared CI core) next
+#                        to the torch-header C++ files (~1 min each there): ~60 to 90 s, limit 170 s
 #       b tests_triton   pytest -m gpu -k "triton and not compile" over 6 xdist workers (the Triton GPU
 #                        tests; they also warm Triton's cache). Estimate: the Triton tests trigger 177
 #                        distinct Triton specialisations in the interpreter (kernel, constexprs, dtypes,

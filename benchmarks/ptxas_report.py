@@ -6,7 +6,8 @@
 setup.py passes -Xptxas=-v to nvcc under CAML_OPS_PTXAS_VERBOSE=1; this parses ptxas's report (one entry
 per kernel and architecture), prints one row per kernel and exits 1 when an instantiation CAML uses
 spills: every one whose dtype is not float64 (float64 is for tests only), except the mutual-consistency
-kernels' 32-class bound (C = 17 .. 32; CAML has 2 classes), whose spills are reported only.
+kernels' 32-class bound (C = 17 .. 32; CAML has 2 classes) and the cross-sample attention kernels' 8-row
+tiles (B = 5 .. 8; CAML has B = 4), whose spills are reported only.
 """
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ def parse(log: str) -> list[dict]:
         # caml_ops::cuda::(anonymous namespace)::forward_kernel<float, 2>(...) -> forward_kernel<float, 2>
         short = re.sub(r"\(.*$", "", name.replace("caml_ops::cuda::(anonymous namespace)::", ""))
         row["kernel"] = short.replace("std::integral_constant<int, ", "").replace("__nv_bfloat16", "bf16")
-        # The mutual-consistency kernels are <T, kC, Acc>: the 32-class bound is theirs, <T, 32, float>.
-        row["caml_uses"] = "double" not in short and not re.search(r"_kernel<[^,<>]+, 32, float>", short)
+        # The mutual-consistency kernels are <T, kC, Acc>: the 32-class bound is theirs, <T, 32, float>;
+        # the cross-sample attention kernels <T, kI, kNC>: 8-row tiles serve B = 5 .. 8 (CAML: B = 4).
+        row["caml_uses"] = "double" not in short and not re.search(r"_kernel<[^,<>]+, (32, float|8, \d)>", short)
     return rows
 
 
