@@ -36,6 +36,10 @@ def _extension():
         extra["nvcc"] = ["-O3"] + [
             f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs
         ]
+        if os.environ.get("CAML_OPS_PTXAS_VERBOSE", "0") == "1":
+            # ptxas's registers / spills / shared memory per kernel instantiation, in the build log
+            # (benchmarks/ptxas_report.py turns it into a table and fails on spills).
+            extra["nvcc"].append("-Xptxas=-v")
         return cpp_extension.CUDAExtension(
             "caml_ops._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"], py_limited_api=True
         )

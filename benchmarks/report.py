@@ -17,7 +17,10 @@ BASELINES = ("official", "sdpa", "reference")
 def load(path: str) -> dict:
     """(op, size, device, dtype, pass) -> impl -> (median seconds, peak MiB)."""
     with open(path) as f:
-        data = json.load(f)
+        if path.endswith(".jsonl"):  # benchmarks/conftest.py's CAML_BENCH_PARTIAL lines
+            data = {"benchmarks": [json.loads(line) for line in f if line.strip()]}
+        else:
+            data = json.load(f)
     table = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench["extra_info"]

@@ -11,7 +11,15 @@ import torch
 from caml_ops import _backend
 
 HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+_needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# Tests that run a GPU kernel (the triton or cuda backend; on a CUDA device where there is one):
+# benchmarks/device_check.sh runs `pytest -m gpu`.
+gpu = pytest.mark.gpu
+
+
+def requires_cuda(test):
+    """Decorator: skipped without a CUDA GPU, and a GPU-kernel test (marker gpu)."""
+    return gpu(_needs_cuda(test))
 
 
 def runnable_backends(op: str) -> list:
@@ -24,10 +32,11 @@ def runnable_backends(op: str) -> list:
         elif backend == "triton":
             device = "cuda" if HAS_CUDA else "cpu"
             ok = _backend.HAS_TRITON and (HAS_CUDA or _backend.triton_interpreted())
-            marks = [pytest.mark.skipif(not ok, reason="needs triton on a GPU or TRITON_INTERPRET=1")]
+            marks = [pytest.mark.skipif(not ok, reason="needs triton on a GPU or TRITON_INTERPRET=1"), gpu]
             params.append(pytest.param("triton", device, marks=marks, id="triton"))
         elif backend == "cuda":
-            marks = [requires_cuda, pytest.mark.skipif(not _backend.EXTENSION_HAS_CUDA, reason="no CUDA kernels built")]
+            marks = [_needs_cuda, pytest.mark.skipif(not _backend.EXTENSION_HAS_CUDA, reason="no CUDA kernels built"),
+                     gpu]
             params.append(pytest.param("cuda", "cuda", marks=marks, id="cuda"))
     return params
 

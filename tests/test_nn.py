@@ -92,7 +92,7 @@ def spelled_out_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attent
     rng_state = torch.randint(0, 2**62, (2,))
     op = OP_OF[attention]
     shape = (length, heads, batch, batch) if attention == "inter" else (batch, heads, length, length)
-    mask = reference.attention_dropout_mask(rng_state, shape, p)
+    mask = reference.attention_dropout_mask(rng_state, shape, p, device=x.device)
     attended = getattr(reference, op)(q, k, v, p, None, dropout_mask=mask).reshape(batch, length, channels)
     h = layer.norm1(tokens + philox_dropout(layer.self_attn.out_proj(attended), p))
     h = layer.norm2(h + philox_dropout(layer.linear2(philox_dropout(F.relu(layer.linear1(h)), p)), p))
@@ -101,16 +101,17 @@ def spelled_out_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attent
 
 def philox_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """The reference dropout with the Philox mask of a state drawn now from torch's generator."""
-    return reference.dropout(x, p, reference.philox_dropout_mask(torch.randint(0, 2**62, (2,)), x.shape, p))
+    return reference.dropout(x, p, reference.philox_dropout_mask(torch.randint(0, 2**62, (2,)), x.shape, p,
+                                                                 device=x.device))
 
 
 @pytest.mark.parametrize("attention,backend,device", LAYER_CASES)
 def test_dropout_places_and_rng_order(attention, backend, device):
     seed = fresh_seed()
-    ours = CrossSampleTransformerLayer(8, 2, 16, 0.3, attention, backend=backend).to(F64).train()
-    ref = torch_layer(8, 2, 16, 0.3).train()
+    ours = CrossSampleTransformerLayer(8, 2, 16, 0.3, attention, backend=backend).to(device, F64).train()
+    ref = torch_layer(8, 2, 16, 0.3).to(device).train()
     ref.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(3, 8, 3, 2, 2, dtype=F64)
+    x = torch.randn(3, 8, 3, 2, 2, dtype=F64, device=device)
     torch.manual_seed(seed)
     y_ours = ours(x)
     torch.manual_seed(seed)

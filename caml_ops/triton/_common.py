@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+from typing import NamedTuple
 
 import torch
 import triton
@@ -151,10 +152,59 @@ def dot_precision(x: torch.Tensor) -> str:
     if x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         return "upcast"
     # float32: TF32 tensor cores only where PyTorch's own matmuls would use them.
-    if x.dtype == torch.float32 and x.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
+    if x.dtype == torch.float32 and on_gpu(x) and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"  # ignored for 16-bit inputs; float64 does not use tl.dot
 
 
 def device_context(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------
+# Launches (host side): one place that checks the grid, and a recording mode
+# for benchmarks/compile_gpu_kernels.py, which compiles ahead of time exactly
+# what the host functions launch, without a GPU.
+# ---------------------------------------------------------------------------
+
+# CUDA's grid bounds: x up to 2^31 - 1 programs, y and z up to 65,535.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+class Launch(NamedTuple):
+    kernel: object  # a triton JITFunction
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+_recorded: list | None = None
+
+
+def on_gpu(x: torch.Tensor) -> bool:
+    """True where x's kernels are compiled GPU launches: x on CUDA, or under :func:`record_launches`
+    (which stands CPU tensors in for CUDA ones, so the GPU launch configuration is chosen)."""
+    return x.is_cuda or _recorded is not None
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within the block, :func:`launch` appends its Launch to the yielded list instead of running it."""
+    global _recorded
+    outer, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), after checking the grid against CUDA's bounds."""
+    for axis, (size, bound) in enumerate(zip(grid, MAX_GRID)):
+        if not 0 <= size <= bound:
+            raise ValueError(f"{getattr(kernel, '__name__', kernel)}: grid axis {axis} of {size} programs is past "
+                             f"CUDA's bound of {bound}; the input is too large for this kernel")
+    if _recorded is not None:
+        _recorded.append(Launch(kernel, tuple(grid), args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)

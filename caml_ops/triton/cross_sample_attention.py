@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RNG_ARGS, check_rng_state, dropout_args, dropout_keep, float_arg, split_float
+from ._common import (RNG_ARGS, check_rng_state, device_context, dropout_args, dropout_keep, float_arg, launch,
+                      split_float)
 
 # Elements of the [BLOCK_P, BLOCK_B, BLOCK_B, BLOCK_DC] products a program holds at once (half that for
 # its [BLOCK_P, BLOCK_B, BLOCK_DC] tiles); sized for ~100 registers per thread at 4 warps (ptxas, sm_80/90).
@@ -211,7 +212,9 @@ def cross_sample_attention_forward(q, k, v, scale: float, dropout_p: float, rng_
     lse = torch.empty((B, L, H), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     if out.numel() > 0:
         grid, args, meta = _launch_args(q, scale, dropout_p, rng_state, _FORWARD_BUDGET)
-        _forward_kernel[grid](q, k, v, out, lse, L * H, H, *_strides(q), *_strides(k), *_strides(v), *args, **meta)
+        with device_context(q):
+            launch(_forward_kernel, grid, q, k, v, out, lse, L * H, H, *_strides(q), *_strides(k), *_strides(v), *args,
+                   **meta)
     return out, lse
 
 
@@ -228,8 +231,9 @@ def cross_sample_attention_backward(grad_out, q, k, v, out, lse, scale: float, d
     grads = [torch.empty((B, L, H, d), dtype=q.dtype, device=q.device) for _ in range(3)]
     if q.numel() > 0:
         grid, args, meta = _launch_args(q, scale, dropout_p, rng_state, _BACKWARD_BUDGET)
-        _backward_kernel[grid](
-            grad_out, q, k, v, lse, *grads, L * H, H,
-            *_strides(grad_out), *_strides(q), *_strides(k), *_strides(v), *args, **meta,
-        )
+        with device_context(q):
+            launch(
+                _backward_kernel, grid, grad_out, q, k, v, lse, *grads, L * H, H,
+                *_strides(grad_out), *_strides(q), *_strides(k), *_strides(v), *args, **meta,
+            )
     return tuple(grads)

@@ -39,8 +39,10 @@ from ._common import (
     dropout_args,
     dropout_keep_tile,
     float_arg,
+    launch,
     load_tile,
     matmul_acc,
+    on_gpu,
     split_float,
     store_tile,
 )
@@ -58,10 +60,11 @@ def _head(ptr, b, h, s_b, s_h):
 
 @triton.jit
 def _program_block(H, L, BLOCK: tl.constexpr):
-    """This program's (b h, b, h) from grid axis 1 and its block of BLOCK positions (int64) from axis 0,
-    with their validity mask."""
-    bh = tl.program_id(1).to(tl.int64)
-    positions = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """This program's (b h, b, h) and its block of BLOCK positions (int64), with their validity mask, from a
+    1-D grid of cdiv(L, BLOCK) B H programs (no 65,535 bound on B H) with the blocks varying fastest."""
+    blocks = tl.cdiv(L, BLOCK)
+    bh = (tl.program_id(0) // blocks).to(tl.int64)
+    positions = (tl.program_id(0) % blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     return bh, bh // H, bh % H, positions, positions < L
 
 
@@ -155,7 +158,7 @@ def _bwd_dkdv_kernel(
 ):
     """dV = (P Z)^T dO and dK = scale dS^T Q for a block of BN keys, in the transposed [keys, queries] frame."""
     bh, b, h, keys, key_ok = _program_block(H, L, BN)
-    key0 = tl.program_id(0) * BN
+    key0 = (tl.program_id(0) % tl.cdiv(L, BN)) * BN
     cd = tl.arange(0, BD)
     q_base = _head(q_ptr, b, h, s_qb, s_qh)
     do_base = _head(do_ptr, b, h, s_db, s_dh)
@@ -249,22 +252,25 @@ def _config(D: int, dtype: torch.dtype, is_cuda: bool, dropout: bool) -> dict:
 
     As FlashAttention-2: a wide query block in the forward and dQ kernels, a
     wide key block in the dK/dV kernel, narrow blocks on the loop axis. Sized
-    with ptxas -v for sm_90 (Triton 3.8) to run without register spills:
+    with ptxas -v for sm_90 and sm_80 (Triton 3.8; benchmarks/compile_gpu_kernels.py) to run without spills:
     8 warps from d = 64 or with dropout (the Philox rounds keep many registers
     live per element); float32 gets small tiles, as its IEEE tl.dot runs on
     the FMA units with operands and accumulators in registers.
     """
     bd = max(16, triton.next_power_of_2(D))
     if not is_cuda or dtype == torch.float64:
-        # Interpreter, or float64 on a GPU (broadcast product-sum in matmul_acc, tests only): small tiles.
-        t = 32 if not is_cuda else 16
+        # Interpreter, or float64 on a GPU (broadcast product-sum in matmul_acc, tests only): small tiles,
+        # on a GPU sized so that the [t, BD, t] float64 product stays near 64 values per thread at 4 warps
+        # (no spills; benchmarks/compile_gpu_kernels.py checks the float64 variants the tests launch).
+        t = 32 if not is_cuda else (16 if bd <= 32 else 8)
         tile = (t, t, 4, 1)
         return dict(BD=bd, fwd=tile, dkdv=tile, dq=tile)
     wide = bd == _MAX_D
     if dtype == torch.float32:
-        return dict(BD=bd, fwd=(64, 32, 8, 2), dkdv=(16 if wide else 32, 64, 8, 2), dq=(32 if wide else 64, 32, 8, 2))
+        return dict(BD=bd, fwd=(16 if wide else 64, 32, 8, 2), dkdv=(16 if wide else 32, 64, 8, 2),
+                    dq=(16 if wide else 64, 32, 4 if bd <= 32 else 8, 2))
     warps = 8 if bd >= 64 or dropout else 4
-    return dict(BD=bd, fwd=(128, 64, warps, 3), dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
+    return dict(BD=bd, fwd=(128, 32 if wide else 64, warps, 3), dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
 
 
 def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -315,12 +321,12 @@ def intra_sample_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     lse = torch.empty(B, H, L, dtype=acc_t, device=q.device)
     if H == 0:
         return out, lse
-    c = _config(D, q.dtype, q.is_cuda, dropout_p > 0)
+    c = _config(D, q.dtype, on_gpu(q), dropout_p > 0)
     bm, bn, warps, stages = c["fwd"]
     qk, inv_keep, rng = _scalars(scale, dropout_p, rng_state)
     with device_context(q):
-        _fwd_kernel[(triton.cdiv(L, bm), B * H)](
-            q, k, v, out, lse, H, L, *_head_strides(q), *_head_strides(k), *_head_strides(v), *_head_strides(out),
+        launch(
+            _fwd_kernel, (triton.cdiv(L, bm) * B * H,), q, k, v, out, lse, H, L, *_head_strides(q), *_head_strides(k), *_head_strides(v), *_head_strides(out),
             *qk, *split_float(math.log(2.0)), *inv_keep, *rng,
             D=D, BD=c["BD"], BM=bm, BN=bn, EVEN=L % bn == 0, DROPOUT=dropout_p > 0, PREC=dot_precision(q),
             FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=warps, num_stages=stages)
@@ -343,7 +349,7 @@ def intra_sample_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: 
     if H == 0:
         return tuple(grads)
     grad_q, grad_k, grad_v = grads
-    c = _config(D, q.dtype, q.is_cuda, dropout_p > 0)
+    c = _config(D, q.dtype, on_gpu(q), dropout_p > 0)
     qk, inv_keep, rng = _scalars(scale, dropout_p, rng_state)
     delta = torch.empty(B, H, L, dtype=acc_t, device=q.device)
     strides = (*_head_strides(q), *_head_strides(k), *_head_strides(v), *_head_strides(grad_out),
@@ -353,15 +359,15 @@ def intra_sample_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: 
                   ACC=acc_tl)
     with device_context(q):
         bm, _, warps, _ = c["dq"]  # the dQ kernel's row blocks, and warps for their [BM, BD] tiles
-        _bwd_delta_kernel[(triton.cdiv(L, bm), B * H)](
-            out, grad_out, delta, H, L, *_head_strides(out), *_head_strides(grad_out),
+        launch(
+            _bwd_delta_kernel, (triton.cdiv(L, bm) * B * H,), out, grad_out, delta, H, L, *_head_strides(out), *_head_strides(grad_out),
             D=D, BD=c["BD"], BM=bm, ACC=acc_tl, num_warps=warps)
         bm, bn, warps, stages = c["dkdv"]
-        _bwd_dkdv_kernel[(triton.cdiv(L, bn), B * H)](
-            q, k, v, grad_out, lse, delta, grad_k, grad_v, H, L, *strides, *scalars,
+        launch(
+            _bwd_dkdv_kernel, (triton.cdiv(L, bn) * B * H,), q, k, v, grad_out, lse, delta, grad_k, grad_v, H, L, *strides, *scalars,
             BM=bm, BN=bn, num_warps=warps, num_stages=stages, **consts)
         bm, bn, warps, stages = c["dq"]
-        _bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
-            q, k, v, grad_out, lse, delta, grad_q, H, L, *strides, *scalars,
+        launch(
+            _bwd_dq_kernel, (triton.cdiv(L, bm) * B * H,), q, k, v, grad_out, lse, delta, grad_q, H, L, *strides, *scalars,
             BM=bm, BN=bn, EVEN=L % bn == 0, num_warps=warps, num_stages=stages, **consts)
     return grad_q, grad_k, grad_v

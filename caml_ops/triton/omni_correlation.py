@@ -26,8 +26,10 @@ from ._common import (
     device_context,
     dot_precision,
     float_arg,
+    launch,
     load_tile,
     matmul_acc,
+    on_gpu,
     split_float,
     store_tile,
     to_float32,
@@ -403,20 +405,27 @@ _SUM_BLOCK = 1024
 
 
 def _config(D: int, dtype: torch.dtype) -> dict:
-    """Block sizes and warps per feature width (fixed: no autotuning).
+    """Block sizes, warps and pipeline stages per feature width (fixed: no autotuning).
 
     All kernels of an op use the same (BM, BN) tiling so that the backward
     recomputes bit-identical logits: with peaked softmaxes (|S| ~ 1e3..1e4)
     a last-bit difference between forward and backward logits would show up
     as a 1e-4..1e-3 relative error in p and in the gradients.
+
+    Sized with benchmarks/compile_gpu_kernels.py (ptxas, sm_90 and sm_80) to
+    run without spills and within sm_80's 163 KiB of shared memory: float32's
+    IEEE tl.dot runs on the FMA units with its operands in registers, so it
+    gets smaller tiles than the 16-bit types' tensor-core dots.
     """
     bd = max(16, triton.next_power_of_2(D))
     if dtype == torch.float64:
-        # Broadcast product-sum path (tests): small tiles keep [BM, BN, BD] in check.
-        return dict(BD=bd, BM=16, BN=16, warps=4)
-    if bd <= 64:
-        return dict(BD=bd, BM=128, BN=64, warps=8)
-    return dict(BD=bd, BM=64, BN=64, warps=8)
+        # Broadcast product-sum path (tests): small tiles keep the [BM, BD, BN] products in check.
+        t = 16 if bd <= 32 else 8
+        return dict(BD=bd, BM=t, BN=t, warps=4, stages=1)
+    if dtype == torch.float32:
+        bm, bn, warps = {16: (64, 32, 4), 32: (64, 32, 4), 64: (32, 32, 8)}.get(bd, (32, 16, 8))
+        return dict(BD=bd, BM=bm, BN=bn, warps=warps, stages=3)
+    return dict(BD=bd, BM=128 if bd <= 64 else 64, BN=64 if bd <= 32 else 32, warps=8, stages=3)
 
 
 def _logit_scale(x: torch.Tensor, temperature: float):
@@ -428,11 +437,12 @@ def _logit_scale(x: torch.Tensor, temperature: float):
     logits' rounding, amplified in rows with p_j ~ eps; logits rounded any other
     way put the max error at a random 0.3 to 10 times plain PyTorch's.
     """
+    gpu = on_gpu(x)
     if x.dtype == torch.float64:
-        c = 1.0 / temperature if x.is_cuda else temperature
+        c = 1.0 / temperature if gpu else temperature
     else:
-        c = (torch.ones((), dtype=torch.float32) / to_float32(temperature)).item() if x.is_cuda else to_float32(temperature)
-    return (*split_float(c), not x.is_cuda)
+        c = (torch.ones((), dtype=torch.float32) / to_float32(temperature)).item() if gpu else to_float32(temperature)
+    return (*split_float(c), not gpu)
 
 
 def _check_matrix(name: str, x: torch.Tensor) -> None:
@@ -468,7 +478,7 @@ def _chunking(N: int, K: int, bm: int, bn: int):
 def _sum_chunks(part: torch.Tensor, out_dtype: torch.dtype, acc_tl) -> torch.Tensor:
     num_chunks, K, D = part.shape
     out = torch.empty(K, D, dtype=out_dtype, device=part.device)
-    _sum_chunks_kernel[(triton.cdiv(K * D, _SUM_BLOCK),)](
+    launch(_sum_chunks_kernel, (triton.cdiv(K * D, _SUM_BLOCK),),
         part, out, num_chunks, K * D, BLOCK=_SUM_BLOCK, ACC=acc_tl, num_warps=4)
     return out
 
@@ -493,12 +503,12 @@ def occ_loss_forward(feat_v: torch.Tensor, feat_a: torch.Tensor, memory: torch.T
     c = _config(D, feat_v.dtype)
     logit_hi, logit_lo, divide = _logit_scale(feat_v, temperature)
     with device_context(feat_v):
-        _occ_fwd_kernel[(triton.cdiv(N, c["BM"]),)](
+        launch(_occ_fwd_kernel, (triton.cdiv(N, c["BM"]),),
             feat_v, feat_a, memory, *outs, N, K, *feat_v.stride(), *feat_a.stride(), *memory.stride(),
             logit_hi, logit_lo, *split_float(eps),
             D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EPS_ZERO=eps == 0, EVEN_K=K % c["BN"] == 0,
             PREC=dot_precision(memory), DIVIDE=divide, FP64=acc_t == torch.float64, ACC=acc_tl,
-            num_warps=c["warps"])
+            num_warps=c["warps"], num_stages=c["stages"])
     return tuple(outs)
 
 
@@ -529,15 +539,15 @@ def occ_loss_backward(grad_rows: torch.Tensor, feat_v: torch.Tensor, feat_a: tor
     scalars = (logit_hi, logit_lo, *split_float(1.0 / temperature), *split_float(eps))
     strides = (grad_rows.stride(0), *feat_v.stride(), *feat_a.stride(), *memory.stride())
     with device_context(feat_v):
-        _occ_bwd_feat_kernel[(triton.cdiv(N, c["BM"]),)](
+        launch(_occ_bwd_feat_kernel, (triton.cdiv(N, c["BM"]),),
             grad_rows, feat_v, feat_a, memory, *stats, grad_v, grad_a, N, K, *strides, *scalars,
-            BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, num_warps=c["warps"], **consts)
+            BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, num_warps=c["warps"], num_stages=c["stages"], **consts)
         if memory_grad:
             tiles, chunks, per_chunk = _chunking(N, K, c["BM"], c["BN"])
             part = torch.empty(chunks, K, D, dtype=acc_t, device=memory.device)
-            _occ_bwd_mem_kernel[(tiles * chunks,)](
+            launch(_occ_bwd_mem_kernel, (tiles * chunks,),
                 grad_rows, feat_v, feat_a, memory, *stats, part, N, K, *strides, *scalars, tiles, per_chunk,
-                BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, num_warps=c["warps"],
+                BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, num_warps=c["warps"], num_stages=c["stages"],
                 **consts)
             grad_m = _sum_chunks(part, memory.dtype, acc_tl)
     return grad_v, grad_a, grad_m
@@ -555,10 +565,10 @@ def omni_correlation_forward(feat: torch.Tensor, memory: torch.Tensor, temperatu
     c = _config(D, feat.dtype)
     logit_hi, logit_lo, divide = _logit_scale(feat, temperature)  # the logits rounded as PyTorch's
     with device_context(feat):
-        _corr_fwd_kernel[(triton.cdiv(N, c["BM"]),)](
+        launch(_corr_fwd_kernel, (triton.cdiv(N, c["BM"]),),
             feat, memory, out, N, K, *feat.stride(), *memory.stride(), logit_hi, logit_lo,
             D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, PREC=dot_precision(memory),
-            DIVIDE=divide, FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=c["warps"])
+            DIVIDE=divide, FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=c["warps"], num_stages=c["stages"])
     return out
 
 
@@ -582,15 +592,15 @@ def omni_correlation_backward(grad_out: torch.Tensor, probs: torch.Tensor, feat:
     scale = split_float(1.0 / temperature)
     delta = torch.empty(N, dtype=acc_t, device=feat.device)
     with device_context(feat):
-        _corr_bwd_feat_kernel[(triton.cdiv(N, c["BM"]),)](
+        launch(_corr_bwd_feat_kernel, (triton.cdiv(N, c["BM"]),),
             grad_out, probs, memory, grad_f, delta, N, K, *grad_out.stride(), *probs.stride(),
-            *memory.stride(), *scale, BM=c["BM"], BN=c["BN"], num_warps=c["warps"], **consts)
+            *memory.stride(), *scale, BM=c["BM"], BN=c["BN"], num_warps=c["warps"], num_stages=c["stages"], **consts)
         if memory_grad:
             tiles, chunks, per_chunk = _chunking(N, K, c["BM"], c["BN"])
             part = torch.empty(chunks, K, D, dtype=acc_t, device=memory.device)
-            _corr_bwd_mem_kernel[(tiles * chunks,)](
+            launch(_corr_bwd_mem_kernel, (tiles * chunks,),
                 grad_out, probs, feat, delta, part, N, K, *grad_out.stride(), *probs.stride(),
                 *feat.stride(), *scale, tiles, per_chunk, BM=c["BM"], BN=c["BN"],
-                num_warps=c["warps"], **consts)
+                num_warps=c["warps"], num_stages=c["stages"], **consts)
             grad_m = _sum_chunks(part, memory.dtype, acc_tl)
     return grad_f, grad_m

@@ -17,6 +17,7 @@ from ._common import (
     dropout_args,
     dropout_keep_tile,
     float_arg,
+    launch,
     split_float,
 )
 
@@ -50,7 +51,7 @@ def philox_dropout(x: torch.Tensor, dropout_p: float, rng_state: torch.Tensor) -
     out = torch.empty_like(x)
     acc_t, acc_tl = acc_dtypes(x.dtype)
     with device_context(x):
-        _dropout_kernel[(triton.cdiv(x.numel(), _BLOCK),)](
+        launch(_dropout_kernel, (triton.cdiv(x.numel(), _BLOCK),),
             x, out, x.numel(), *split_float(1.0 / (1.0 - dropout_p)), *dropout_args(rng_state, dropout_p),
             BLOCK=_BLOCK, ROW=_ROW, FP64=acc_t == torch.float64, ACC=acc_tl)
     return out

@@ -273,8 +273,10 @@ __device__ __forceinline__ void tile_combine(const Acc (&w)[kR][kR], const Acc (
 // Forward: tiles of kI query rows against tiles of kI key rows with an online
 // softmax (running max m, sum l, output o rescaled when m grows); for B <= kI
 // one tile of each, and every q, k, v element is read once.
+// (kThreads, 1): without a minimum of blocks per SM ptxas capped the 4-row tiles (CAML's B = 4) at 128
+// registers and spilled (CAML_OPS_PTXAS_VERBOSE=1 builds, benchmarks/ptxas_report.py); now ~155, no spills.
 template <typename T, int kI, int kNC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(Params<AccT<T>> pm, Rows<T> q, Rows<T> k, Rows<T> v, T* __restrict__ out,
                    AccT<T>* __restrict__ lse) {
   using Acc = AccT<T>;

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -27,15 +28,22 @@ McDtype mc_dtype(at::ScalarType t) {
       return McDtype::kFloat16;
     case at::kBFloat16:
       return McDtype::kBFloat16;
+    case at::kDouble:
+      return McDtype::kFloat64;
     default:
-      TORCH_CHECK(false, "mutual_consistency (CUDA): logits must be float32, float16 or bfloat16, got ", t,
-                  " (float64 runs on the cpu, triton and reference backends)");
+      TORCH_CHECK(false, "mutual_consistency (CUDA): logits must be float32, float64, float16 or bfloat16, got ", t);
   }
 }
 
+// The kernels' accumulation dtype (the loss's and grad's): float64 for float64 logits, else float32.
+at::ScalarType acc_dtype(McDtype dtype) { return dtype == McDtype::kFloat64 ? at::kDouble : at::kFloat; }
+
 // The pointers of S tensors for the kernels: the host array, and a device copy
-// when S exceeds what the kernel arguments carry (the caching allocator orders
-// the reuse of its memory after the kernels queued on this stream).
+// when S exceeds what the kernel arguments carry. The copy is a non-blocking one
+// from pinned memory on the current stream (no host sync; the pinned block is
+// not reused before the copy has run, as the caching host allocator records it
+// on the stream), and the caching allocator orders the reuse of the device
+// table after the kernels queued on this stream.
 struct PointerArgs {
   std::vector<void*> host;
   Tensor table;
@@ -52,7 +60,10 @@ PointerArgs pointer_args(const std::vector<Tensor>& tensors, bool writable) {
     values.push_back(reinterpret_cast<int64_t>(args.host.back()));
   }
   if (static_cast<int64_t>(tensors.size()) > cuda::kMcInlineModels) {
-    args.table = at::tensor(values, at::kLong).to(tensors[0].device());
+    const Tensor host = at::empty({static_cast<int64_t>(values.size())},
+                                  at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::copy(values.begin(), values.end(), host.mutable_data_ptr<int64_t>());
+    args.table = host.to(tensors[0].device(), /*non_blocking=*/true);
   }
   return args;
 }
@@ -87,8 +98,8 @@ struct Prepared {
     for (const Tensor& x : logits_in) logits.push_back(x.contiguous());
     pointers = pointer_args(logits, /*writable=*/false);
     const int64_t B = logits[0].size(0), C = logits[0].size(1);
-    problem = McProblem{dtype,          static_cast<int64_t>(logits.size()), B, C, logits[0].numel() / (B * C),
-                        static_cast<float>(temperature), pointers.host.data(), pointers.device()};
+    problem = McProblem{dtype,       static_cast<int64_t>(logits.size()), B, C, logits[0].numel() / (B * C),
+                        temperature, pointers.host.data(), pointers.device()};
   }
 };
 
@@ -96,11 +107,10 @@ Tensor mutual_consistency_forward_cuda(at::TensorList logits, double temperature
   const McDtype dtype = check_logits(logits, temperature, "mutual_consistency_forward");
   const c10::cuda::CUDAGuard guard(logits[0].device());
   const Prepared pr(logits, temperature, dtype);
-  const auto opts = pr.logits[0].options().dtype(at::kFloat);
+  const auto opts = pr.logits[0].options().dtype(acc_dtype(dtype));
   Tensor partials = at::empty({cuda::mc_forward_partials(pr.problem)}, opts);
   Tensor loss = at::empty({}, opts);
-  cuda::mc_forward(pr.problem, partials.mutable_data_ptr<float>(), loss.mutable_data_ptr<float>(),
-                   c10::cuda::getCurrentCUDAStream());
+  cuda::mc_forward(pr.problem, partials.mutable_data_ptr(), loss.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return loss;
 }
@@ -113,11 +123,11 @@ std::vector<Tensor> mutual_consistency_backward_cuda(const Tensor& grad, at::Ten
               "mutual_consistency_backward: grad must be a 0-dim floating tensor on ", pr.logits[0].device(),
               " (the loss's gradient), got shape ", grad.sizes(), ", dtype ", grad.scalar_type(), " on ",
               grad.device());
-  const Tensor grad_f = grad.to(at::kFloat).contiguous();
+  const Tensor grad_acc = grad.to(acc_dtype(dtype)).contiguous();
   std::vector<Tensor> grads;
   for (const Tensor& x : pr.logits) grads.push_back(at::empty_like(x));
   const PointerArgs out = pointer_args(grads, /*writable=*/true);
-  cuda::mc_backward(pr.problem, grad_f.const_data_ptr<float>(), out.host.data(), out.device(),
+  cuda::mc_backward(pr.problem, grad_acc.const_data_ptr(), out.host.data(), out.device(),
                     c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grads;

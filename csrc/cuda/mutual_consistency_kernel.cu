@@ -13,7 +13,8 @@
 // loss is deterministic). Backward reads the logits in two sweeps over s (the
 // second one hits L1: the same thread read the same lines just before) and
 // writes each gradient once; it recomputes the softmax in the second sweep
-// instead of keeping S * C values per thread. float32 math for every dtype.
+// instead of keeping S * C values per thread. float32 math for float32 and the
+// half types, float64 math for float64 (Acc below).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -32,18 +33,31 @@ constexpr int64_t kMaxBlocks = 2048;
 // Below this, sum_{j != argmax} exp(x_j - max) is recomputed through the second largest logit.
 constexpr float kTiny = 0x1p-100f;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// The accumulation type of a logits dtype.
+template <typename T>
+using AccT = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float v);
+__device__ __forceinline__ T from_acc(AccT<T> v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ double from_acc<double>(double v) { return v; }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Accurate (not the fast intrinsics') exp and log of the accumulation type.
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 // The S models' tensors: pointers by value, or a device table when S > kMcInlineModels.
 template <typename T>
@@ -58,15 +72,15 @@ struct Models {
 
 // Softmax and sharpening of one model's C <= kC classes at one voxel (class c at
 // x[c * N]): p, q = sharpen(p) and, if kWithR, r = p dq/dp. As sharpen_voxels on CPU.
-template <int kC, bool kWithR, typename T>
-__device__ __forceinline__ void sharpen_voxel(const T* __restrict__ x, int64_t N, int C, float inv_t, float* p,
-                                              float* q, float* r) {
-  float xs[kC];
+template <int kC, bool kWithR, typename T, typename Acc = AccT<T>>
+__device__ __forceinline__ void sharpen_voxel(const T* __restrict__ x, int64_t N, int C, Acc inv_t, Acc* p, Acc* q,
+                                              Acc* r) {
+  Acc xs[kC];
 #pragma unroll
   for (int c = 0; c < kC; ++c) {
-    if (c < C) xs[c] = to_float(x[c * N]);
+    if (c < C) xs[c] = to_acc(x[c * N]);
   }
-  float m = -INFINITY;
+  Acc m = -INFINITY;
   int am = 0;  // first argmax
 #pragma unroll
   for (int c = 0; c < kC; ++c) {
@@ -75,41 +89,42 @@ __device__ __forceinline__ void sharpen_voxel(const T* __restrict__ x, int64_t N
       am = c;
     }
   }
-  float others = 0.f;  // sum_{j != argmax} e_j
+  Acc others = 0;  // sum_{j != argmax} e_j
 #pragma unroll
   for (int c = 0; c < kC; ++c) {
     if (c < C) {
       xs[c] -= m;
-      p[c] = expf(xs[c]);
+      p[c] = exp_acc(xs[c]);
       if (c != am) others += p[c];
     }
   }
-  const float sum = 1.f + others, inv_sum = 1.f / sum;
-  float log_others;
-  if (others < kTiny) {  // rare: the argmax dominates so far that the others' sum underflows
-    float m2 = -INFINITY;
+  const Acc sum = Acc(1) + others, inv_sum = Acc(1) / sum;
+  Acc log_others;
+  if (others < Acc(kTiny)) {  // rare: the argmax dominates so far that the others' sum underflows
+    Acc m2 = -INFINITY;
 #pragma unroll
     for (int c = 0; c < kC; ++c) {
-      if (c < C && c != am) m2 = fmaxf(m2, xs[c]);
+      if (c < C && c != am) m2 = xs[c] > m2 ? xs[c] : m2;
     }
-    float rest = 0.f;
+    Acc rest = 0;
 #pragma unroll
     for (int c = 0; c < kC; ++c) {
-      if (c < C && c != am) rest += expf(xs[c] - m2);
+      if (c < C && c != am) rest += exp_acc(xs[c] - m2);
     }
-    log_others = m2 + logf(rest);
+    log_others = m2 + log_acc(rest);
   } else {
-    log_others = logf(others);
+    log_others = log_acc(others);
   }
 #pragma unroll
   for (int c = 0; c < kC; ++c) {
     if (c < C) {
       // log D_c; for C = 2 the other class's D is e_argmax = 1 exactly.
-      const float log_d = c == am ? log_others : (C == 2 ? 0.f : logf(sum - p[c]));
-      const float z = (xs[c] - log_d) * inv_t;
-      const float a = expf(-fabsf(z)), inv_1a = 1.f / (1.f + a);
-      q[c] = z >= 0.f ? inv_1a : a * inv_1a;
-      if constexpr (kWithR) r[c] = expf(-fabsf(z) - log_d) * sum * inv_1a * inv_1a * inv_t;
+      const Acc log_d = c == am ? log_others : (C == 2 ? Acc(0) : log_acc(sum - p[c]));
+      const Acc z = (xs[c] - log_d) * inv_t;
+      const Acc abs_z = z < Acc(0) ? -z : z;
+      const Acc a = exp_acc(-abs_z), inv_1a = Acc(1) / (Acc(1) + a);
+      q[c] = z >= Acc(0) ? inv_1a : a * inv_1a;
+      if constexpr (kWithR) r[c] = exp_acc(-abs_z - log_d) * sum * inv_1a * inv_1a * inv_t;
       p[c] *= inv_sum;
     }
   }
@@ -128,24 +143,24 @@ __device__ __forceinline__ Acc block_sum(Acc v, Acc* smem) {
   return total;  // valid in thread 0
 }
 
-template <typename T, int kC>
+template <typename T, int kC, typename Acc = AccT<T>>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(Models<T> models, int S, int64_t B, int C, int64_t N, float inv_t, float* __restrict__ partials) {
-  const float s1 = static_cast<float>(S - 1);
-  float acc = 0.f;
+    forward_kernel(Models<T> models, int S, int64_t B, int C, int64_t N, Acc inv_t, Acc* __restrict__ partials) {
+  const Acc s1 = static_cast<Acc>(S - 1);
+  Acc acc = 0;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     for (int64_t n = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; n < N;
          n += static_cast<int64_t>(gridDim.x) * kThreads) {
       const int64_t base = b * C * N + n;
-      float ref[kC], U[kC], W[kC], p[kC], q[kC];
-      float squares = 0.f, cross = 0.f;
+      Acc ref[kC], U[kC], W[kC], p[kC], q[kC];
+      Acc squares = 0, cross = 0;
       for (int s = 0; s < S; ++s) {
-        sharpen_voxel<kC, false>(models.in(s) + base, N, C, inv_t, p, q, nullptr);
+        sharpen_voxel<kC, false>(models.in(s) + base, N, C, inv_t, p, q, static_cast<Acc*>(nullptr));
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
           if (c < C) {
             if (s == 0) ref[c] = p[c];
-            const float u = p[c] - ref[c], w = q[c] - ref[c];
+            const Acc u = p[c] - ref[c], w = q[c] - ref[c];
             U[c] = s == 0 ? u : U[c] + u;
             W[c] = s == 0 ? w : W[c] + w;
             squares += u * u + w * w;
@@ -153,40 +168,41 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
-      float uw = 0.f;
+      Acc uw = 0;
 #pragma unroll
       for (int c = 0; c < kC; ++c) {
         if (c < C) uw += U[c] * W[c];
       }
-      acc += s1 * squares - 2.f * (uw - cross);
+      acc += s1 * squares - Acc(2) * (uw - cross);
     }
   }
-  __shared__ float smem[kWarps];
-  const float total = block_sum(acc, smem);
+  __shared__ Acc smem[kWarps];
+  const Acc total = block_sum(acc, smem);
   if (threadIdx.x == 0) partials[blockIdx.y * gridDim.x + blockIdx.x] = total;
 }
 
+template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const float* __restrict__ partials, int64_t count, double inv_m, float* __restrict__ loss) {
+    finalize_kernel(const Acc* __restrict__ partials, int64_t count, double inv_m, Acc* __restrict__ loss) {
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < count; i += kThreads) acc += partials[i];
   __shared__ double smem[kWarps];
   const double total = block_sum(acc, smem);
-  if (threadIdx.x == 0) loss[0] = static_cast<float>(total * inv_m);
+  if (threadIdx.x == 0) loss[0] = static_cast<Acc>(total * inv_m);
 }
 
-template <typename T, int kC>
+template <typename T, int kC, typename Acc = AccT<T>>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(Models<T> models, int S, int64_t B, int C, int64_t N, float inv_t, const float* __restrict__ grad,
-                    float two_over_m) {
-  const float s1 = static_cast<float>(S - 1), k = grad[0] * two_over_m;
+    backward_kernel(Models<T> models, int S, int64_t B, int C, int64_t N, Acc inv_t, const Acc* __restrict__ grad,
+                    Acc two_over_m) {
+  const Acc s1 = static_cast<Acc>(S - 1), k = grad[0] * two_over_m;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     for (int64_t n = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; n < N;
          n += static_cast<int64_t>(gridDim.x) * kThreads) {
       const int64_t base = b * C * N + n;
-      float ref[kC], U[kC], W[kC], p[kC], q[kC], r[kC];
+      Acc ref[kC], U[kC], W[kC], p[kC], q[kC], r[kC];
       for (int s = 0; s < S; ++s) {
-        sharpen_voxel<kC, false>(models.in(s) + base, N, C, inv_t, p, q, nullptr);
+        sharpen_voxel<kC, false>(models.in(s) + base, N, C, inv_t, p, q, static_cast<Acc*>(nullptr));
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
           if (c < C) {
@@ -198,12 +214,12 @@ __global__ void __launch_bounds__(kThreads)
       }
       for (int s = 0; s < S; ++s) {
         sharpen_voxel<kC, true>(models.in(s) + base, N, C, inv_t, p, q, r);
-        float h_sum = 0.f;
+        Acc h_sum = 0;
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
           if (c < C) {
-            const float u = p[c] - ref[c], w = q[c] - ref[c];
-            const float gp = k * (s1 * u - (W[c] - w)), gq = k * (s1 * w - (U[c] - u));
+            const Acc u = p[c] - ref[c], w = q[c] - ref[c];
+            const Acc gp = k * (s1 * u - (W[c] - w)), gq = k * (s1 * w - (U[c] - u));
             q[c] = p[c] * gp + r[c] * gq;  // h_c
             h_sum += q[c];
           }
@@ -211,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
         T* g = models.out(s) + base;
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
-          if (c < C) g[c * N] = from_float<T>(q[c] - p[c] * h_sum);
+          if (c < C) g[c * N] = from_acc<T>(q[c] - p[c] * h_sum);
         }
       }
     }
@@ -267,6 +283,9 @@ void dispatch(const McProblem& pb, F&& f) {
     case McDtype::kBFloat16:
       with_c(__nv_bfloat16{});
       break;
+    case McDtype::kFloat64:
+      with_c(double{});
+      break;
   }
 }
 
@@ -277,29 +296,39 @@ int64_t mc_forward_partials(const McProblem& pb) {
   return static_cast<int64_t>(grid.x) * grid.y;
 }
 
-void mc_forward(const McProblem& pb, float* partials, float* loss, cudaStream_t stream) {
+void mc_forward(const McProblem& pb, void* partials, void* loss, cudaStream_t stream) {
   const dim3 grid = grid_for(pb);
+  const double inv_m = 1.0 / (static_cast<double>(pb.B) * pb.C * pb.N);
   dispatch(pb, [&](auto type_tag, auto c_bound) {
     using T = decltype(type_tag);
+    using Acc = AccT<T>;
     constexpr int kC = decltype(c_bound)::value;
     forward_kernel<T, kC><<<grid, kThreads, 0, stream>>>(models_of<T>(pb, nullptr, nullptr), static_cast<int>(pb.S),
-                                                         pb.B, static_cast<int>(pb.C), pb.N, 1.f / pb.temperature,
-                                                         partials);
+                                                         pb.B, static_cast<int>(pb.C), pb.N,
+                                                         static_cast<Acc>(1.0 / pb.temperature),
+                                                         static_cast<Acc*>(partials));
   });
-  finalize_kernel<<<1, kThreads, 0, stream>>>(partials, mc_forward_partials(pb),
-                                              1.0 / (static_cast<double>(pb.B) * pb.C * pb.N), loss);
+  if (pb.dtype == McDtype::kFloat64) {
+    finalize_kernel<double><<<1, kThreads, 0, stream>>>(static_cast<const double*>(partials), mc_forward_partials(pb),
+                                                        inv_m, static_cast<double*>(loss));
+  } else {
+    finalize_kernel<float><<<1, kThreads, 0, stream>>>(static_cast<const float*>(partials), mc_forward_partials(pb),
+                                                       inv_m, static_cast<float*>(loss));
+  }
 }
 
-void mc_backward(const McProblem& pb, const float* grad, void* const* grads, void* const* grads_table,
+void mc_backward(const McProblem& pb, const void* grad, void* const* grads, void* const* grads_table,
                  cudaStream_t stream) {
   const dim3 grid = grid_for(pb);
-  const float two_over_m = static_cast<float>(2.0 / (static_cast<double>(pb.B) * pb.C * pb.N));
+  const double two_over_m = 2.0 / (static_cast<double>(pb.B) * pb.C * pb.N);
   dispatch(pb, [&](auto type_tag, auto c_bound) {
     using T = decltype(type_tag);
+    using Acc = AccT<T>;
     constexpr int kC = decltype(c_bound)::value;
     backward_kernel<T, kC><<<grid, kThreads, 0, stream>>>(models_of<T>(pb, grads, grads_table),
                                                           static_cast<int>(pb.S), pb.B, static_cast<int>(pb.C), pb.N,
-                                                          1.f / pb.temperature, grad, two_over_m);
+                                                          static_cast<Acc>(1.0 / pb.temperature),
+                                                          static_cast<const Acc*>(grad), static_cast<Acc>(two_over_m));
   });
 }
 

@@ -9,33 +9,36 @@
 namespace caml_ops {
 namespace cuda {
 
-enum class McDtype { kFloat32, kFloat16, kBFloat16 };
+enum class McDtype { kFloat32, kFloat16, kBFloat16, kFloat64 };
 
 // Up to this many models, the tensors' pointers travel by value in the kernel
-// arguments; beyond, through a table in device memory.
-constexpr int kMcInlineModels = 16;
+// arguments (2 x 64 pointers: 1 KiB of the 4 KiB of parameters every CUDA
+// version takes); beyond, through a table in device memory.
+constexpr int kMcInlineModels = 64;
 // Classes live in registers: C is bounded.
 constexpr int kMcMaxClasses = 32;
 
 // S logits tensors [B, C, N] (N = prod(spatial)), contiguous, of one dtype.
+// Math in float32 for float32 and the half types, in float64 for float64: the
+// "accumulation type" of the comments below.
 struct McProblem {
   McDtype dtype;
   int64_t S, B, C, N;
-  float temperature;
+  double temperature;
   const void* const* logits;        // host array of the S device pointers
   const void* const* logits_table;  // the same array in device memory if S > kMcInlineModels, else nullptr
 };
 
-// Float count of the `partials` scratch mc_forward needs.
+// Element count of the `partials` scratch (accumulation type) mc_forward needs.
 int64_t mc_forward_partials(const McProblem& pb);
 
-// loss[0] = sum_{s != t} mean((p_s - sharpen(p_t))^2) in float32. Launches two kernels:
-// per-block partials, then their sum in a fixed order (deterministic).
-void mc_forward(const McProblem& pb, float* partials, float* loss, cudaStream_t stream);
+// loss[0] = sum_{s != t} mean((p_s - sharpen(p_t))^2) in the accumulation type. Launches two
+// kernels: per-block partials, then their sum in a fixed order (deterministic).
+void mc_forward(const McProblem& pb, void* partials, void* loss, cudaStream_t stream);
 
 // grads[s] = grad[0] * d loss / d logits[s] (same dtype and layout as the logits);
-// grad: one float in device memory; grads / grads_table like logits / logits_table.
-void mc_backward(const McProblem& pb, const float* grad, void* const* grads, void* const* grads_table,
+// grad: one value of the accumulation type in device memory; grads / grads_table like logits / logits_table.
+void mc_backward(const McProblem& pb, const void* grad, void* const* grads, void* const* grads_table,
                  cudaStream_t stream);
 
 }  // namespace cuda
