@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,22 +15,7 @@ from caml import evaluate, train
 from caml.data import synthetic, write_case
 from caml.models import CAML3d
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--threads", "1", "--eval-every", "1000"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("caml_cache"))
-
-
-@pytest.fixture(autouse=True)
-def _env(cache, monkeypatch):
-    monkeypatch.setenv("CAML_CACHE", cache)
-    monkeypatch.setenv("CAML_OPS_BACKEND", "reference")
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+from .training_fixtures import ROOT, TINY, _env, cache  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -8,29 +8,11 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import pytest
 import torch
 
 from caml.train import main
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--threads", "1", "--eval-every", "1000"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("caml_cache"))
-
-
-@pytest.fixture(autouse=True)
-def _env(cache, monkeypatch):
-    monkeypatch.setenv("CAML_CACHE", cache)
-    monkeypatch.setenv("CAML_OPS_BACKEND", "reference")  # whatever is built, these tests are about training
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # main(--threads 1) changed it for this process
+from .training_fixtures import ROOT, TINY, _env, cache  # noqa: F401  (fixtures)
 
 
 def _env_vars(cache):

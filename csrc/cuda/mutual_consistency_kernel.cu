@@ -111,7 +111,8 @@ __device__ __forceinline__ void sharpen_voxel(const T* __restrict__ x, int64_t N
     for (int c = 0; c < kC; ++c) {
       if (c < C && c != am) rest += exp_acc(xs[c] - m2);
     }
-    log_others = m2 + log_acc(rest);
+    // Every other logit -inf: rest is exp(-inf + inf) = NaN; log D is -inf (p = q = 1).
+    log_others = m2 == Acc(-INFINITY) ? Acc(-INFINITY) : m2 + log_acc(rest);
   } else {
     log_others = log_acc(others);
   }
@@ -124,7 +125,12 @@ __device__ __forceinline__ void sharpen_voxel(const T* __restrict__ x, int64_t N
       const Acc abs_z = z < Acc(0) ? -z : z;
       const Acc a = exp_acc(-abs_z), inv_1a = Acc(1) / (Acc(1) + a);
       q[c] = z >= Acc(0) ? inv_1a : a * inv_1a;
-      if constexpr (kWithR) r[c] = exp_acc(-abs_z - log_d) * sum * inv_1a * inv_1a * inv_t;
+      if constexpr (kWithR) {
+        // log D = -inf: -|z| - log D takes its limit log D (1/T - 1), not -inf + inf.
+        const Acc log_r = log_d != Acc(-INFINITY) ? -abs_z - log_d
+                          : (inv_t == Acc(1) ? Acc(0) : log_d * (inv_t - Acc(1)));
+        r[c] = exp_acc(log_r) * sum * inv_1a * inv_1a * inv_t;
+      }
       p[c] *= inv_sum;
     }
   }
