@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "../philox.h"
+#include "acc_type.cuh"
 #include "cross_sample_attention_kernel.h"
 
 namespace caml_ops {
@@ -43,14 +44,6 @@ constexpr int kV = 4;
 static_assert(kCsaMaxHeadDim == 2 * kWarp * kV, "kCsaMaxHeadDim: at most 2 vectors per lane");
 // Blocks of the grid-stride loop over pairs.
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
-
-template <typename T>
-using AccT = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
 __device__ __forceinline__ T from_acc(AccT<T> v);

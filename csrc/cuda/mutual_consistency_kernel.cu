@@ -20,6 +20,7 @@
 
 #include <type_traits>
 
+#include "acc_type.cuh"
 #include "mutual_consistency_kernel.h"
 
 namespace caml_ops {
@@ -32,15 +33,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = 2048;
 // Below this, sum_{j != argmax} exp(x_j - max) is recomputed through the second largest logit.
 constexpr float kTiny = 0x1p-100f;
-
-// The accumulation type of a logits dtype.
-template <typename T>
-using AccT = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
 __device__ __forceinline__ T from_acc(AccT<T> v);
