@@ -39,9 +39,9 @@ namespace {
 using at::Tensor;
 using at::vec::Vectorized;
 using vecmath::keep_scale;
-using vecmath::rounded;
 using vecmath::kLanes;
 using vecmath::load;
+using vecmath::rounded;
 using vecmath::vexp;
 
 // Query and key block sizes: a 64 x 64 float tile is 16 KiB.

@@ -90,7 +90,7 @@ inline Vectorized<float> vlog(const Vectorized<float>& v) {
   y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);       // + e log(2) (low part)
   y = _mm256_fnmadd_ps(f2, _mm256_set1_ps(0.5f), y);                // - f^2 / 2
   y = _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
-  // The special values: x + (-inf where x == 0) gives -inf at 0 and keeps +inf and NaN; then NaN below 0.
+  // The special values, as std::log: NaN and +inf pass through, 0 gives -inf, x < 0 gives NaN.
   const __m256 special = _mm256_cmp_ps(x, _mm256_set1_ps(FLT_MAX), _CMP_NLE_UQ);  // NaN, +inf
   y = _mm256_blendv_ps(y, x, special);
   y = _mm256_blendv_ps(y, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
