@@ -62,7 +62,8 @@ OPS = {
 }
 
 
-def _op_backends(ops=OPS):
+def _op_backends(ops=tuple(OPS)):
+    """pytest params (op, backend, device) of every runnable fused backend of the named ops."""
     return [
         pytest.param(op, *param.values, marks=param.marks, id=f"{op}-{param.id}")
         for op in ops for param in runnable_backends(op)
@@ -124,7 +125,7 @@ def test_non_finite_inputs_propagate_as_in_the_reference(op, backend, device, dt
                                  f"{op} on {backend}, {value} in input {where} (seed {seed})", **kw)
 
 
-MC_BACKENDS = _op_backends({"mutual_consistency_loss": None})
+MC_BACKENDS = _op_backends(("mutual_consistency_loss",))
 
 
 @pytest.mark.parametrize("temperature", [0.1, 1.0])
@@ -147,7 +148,7 @@ def test_mutual_consistency_with_minus_inf_logits_stays_finite(op, backend, devi
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("op,backend,device",
-                         _op_backends({"cross_sample_attention": None, "intra_sample_attention": None}))
+                         _op_backends(("cross_sample_attention", "intra_sample_attention")))
 def test_attention_with_huge_logits_stays_finite(op, backend, device, dtype):
     """Logits of about 1e9 (scale = 1e9, or inputs of 1e5 at the default scale): the softmax is one-hot in
     every dtype, so each output row is one of v's rows (a convex combination of them at worst)."""
@@ -170,8 +171,7 @@ EXTREME_TEMPERATURES = [MIN_TEMPERATURE, 1e-30, 1.0, 1e30]
 @pytest.mark.parametrize("temperature", EXTREME_TEMPERATURES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("op,backend,device",
-                         _op_backends({"omni_correlation_loss": None, "omni_correlation": None,
-                                       "mutual_consistency_loss": None}))
+                         _op_backends(("omni_correlation_loss", "omni_correlation", "mutual_consistency_loss")))
 def test_extreme_accepted_temperatures_agree_with_the_reference(op, backend, device, dtype, temperature):
     if op == "mutual_consistency_loss" and temperature > 1:
         pytest.skip("sharpening takes temperatures <= 1")
@@ -212,7 +212,7 @@ def test_arguments_out_of_range_are_rejected_before_any_backend(op, kwargs, name
         call(inputs, backend, **kwargs)
 
 
-@pytest.mark.parametrize("op,backend,device", _op_backends({op: None for op in OPS if op != "dropout"}))
+@pytest.mark.parametrize("op,backend,device", _op_backends(tuple(op for op in OPS if op != "dropout")))
 def test_second_derivatives_raise_instead_of_returning_zeros(op, backend, device):
     fresh_seed()
     call, make, kw = OPS[op]
