@@ -57,7 +57,7 @@ def _variants() -> dict:
     import torch
 
     from caml_ops.triton import (cross_sample_attention as csa, intra_sample_attention as isa,
-                                 mutual_consistency as mc, omni_correlation as occ, philox_dropout as pd)
+                                 mutual_consistency as mc, omni_correlation as occ, dropout as pd)
 
     rng = torch.tensor([1234, 5678], dtype=torch.int64)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -81,8 +81,8 @@ def _variants() -> dict:
     def occ_loss(N, K, D, dtype, eps=1e-8):
         def build():
             fv, fa, mem = torch.empty(N, D, dtype=dtype), torch.empty(N, D, dtype=dtype), torch.empty(K, D, dtype=dtype)
-            stats = occ.occ_loss_forward(fv, fa, mem, 0.1, eps)
-            occ.occ_loss_backward(torch.empty(N, dtype=stats[0].dtype), fv, fa, mem, *stats, 0.1, eps, True)
+            stats = occ.omni_correlation_loss_forward(fv, fa, mem, 0.1, eps)
+            occ.omni_correlation_loss_backward(torch.empty(N, dtype=stats[0].dtype), fv, fa, mem, *stats, 0.1, eps, True)
         return build
 
     def correlation(N, K, D, dtype):
@@ -95,12 +95,12 @@ def _variants() -> dict:
     def consistency(S, shape, dtype):
         def build():
             logits = [torch.empty(shape, dtype=dtype) for _ in range(S)]
-            loss = mc.mutual_consistency_forward(logits, 0.1)
-            mc.mutual_consistency_backward(torch.empty_like(loss), logits, 0.1)
+            loss = mc.mutual_consistency_loss_forward(logits, 0.1)
+            mc.mutual_consistency_loss_backward(torch.empty_like(loss), logits, 0.1)
         return build
 
     def dropout(shape, dtype):
-        return lambda: pd.philox_dropout(torch.empty(shape, dtype=dtype), 0.5, rng)
+        return lambda: pd.dropout(torch.empty(shape, dtype=dtype), 0.5, rng)
 
     v = {}
     # Attention at CAML's bottleneck (4 samples, 4 heads of 32, 14 x 14 x 10 = 1,960 positions) and block

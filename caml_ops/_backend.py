@@ -28,10 +28,10 @@ _FUSED = {
 # The kernel ops csrc/caml_ops.cpp defines.
 _KERNEL_OPS = tuple(
     f"{name}_{step}"
-    for name in ("occ_loss", "omni_correlation", "mutual_consistency", "cross_sample_attention",
+    for name in ("omni_correlation_loss", "omni_correlation", "mutual_consistency_loss", "cross_sample_attention",
                  "intra_sample_attention")
     for step in ("forward", "backward")
-) + ("philox_dropout",)
+) + ("dropout",)
 
 _selected = "auto"
 _warned_missing_ext = False
@@ -56,7 +56,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Whether the compiled extension carries CUDA kernels (a constant, so torch.compile traces through).
 EXTENSION_HAS_CUDA = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "caml_ops::mutual_consistency_forward", "CUDA"
+    "caml_ops::mutual_consistency_loss_forward", "CUDA"
 )
 
 

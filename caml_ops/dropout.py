@@ -27,17 +27,17 @@ def draw_rng_state(dropout_p: float) -> Tensor:
 
 
 def _triton_dropout(x: Tensor, dropout_p: float, rng_state: Tensor) -> Tensor:
-    from .triton import philox_dropout  # deferred: importing Triton is slow and optional
+    from .triton import dropout as kernels  # deferred: importing Triton is slow and optional
 
-    return philox_dropout.philox_dropout(x, dropout_p, rng_state)
+    return kernels.dropout(x, dropout_p, rng_state)
 
 
 def _register() -> dict[str, str]:
     """backend -> kernel op; fakes and autograd (the backward is the same op on the gradient) for each."""
-    torch.library.custom_op("caml_ops::philox_dropout_triton", _triton_dropout, mutates_args=(), schema=_SCHEMA)
-    variants = {"triton": "caml_ops::philox_dropout_triton"}
+    torch.library.custom_op("caml_ops::dropout_triton", _triton_dropout, mutates_args=(), schema=_SCHEMA)
+    variants = {"triton": "caml_ops::dropout_triton"}
     if HAS_EXTENSION:
-        variants["cpu"] = "caml_ops::philox_dropout"
+        variants["cpu"] = "caml_ops::dropout"
 
     def fake(x, dropout_p, rng_state):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -83,7 +83,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, backend: str = 
     rng_state = draw_rng_state(p)
     mask = None
     if impl == "reference" or return_mask:
-        mask = reference.philox_dropout_mask(rng_state, x.shape, p, device=x.device)
+        mask = reference.dropout_mask(rng_state, x.shape, p, device=x.device)
     if impl == "reference":
         out = reference.dropout(x, p, mask)
     else:

@@ -22,14 +22,14 @@ def _triton_kernels():
     return mutual_consistency
 
 
-@torch.library.custom_op("caml_ops::mutual_consistency_forward_triton", mutates_args=())
-def _mutual_consistency_forward_triton(logits: list[Tensor], temperature: float) -> Tensor:
-    return _triton_kernels().mutual_consistency_forward(logits, temperature)
+@torch.library.custom_op("caml_ops::mutual_consistency_loss_forward_triton", mutates_args=())
+def _mutual_consistency_loss_forward_triton(logits: list[Tensor], temperature: float) -> Tensor:
+    return _triton_kernels().mutual_consistency_loss_forward(logits, temperature)
 
 
-@torch.library.custom_op("caml_ops::mutual_consistency_backward_triton", mutates_args=())
-def _mutual_consistency_backward_triton(grad: Tensor, logits: list[Tensor], temperature: float) -> list[Tensor]:
-    return _triton_kernels().mutual_consistency_backward(grad, logits, temperature)
+@torch.library.custom_op("caml_ops::mutual_consistency_loss_backward_triton", mutates_args=())
+def _mutual_consistency_loss_backward_triton(grad: Tensor, logits: list[Tensor], temperature: float) -> list[Tensor]:
+    return _triton_kernels().mutual_consistency_loss_backward(grad, logits, temperature)
 
 
 def _fake_forward(logits, temperature):
@@ -52,7 +52,7 @@ def _backward(backward_op, ctx, grad):
     return backward_op(grad, logits, ctx.temperature), None
 
 
-_OPS = op_variants("mutual_consistency_forward", "mutual_consistency_backward")
+_OPS = op_variants("mutual_consistency_loss_forward", "mutual_consistency_loss_backward")
 register_variants(_OPS, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup, backward=_backward)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ._backend import check_backend_name
 from ._checks import check_choice, check_dropout_p, check_eps, check_positive_int, check_temperature
 from .attention import cross_sample_attention, intra_sample_attention
-from .dropout import dropout as philox_dropout
+from .dropout import dropout as fused_dropout
 from .mutual_consistency import mutual_consistency_loss
 from .omni_correlation import REDUCTIONS, omni_correlation_loss
 
@@ -43,7 +43,7 @@ class Dropout(nn.Dropout):
         self.backend = check_backend_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        return philox_dropout(x, self.p, self.training, backend=self.backend)
+        return fused_dropout(x, self.p, self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, backend={self.backend!r}"

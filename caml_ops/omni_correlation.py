@@ -35,15 +35,15 @@ def _triton_kernels():
 # --- Triton variants as custom ops (same schemas as the C++ ops in csrc/caml_ops.cpp) ---
 
 
-@torch.library.custom_op("caml_ops::occ_loss_forward_triton", mutates_args=())
-def _occ_loss_forward_triton(
+@torch.library.custom_op("caml_ops::omni_correlation_loss_forward_triton", mutates_args=())
+def _omni_correlation_loss_forward_triton(
     feat_v: Tensor, feat_a: Tensor, memory: Tensor, temperature: float, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _triton_kernels().occ_loss_forward(feat_v, feat_a, memory, temperature, eps)
+    return _triton_kernels().omni_correlation_loss_forward(feat_v, feat_a, memory, temperature, eps)
 
 
-@torch.library.custom_op("caml_ops::occ_loss_backward_triton", mutates_args=())
-def _occ_loss_backward_triton(
+@torch.library.custom_op("caml_ops::omni_correlation_loss_backward_triton", mutates_args=())
+def _omni_correlation_loss_backward_triton(
     grad_rows: Tensor,
     feat_v: Tensor,
     feat_a: Tensor,
@@ -56,7 +56,7 @@ def _occ_loss_backward_triton(
     eps: float,
     memory_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _triton_kernels().occ_loss_backward(
+    return _triton_kernels().omni_correlation_loss_backward(
         grad_rows, feat_v, feat_a, memory, loss_rows, lse_v, lse_a, r_sum, temperature, eps, memory_grad
     )
 
@@ -130,7 +130,7 @@ def _corr_backward(backward_op, ctx, grad_out):
     return grad_f, (grad_m if ctx.needs_input_grad[1] else None), None
 
 
-_OCC_OPS = op_variants("occ_loss_forward", "occ_loss_backward")
+_OCC_OPS = op_variants("omni_correlation_loss_forward", "omni_correlation_loss_backward")
 _CORR_OPS = op_variants("omni_correlation_forward", "omni_correlation_backward")
 register_variants(
     _OCC_OPS, fake_forward=_fake_occ_forward, fake_backward=_fake_occ_backward,

@@ -170,7 +170,7 @@ def attention_dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: f
     return (words >= int(dropout_p * 2.0**32)).view(*shape)
 
 
-def philox_dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: float, device=None) -> Tensor:
+def dropout_mask(rng_state: Tensor, shape: Sequence[int], dropout_p: float, device=None) -> Tensor:
     """The keep mask of :func:`caml_ops.dropout` over a tensor of `shape`: its row-major elements as rows of 64
     (element i: word i mod 4 of Philox(seed, offset + i / 4); see :func:`attention_dropout_keep`)."""
     numel = 1

@@ -1,5 +1,5 @@
 // Input checks of the attention kernel ops (cross_sample_attention_*,
-// intra_sample_attention_*) and the rng_state of philox_dropout, shared by the
+// intra_sample_attention_*) and the rng_state of dropout, shared by the
 // CPU kernels and the CUDA binding; host code only. Messages name the op, the
 // argument and the expected form.
 #pragma once

@@ -18,9 +18,9 @@ TORCH_LIBRARY(caml_ops, m) {
   // scaled logits as an unevaluated pair hi + lo, hi = the rounded log-sum-exp,
   // so that the backward's log p = (s - hi) - lo is nearly exact) and r_sum
   // R_i = sum_j q_j p_j / (p_j + eps) [N].
-  m.def("occ_loss_forward(Tensor feat_v, Tensor feat_a, Tensor memory, float temperature, float eps)"
+  m.def("omni_correlation_loss_forward(Tensor feat_v, Tensor feat_a, Tensor memory, float temperature, float eps)"
         " -> (Tensor loss_rows, Tensor lse_v, Tensor lse_a, Tensor r_sum)");
-  m.def("occ_loss_backward(Tensor grad_rows, Tensor feat_v, Tensor feat_a, Tensor memory, Tensor loss_rows,"
+  m.def("omni_correlation_loss_backward(Tensor grad_rows, Tensor feat_v, Tensor feat_a, Tensor memory, Tensor loss_rows,"
         " Tensor lse_v, Tensor lse_a, Tensor r_sum, float temperature, float eps, bool memory_grad)"
         " -> (Tensor grad_feat_v, Tensor grad_feat_a, Tensor grad_memory)");
   // Correlation matrix softmax(feat @ memory.T / temperature) and its backward.
@@ -28,8 +28,8 @@ TORCH_LIBRARY(caml_ops, m) {
   m.def("omni_correlation_backward(Tensor grad_out, Tensor probs, Tensor feat, Tensor memory, float temperature,"
         " bool memory_grad) -> (Tensor grad_feat, Tensor grad_memory)");
   // Mutual consistency over S >= 2 logit tensors [B, C, *spatial].
-  m.def("mutual_consistency_forward(Tensor[] logits, float temperature) -> Tensor");
-  m.def("mutual_consistency_backward(Tensor grad, Tensor[] logits, float temperature) -> Tensor[]");
+  m.def("mutual_consistency_loss_forward(Tensor[] logits, float temperature) -> Tensor");
+  m.def("mutual_consistency_loss_backward(Tensor grad, Tensor[] logits, float temperature) -> Tensor[]");
   // Attention on [B, L, H, d] (strided views accepted; last dim contiguous).
   // Cross-sample: over the B samples at each (position, head); intra-sample:
   // over the L positions of each (sample, head). `lse` is the log-sum-exp of
@@ -47,5 +47,5 @@ TORCH_LIBRARY(caml_ops, m) {
         " float scale, float dropout_p, Tensor rng_state) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // Dropout x * keep / (1 - dropout_p) with csrc/philox.h's mask over the
   // row-major elements (rows of 64); its own backward (the same mask on grad).
-  m.def("philox_dropout(Tensor x, float dropout_p, Tensor rng_state) -> Tensor");
+  m.def("dropout(Tensor x, float dropout_p, Tensor rng_state) -> Tensor");
 }

@@ -94,14 +94,14 @@ def spelled_out_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attent
     shape = (length, heads, batch, batch) if attention == "inter" else (batch, heads, length, length)
     mask = reference.attention_dropout_mask(rng_state, shape, p, device=x.device)
     attended = getattr(reference, op)(q, k, v, p, None, dropout_mask=mask).reshape(batch, length, channels)
-    h = layer.norm1(tokens + philox_dropout(layer.self_attn.out_proj(attended), p))
-    h = layer.norm2(h + philox_dropout(layer.linear2(philox_dropout(F.relu(layer.linear1(h)), p)), p))
+    h = layer.norm1(tokens + reference_dropout(layer.self_attn.out_proj(attended), p))
+    h = layer.norm2(h + reference_dropout(layer.linear2(reference_dropout(F.relu(layer.linear1(h)), p)), p))
     return h.transpose(1, 2).reshape(x.shape)
 
 
-def philox_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+def reference_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """The reference dropout with the Philox mask of a state drawn now from torch's generator."""
-    return reference.dropout(x, p, reference.philox_dropout_mask(torch.randint(0, 2**62, (2,)), x.shape, p,
+    return reference.dropout(x, p, reference.dropout_mask(torch.randint(0, 2**62, (2,)), x.shape, p,
                                                                  device=x.device))
 
 

@@ -248,6 +248,6 @@ def test_unknown_backend_raises():
 def test_cpp_kernels_check_their_inputs():
     # The C++ ops validate on their own (TORCH_CHECK), for callers that skip the Python layer.
     with pytest.raises(RuntimeError, match="memory"):
-        torch.ops.caml_ops.occ_loss_forward(torch.randn(3, 16), torch.randn(3, 16), torch.randn(5, 8), 0.1, 0.0)
+        torch.ops.caml_ops.omni_correlation_loss_forward(torch.randn(3, 16), torch.randn(3, 16), torch.randn(5, 8), 0.1, 0.0)
     with pytest.raises(RuntimeError, match="temperature"):
-        torch.ops.caml_ops.occ_loss_forward(torch.randn(3, 16), torch.randn(3, 16), torch.randn(5, 16), 0.0, 0.0)
+        torch.ops.caml_ops.omni_correlation_loss_forward(torch.randn(3, 16), torch.randn(3, 16), torch.randn(5, 16), 0.0, 0.0)

@@ -196,7 +196,7 @@ def _table(tensors):
     return entry[1]
 
 
-def mutual_consistency_forward(logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+def mutual_consistency_loss_forward(logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """sum_{s != t} mean((softmax(logits[s]) - sharpen(softmax(logits[t])))^2): 0-dim, float32 (float64 for float64)."""
     xs, B, N, inv_t, meta = _prepare(logits, temperature)
     acc = torch.float64 if meta["FP64"] else torch.float32
@@ -209,8 +209,8 @@ def mutual_consistency_forward(logits: list[torch.Tensor], temperature: float) -
     return out
 
 
-def mutual_consistency_backward(grad: torch.Tensor, logits: list[torch.Tensor], temperature: float) -> list[torch.Tensor]:
-    """Gradients of mutual_consistency_forward w.r.t. each logits tensor, times grad (0-dim)."""
+def mutual_consistency_loss_backward(grad: torch.Tensor, logits: list[torch.Tensor], temperature: float) -> list[torch.Tensor]:
+    """Gradients of mutual_consistency_loss_forward w.r.t. each logits tensor, times grad (0-dim)."""
     xs, B, N, inv_t, meta = _prepare(logits, temperature)
     if grad.numel() != 1:
         raise ValueError(f"grad must be 0-dim (the loss's gradient), got shape {tuple(grad.shape)}")

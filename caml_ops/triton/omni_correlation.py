@@ -483,7 +483,7 @@ def _sum_chunks(part: torch.Tensor, out_dtype: torch.dtype, acc_tl) -> torch.Ten
     return out
 
 
-def occ_loss_forward(feat_v: torch.Tensor, feat_a: torch.Tensor, memory: torch.Tensor,
+def omni_correlation_loss_forward(feat_v: torch.Tensor, feat_a: torch.Tensor, memory: torch.Tensor,
                      temperature: float, eps: float):
     """Row statistics (loss_rows [N], lse_v [N, 2], lse_a [N, 2], r_sum [N]), float32 (float64 for float64).
 
@@ -512,7 +512,7 @@ def occ_loss_forward(feat_v: torch.Tensor, feat_a: torch.Tensor, memory: torch.T
     return tuple(outs)
 
 
-def occ_loss_backward(grad_rows: torch.Tensor, feat_v: torch.Tensor, feat_a: torch.Tensor,
+def omni_correlation_loss_backward(grad_rows: torch.Tensor, feat_v: torch.Tensor, feat_a: torch.Tensor,
                       memory: torch.Tensor, loss_rows: torch.Tensor, lse_v: torch.Tensor,
                       lse_a: torch.Tensor, r_sum: torch.Tensor, temperature: float, eps: float,
                       memory_grad: bool):

@@ -234,11 +234,11 @@ std::vector<Tensor> contiguous_all(const std::vector<Tensor>& logits) {
   return out;
 }
 
-Tensor mutual_consistency_forward_cpu(at::TensorList logits_in, double temperature) {
-  const Shape sh = check_logits(logits_in.vec(), temperature, "mutual_consistency_forward");
+Tensor mutual_consistency_loss_forward_cpu(at::TensorList logits_in, double temperature) {
+  const Shape sh = check_logits(logits_in.vec(), temperature, "mutual_consistency_loss_forward");
   const std::vector<Tensor> logits = contiguous_all(logits_in.vec());
   const double M = static_cast<double>(logits[0].numel());
-  return AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "mutual_consistency_forward_cpu", [&] {
+  return AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "mutual_consistency_loss_forward_cpu", [&] {
     std::vector<const scalar_t*> x;
     for (const Tensor& t : logits) x.push_back(t.const_data_ptr<scalar_t>());
     const double loss = forward_sum<scalar_t>(x, sh, temperature) / M;
@@ -246,16 +246,16 @@ Tensor mutual_consistency_forward_cpu(at::TensorList logits_in, double temperatu
   });
 }
 
-std::vector<Tensor> mutual_consistency_backward_cpu(const Tensor& grad, at::TensorList logits_in, double temperature) {
-  const Shape sh = check_logits(logits_in.vec(), temperature, "mutual_consistency_backward");
+std::vector<Tensor> mutual_consistency_loss_backward_cpu(const Tensor& grad, at::TensorList logits_in, double temperature) {
+  const Shape sh = check_logits(logits_in.vec(), temperature, "mutual_consistency_loss_backward");
   const std::vector<Tensor> logits = contiguous_all(logits_in.vec());
   TORCH_CHECK(grad.numel() == 1 && grad.is_floating_point(),
-              "mutual_consistency_backward: grad must be a 0-dim floating tensor (the loss's gradient), got shape ",
+              "mutual_consistency_loss_backward: grad must be a 0-dim floating tensor (the loss's gradient), got shape ",
               grad.sizes(), " and dtype ", grad.scalar_type());
   const double k = 2.0 * grad.item<double>() / static_cast<double>(logits[0].numel());
   std::vector<Tensor> grads;
   for (const Tensor& x : logits) grads.push_back(at::empty_like(x));
-  AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "mutual_consistency_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "mutual_consistency_loss_backward_cpu", [&] {
     std::vector<const scalar_t*> x;
     std::vector<scalar_t*> g;
     for (size_t s = 0; s < logits.size(); ++s) {
@@ -270,8 +270,8 @@ std::vector<Tensor> mutual_consistency_backward_cpu(const Tensor& grad, at::Tens
 }  // namespace
 
 TORCH_LIBRARY_IMPL(caml_ops, CPU, m) {
-  m.impl("mutual_consistency_forward", &mutual_consistency_forward_cpu);
-  m.impl("mutual_consistency_backward", &mutual_consistency_backward_cpu);
+  m.impl("mutual_consistency_loss_forward", &mutual_consistency_loss_forward_cpu);
+  m.impl("mutual_consistency_loss_backward", &mutual_consistency_loss_backward_cpu);
 }
 
 }  // namespace caml_ops

@@ -384,7 +384,7 @@ Tensor matrix_nk(const Tensor& x, const char* name, int64_t N, int64_t K, at::Sc
 
 // ---------------------------------------------------------------- ops
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> occ_loss_forward(const Tensor& feat_v_in, const Tensor& feat_a_in,
+std::tuple<Tensor, Tensor, Tensor, Tensor> omni_correlation_loss_forward(const Tensor& feat_v_in, const Tensor& feat_a_in,
                                                             const Tensor& memory, double temperature, double eps) {
   check_loss_inputs(feat_v_in, feat_a_in, memory, temperature, eps);
   const Tensor feat_v = feat_v_in.contiguous(), feat_a = feat_a_in.contiguous();
@@ -393,7 +393,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> occ_loss_forward(const Tensor& feat_v
   const auto opts = feat_v.options();
   Tensor loss = at::empty({N}, opts), lse_v = at::empty({N, 2}, opts), lse_a = at::empty({N, 2}, opts),
          r_sum = at::empty({N}, opts);
-  AT_DISPATCH_FLOATING_TYPES(feat_v.scalar_type(), "occ_loss_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(feat_v.scalar_type(), "omni_correlation_loss_forward", [&] {
     const Tiling t = make_tiling(N, K, sizeof(scalar_t));
     const scalar_t* fv = feat_v.data_ptr<scalar_t>();
     const scalar_t* fa = feat_a.data_ptr<scalar_t>();
@@ -423,7 +423,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> occ_loss_forward(const Tensor& feat_v
   return {loss, lse_v, lse_a, r_sum};
 }
 
-std::tuple<Tensor, Tensor, Tensor> occ_loss_backward(const Tensor& grad_rows, const Tensor& feat_v_in,
+std::tuple<Tensor, Tensor, Tensor> omni_correlation_loss_backward(const Tensor& grad_rows, const Tensor& feat_v_in,
                                                      const Tensor& feat_a_in, const Tensor& memory,
                                                      const Tensor& loss_rows, const Tensor& lse_v_in,
                                                      const Tensor& lse_a_in, const Tensor& r_sum_in,
@@ -442,7 +442,7 @@ std::tuple<Tensor, Tensor, Tensor> occ_loss_backward(const Tensor& grad_rows, co
   const auto opts = feat_v.options();
   Tensor grad_v = at::empty({N, D}, opts), grad_a = at::empty({N, D}, opts);
   Tensor partials;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "occ_loss_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "omni_correlation_loss_backward", [&] {
     const Tiling t = make_tiling(N, K, sizeof(scalar_t), memory_grad ? K * D * int64_t(sizeof(scalar_t)) : 0);
     if (memory_grad) partials = at::zeros({t.chunks, K, D}, opts);
     scalar_t* part = memory_grad ? partials.data_ptr<scalar_t>() : nullptr;
@@ -533,8 +533,8 @@ std::tuple<Tensor, Tensor> omni_correlation_backward(const Tensor& grad_out_in, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(caml_ops, CPU, m) {
-  m.impl("occ_loss_forward", &occ_loss_forward);
-  m.impl("occ_loss_backward", &occ_loss_backward);
+  m.impl("omni_correlation_loss_forward", &omni_correlation_loss_forward);
+  m.impl("omni_correlation_loss_backward", &omni_correlation_loss_backward);
   m.impl("omni_correlation_forward", &omni_correlation_forward);
   m.impl("omni_correlation_backward", &omni_correlation_backward);
 }

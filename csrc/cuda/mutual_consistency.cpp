@@ -103,8 +103,8 @@ struct Prepared {
   }
 };
 
-Tensor mutual_consistency_forward_cuda(at::TensorList logits, double temperature) {
-  const McDtype dtype = check_logits(logits, temperature, "mutual_consistency_forward");
+Tensor mutual_consistency_loss_forward_cuda(at::TensorList logits, double temperature) {
+  const McDtype dtype = check_logits(logits, temperature, "mutual_consistency_loss_forward");
   const c10::cuda::CUDAGuard guard(logits[0].device());
   const Prepared pr(logits, temperature, dtype);
   const auto opts = pr.logits[0].options().dtype(acc_dtype(dtype));
@@ -115,12 +115,12 @@ Tensor mutual_consistency_forward_cuda(at::TensorList logits, double temperature
   return loss;
 }
 
-std::vector<Tensor> mutual_consistency_backward_cuda(const Tensor& grad, at::TensorList logits, double temperature) {
-  const McDtype dtype = check_logits(logits, temperature, "mutual_consistency_backward");
+std::vector<Tensor> mutual_consistency_loss_backward_cuda(const Tensor& grad, at::TensorList logits, double temperature) {
+  const McDtype dtype = check_logits(logits, temperature, "mutual_consistency_loss_backward");
   const c10::cuda::CUDAGuard guard(logits[0].device());
   const Prepared pr(logits, temperature, dtype);
   TORCH_CHECK(grad.numel() == 1 && grad.is_floating_point() && grad.device() == pr.logits[0].device(),
-              "mutual_consistency_backward: grad must be a 0-dim floating tensor on ", pr.logits[0].device(),
+              "mutual_consistency_loss_backward: grad must be a 0-dim floating tensor on ", pr.logits[0].device(),
               " (the loss's gradient), got shape ", grad.sizes(), ", dtype ", grad.scalar_type(), " on ",
               grad.device());
   const Tensor grad_acc = grad.to(acc_dtype(dtype)).contiguous();
@@ -136,8 +136,8 @@ std::vector<Tensor> mutual_consistency_backward_cuda(const Tensor& grad, at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(caml_ops, CUDA, m) {
-  m.impl("mutual_consistency_forward", &mutual_consistency_forward_cuda);
-  m.impl("mutual_consistency_backward", &mutual_consistency_backward_cuda);
+  m.impl("mutual_consistency_loss_forward", &mutual_consistency_loss_forward_cuda);
+  m.impl("mutual_consistency_loss_backward", &mutual_consistency_loss_backward_cuda);
 }
 
 }  // namespace caml_ops

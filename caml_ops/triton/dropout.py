@@ -1,4 +1,4 @@
-"""Triton kernel of philox_dropout: out = x Z over the row-major elements, with the mask of csrc/philox.h on
+"""Triton kernel of dropout: out = x Z over the row-major elements, with the mask of csrc/philox.h on
 rows of 64 elements (element i: word i mod 4 of Philox(seed, offset + i / 4)), one Philox per four elements.
 Elementwise and memory-bound: one program per BLOCK elements; the backward is the same kernel on the gradient.
 """
@@ -39,7 +39,7 @@ def _dropout_kernel(x_ptr, out_ptr, n, keep_hi, keep_lo, seed_lo, seed_hi, rng_o
     tl.store(out_ptr + offs, (x * z).to(out_ptr.dtype.element_ty), mask=in_range)
 
 
-def philox_dropout(x: torch.Tensor, dropout_p: float, rng_state: torch.Tensor) -> torch.Tensor:
+def dropout(x: torch.Tensor, dropout_p: float, rng_state: torch.Tensor) -> torch.Tensor:
     """x * Z, a new contiguous tensor of x's shape and dtype."""
     check_floating(x, "x")
     if not 0.0 <= dropout_p < 1.0:

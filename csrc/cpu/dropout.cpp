@@ -1,4 +1,4 @@
-// CPU kernel of philox_dropout: out = x Z over the row-major elements of x,
+// CPU kernel of dropout: out = x Z over the row-major elements of x,
 // Z = 1 / (1 - p) where kept and 0 where dropped, with csrc/philox.h's mask on
 // rows of 64 elements (element i: word i mod 4 of Philox(seed, offset + i / 4)),
 // drawn 128 words at a time by philox_vec.h. No mask is stored: the same call
@@ -26,8 +26,8 @@ constexpr int64_t kRowLen = DropoutWords::kRowLen;             // elements per r
 constexpr int64_t kChunk = DropoutWords::kPairRows * kRowLen;  // elements per draw
 constexpr int64_t kGrainChunks = 256;                          // chunks per parallel task, at least
 
-Tensor philox_dropout(const Tensor& x, double dropout_p, const Tensor& rng_state) {
-  constexpr const char* op = "philox_dropout";
+Tensor dropout_cpu(const Tensor& x, double dropout_p, const Tensor& rng_state) {
+  constexpr const char* op = "dropout";
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got one on ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
               ": x must be float32 or float64 (half types are upcast by caml_ops), got ", x.scalar_type());
@@ -61,6 +61,6 @@ Tensor philox_dropout(const Tensor& x, double dropout_p, const Tensor& rng_state
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(caml_ops, CPU, m) { m.impl("philox_dropout", &philox_dropout); }
+TORCH_LIBRARY_IMPL(caml_ops, CPU, m) { m.impl("dropout", &dropout_cpu); }
 
 }  // namespace caml_ops
