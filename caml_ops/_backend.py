@@ -6,32 +6,49 @@ the automatic choice for the tensors' device.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import warnings
+from typing import Callable
 
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+_HALF = (torch.float16, torch.bfloat16)
 
-# The fused backends each op has. On CUDA, "auto" takes the first one listed
-# that is usable (ordered by the measured speed, benchmarks/RESULTS.md).
-_FUSED = {
-    "omni_correlation_loss": ("triton", "cpu"),
-    "omni_correlation": ("triton", "cpu"),
-    "mutual_consistency_loss": ("cuda", "triton", "cpu"),
-    "cross_sample_attention": ("cuda", "triton", "cpu"),
-    "intra_sample_attention": ("triton", "cpu"),
-    "dropout": ("triton", "cpu"),
-}
 
-# The kernel ops csrc/caml_ops.cpp defines.
-_KERNEL_OPS = tuple(
-    f"{name}_{step}"
-    for name in ("omni_correlation_loss", "omni_correlation", "mutual_consistency_loss", "cross_sample_attention",
-                 "intra_sample_attention")
-    for step in ("forward", "backward")
-) + ("dropout",)
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One backend's kernels of an op, and what they take.
+
+    Attributes:
+        backend: "cpu" or "cuda" (C++ in csrc/, registered by caml_ops._C) or "triton" (caml_ops/triton).
+        upcast_half: the kernels take float32 and float64 only; float16 and bfloat16 inputs run in
+            float32 and the result is cast back (the CPU kernels).
+        limits: ``limits(*forward_args) -> str | None``: why the forward kernel op's arguments are past
+            what these kernels take (a head dim, a class count), or None. ``auto`` then takes the next
+            backend; an explicit backend raises the reason.
+    """
+
+    backend: str
+    upcast_half: bool = False
+    limits: Callable[..., str | None] | None = None
+
+    def cast(self, arg):
+        """An argument of the forward kernel op in the dtype these kernels take."""
+        if isinstance(arg, (list, tuple)):
+            return [self.cast(a) for a in arg]
+        if self.upcast_half and isinstance(arg, torch.Tensor) and arg.dtype in _HALF:
+            return arg.to(torch.float32)
+        return arg
+
+
+# op name -> its kernels, in the order "auto" prefers them on a GPU (declared by caml_ops._op.define).
+_KERNELS: dict[str, tuple[Kernel, ...]] = {}
+# The C++ kernel ops the declared ops expect of caml_ops._C (csrc/caml_ops.cpp), and those with CUDA kernels.
+_KERNEL_OPS: tuple[str, ...] = ()
+_CUDA_KERNEL_OPS: tuple[str, ...] = ()
 
 _selected = "auto"
 _warned_missing_ext = False
@@ -52,12 +69,34 @@ def _load_extension() -> str | None:
 _EXTENSION_PROBLEM = _load_extension()
 HAS_EXTENSION = _EXTENSION_PROBLEM is None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Whether the compiled extension carries the CUDA kernels (a constant, so torch.compile traces through).
+EXTENSION_HAS_CUDA = False
 
 
-# Whether the compiled extension carries CUDA kernels (a constant, so torch.compile traces through).
-EXTENSION_HAS_CUDA = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "caml_ops::mutual_consistency_loss_forward", "CUDA"
-)
+def declare(op: str, kernels: tuple[Kernel, ...], kernel_ops: tuple[str, ...]) -> None:
+    """Declare `op`'s kernels; `kernel_ops` ("caml_ops::<name>") must be in caml_ops._C if it has C++ ones."""
+    global _KERNEL_OPS, _CUDA_KERNEL_OPS, _EXTENSION_PROBLEM, HAS_EXTENSION, EXTENSION_HAS_CUDA
+    _KERNELS[op] = kernels
+    backends = fused_backends(op)
+    if "cpu" in backends or "cuda" in backends:
+        _KERNEL_OPS += tuple(name.split("::")[1] for name in kernel_ops)
+        _EXTENSION_PROBLEM = _load_extension()
+        HAS_EXTENSION = _EXTENSION_PROBLEM is None
+    if "cuda" in backends:
+        _CUDA_KERNEL_OPS += kernel_ops
+    EXTENSION_HAS_CUDA = HAS_EXTENSION and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") for name in _CUDA_KERNEL_OPS
+    ) and bool(_CUDA_KERNEL_OPS)
+
+
+def extension_has(kernel_ops: tuple[str, ...]) -> bool:
+    """Whether caml_ops._C is current and defines these kernel ops."""
+    return HAS_EXTENSION and all(hasattr(torch.ops.caml_ops, op) for op in kernel_ops)
+
+
+def fused_backends(op: str) -> tuple[str, ...]:
+    """The backends with kernels for `op`, in the order "auto" prefers them on a GPU."""
+    return tuple(k.backend for k in _KERNELS[op])
 
 
 def triton_interpreted() -> bool:
@@ -98,40 +137,48 @@ def _warn_missing_extension(fallback: str) -> None:
         )
 
 
-def resolve(op: str, backend: str, device: torch.device) -> str:
-    """The concrete backend that runs `op` on `device`; raises ValueError if it cannot."""
+def resolve(op: str, backend: str, device: torch.device, args: tuple = ()) -> str:
+    """The concrete backend that runs `op` on `device` (for the forward kernel op's `args`, when given,
+    within each kernel's declared limits); raises ValueError or RuntimeError, naming the cause, if it cannot."""
     choice = check_backend_name(backend, "backend")
     if choice == "auto":
         choice = _selected
     if choice == "auto":
         choice = check_backend_name(os.environ.get("CAML_OPS_BACKEND", "auto"), "CAML_OPS_BACKEND")
     if choice == "auto":
-        return _auto(op, device)
-    _check_usable(op, choice, device)
+        return _auto(op, device, args)
+    _check_usable(op, choice, device, args)
     return choice
 
 
-def _auto(op: str, device: torch.device) -> str:
-    fused = _FUSED[op]
-    if device.type == "cuda":
-        if "cuda" in fused and EXTENSION_HAS_CUDA:
-            return "cuda"
-        if "triton" in fused and HAS_TRITON:
-            if not HAS_EXTENSION:
-                _warn_missing_extension("triton")
-            return "triton"
-    elif device.type == "cpu" and "cpu" in fused:
-        if HAS_EXTENSION:
-            return "cpu"
-        _warn_missing_extension("reference")
+def _beyond_limits(kernel: Kernel, args: tuple) -> str | None:
+    return kernel.limits(*args) if args and kernel.limits is not None else None
+
+
+def _auto(op: str, device: torch.device, args: tuple) -> str:
+    for kernel in _KERNELS[op]:
+        if _beyond_limits(kernel, args):
+            continue
+        if device.type == "cuda":
+            if kernel.backend == "cuda" and EXTENSION_HAS_CUDA:
+                return "cuda"
+            if kernel.backend == "triton" and HAS_TRITON:
+                if not HAS_EXTENSION:
+                    _warn_missing_extension("triton")
+                return "triton"
+        elif device.type == "cpu" and kernel.backend == "cpu":
+            if HAS_EXTENSION:
+                return "cpu"
+            _warn_missing_extension("reference")
     return "reference"
 
 
-def _check_usable(op: str, backend: str, device: torch.device) -> None:
+def _check_usable(op: str, backend: str, device: torch.device, args: tuple) -> None:
     if backend == "reference":
         return
-    if backend not in _FUSED[op]:
-        usable = ", ".join(repr(b) for b in ("auto", "reference") + _FUSED[op])
+    kernels = {k.backend: k for k in _KERNELS[op]}
+    if backend not in kernels:
+        usable = ", ".join(repr(b) for b in ("auto", "reference") + fused_backends(op))
         raise ValueError(f"{op} has no {backend!r} kernel; use one of {usable}")
     if backend == "cpu":
         if device.type != "cpu":
@@ -153,3 +200,6 @@ def _check_usable(op: str, backend: str, device: torch.device) -> None:
             raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend 'triton' runs on CUDA tensors, got tensors on {device}")
+    problem = _beyond_limits(kernels[backend], args)
+    if problem:
+        raise ValueError(f"{op} has no {backend!r} kernel for these inputs: {problem}; use backend 'auto'")

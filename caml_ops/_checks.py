@@ -75,10 +75,3 @@ def check_choice(value: str, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
-
-
-def compute_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
-    """The dtype a backend's kernels take: the CPU kernels upcast half types to float32."""
-    if backend == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return dtype

@@ -5,14 +5,12 @@ kernels read them through their strides, so no permute copies are made anywhere.
 csrc/cpu, csrc/cuda (C++/CUDA) and caml_ops/triton; each op has a forward kernel returning the output
 and the per-row log-sum-exp, and a backward kernel that recomputes the probabilities from them.
 
-Dropout on the attention probabilities is drawn inside the kernels from a counter-based RNG
-(Philox4x32-10, csrc/philox.h): columns 4g to 4g + 3 of row r of the probabilities (rows of n keys) take
-the four words of Philox(key = seed, counter = offset + r ceil(n / 4) + g), and an element is kept iff its
-word is at least ``floor(p 2^32)``. ``seed`` and ``offset`` come from torch's default
-(CPU) generator, so ``torch.manual_seed`` reproduces a run, and every backend, the reference included,
-draws the same mask for the same generator state. The backward regenerates the mask instead of storing
-it. ``return_dropout_mask=True`` is the debug path: it also returns that mask, which
-``caml_ops.reference.<op>(..., dropout_mask=mask)`` reproduces.
+Dropout on the attention probabilities is drawn inside the kernels from a counter-based RNG (Philox4x32-10;
+docs/design.md, "Dropout RNG (Philox)") seeded from torch's default generator, so ``torch.manual_seed``
+reproduces a run and every backend, the reference included, draws the same mask. The backward regenerates
+the mask instead of storing it. ``return_dropout_mask=True`` is the debug path: it also returns that mask,
+which ``caml_ops.reference.<op>(..., dropout_mask=mask)`` reproduces. This module holds both ops' specs and
+public functions (docs/design.md, "cross_sample_attention" and "intra_sample_attention").
 """
 from __future__ import annotations
 
@@ -22,26 +20,29 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._backend import resolve
-from ._checks import check_dropout_p, check_floating, check_rank, check_same, compute_dtype
-from ._registry import op_variants, register_variants, resolve_op
+from ._backend import Kernel
+from ._checks import check_dropout_p, check_floating, check_rank, check_same
+from ._op import OpSpec, define, stats_dtype
 from .dropout import draw_rng_state
 
-_KERNEL_ARGS = "Tensor q, Tensor k, Tensor v, float scale, float dropout_p, Tensor rng_state"
-_FORWARD_SCHEMA = f"({_KERNEL_ARGS}) -> (Tensor, Tensor)"
+_FORWARD_SCHEMA = "(Tensor q, Tensor k, Tensor v, float scale, float dropout_p, Tensor rng_state) -> (Tensor out, Tensor lse)"
 _BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, float dropout_p,"
-    " Tensor rng_state) -> (Tensor, Tensor, Tensor)"
+    " Tensor rng_state) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)"
 )
+# Head dims the kernels hold in registers: kCsaMaxHeadDim (csrc/cuda/cross_sample_attention_kernel.h) and
+# the Triton intra-sample tiles (caml_ops/triton/intra_sample_attention.py).
+CUDA_CROSS_SAMPLE_MAX_HEAD_DIM = 256
+TRITON_INTRA_SAMPLE_MAX_HEAD_DIM = 128
 
 
-def _triton_module(name: str):
-    # deferred: importing Triton is slow and optional
-    if name == "cross_sample_attention":
-        from .triton import cross_sample_attention as module
-    else:
-        from .triton import intra_sample_attention as module
-    return module
+def _head_dim_at_most(limit: int, kernels: str):
+    def limits(q, k, v, scale, dropout_p, rng_state):
+        if q.shape[-1] > limit:
+            return f"head dim d = {q.shape[-1]} is more than the {kernels} kernels' {limit}"
+        return None
+
+    return limits
 
 
 def _lse_shape(name: str, q: Tensor) -> tuple[int, int, int]:
@@ -49,31 +50,12 @@ def _lse_shape(name: str, q: Tensor) -> tuple[int, int, int]:
     return (batch, length, heads) if name == "cross_sample_attention" else (batch, heads, length)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _register(name: str) -> dict[str, tuple[str, str]]:
-    """Define the Triton custom ops of `name` and register fakes and autograd for all its variants."""
-
-    def triton_forward(q, k, v, scale, dropout_p, rng_state):
-        return getattr(_triton_module(name), f"{name}_forward")(q, k, v, scale, dropout_p, rng_state)
-
-    def triton_backward(grad_out, q, k, v, out, lse, scale, dropout_p, rng_state):
-        return getattr(_triton_module(name), f"{name}_backward")(
-            grad_out, q, k, v, out, lse, scale, dropout_p, rng_state
-        )
-
-    torch.library.custom_op(
-        f"caml_ops::{name}_forward_triton", triton_forward, mutates_args=(), schema=_FORWARD_SCHEMA
-    )
-    torch.library.custom_op(
-        f"caml_ops::{name}_backward_triton", triton_backward, mutates_args=(), schema=_BACKWARD_SCHEMA
-    )
+def _spec(name: str, kernels: tuple[Kernel, ...]) -> OpSpec:
+    """Both attentions share schemas, fakes and autograd; only their lse layout differs."""
 
     def fake_forward(q, k, v, scale, dropout_p, rng_state):
-        out = q.new_empty(q.shape)
-        return out, q.new_empty(_lse_shape(name, q), dtype=_stats_dtype(q.dtype))
+        torch._check(k.shape == q.shape and v.shape == q.shape, lambda: "q, k and v must have one shape")
+        return q.new_empty(q.shape), q.new_empty(_lse_shape(name, q), dtype=stats_dtype(q.dtype))
 
     def fake_backward(grad_out, q, k, v, out, lse, scale, dropout_p, rng_state):
         return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
@@ -89,13 +71,23 @@ def _register(name: str) -> dict[str, tuple[str, str]]:
         grad_q, grad_k, grad_v = backward_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.dropout_p, rng_state)
         return grad_q, grad_k, grad_v, None, None, None
 
-    variants = op_variants(f"{name}_forward", f"{name}_backward")
-    register_variants(variants, fake_forward=fake_forward, fake_backward=fake_backward, setup_context=setup,
-                      backward=backward)
-    return variants
+    return OpSpec(name=name, forward_schema=_FORWARD_SCHEMA, backward_schema=_BACKWARD_SCHEMA, kernels=kernels,
+                  triton_module=name, fake_forward=fake_forward, fake_backward=fake_backward,
+                  setup_context=setup, backward=backward)
 
 
-_OPS = {name: _register(name) for name in ("cross_sample_attention", "intra_sample_attention")}
+# Measured fastest first (benchmarks/RESULTS.md); the CPU kernels take float32 and float64.
+_OPS = {
+    "cross_sample_attention": define(_spec("cross_sample_attention", (
+        Kernel("cuda", limits=_head_dim_at_most(CUDA_CROSS_SAMPLE_MAX_HEAD_DIM, "CUDA")),
+        Kernel("triton"),
+        Kernel("cpu", upcast_half=True),
+    ))),
+    "intra_sample_attention": define(_spec("intra_sample_attention", (
+        Kernel("triton", limits=_head_dim_at_most(TRITON_INTRA_SAMPLE_MAX_HEAD_DIM, "Triton")),
+        Kernel("cpu", upcast_half=True),
+    ))),
+}
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: float | None) -> float:
@@ -118,8 +110,6 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, scale: floa
     return float(scale)
 
 
-
-
 def _mask_shape(name: str, q: Tensor) -> tuple[int, int, int, int]:
     batch, length, heads, _ = q.shape
     return (length, heads, batch, batch) if name == "cross_sample_attention" else (batch, heads, length, length)
@@ -131,18 +121,16 @@ def _attention(
 ):
     scale = _check_inputs(q, k, v, dropout_p, scale)
     dropout_p = float(dropout_p)
-    impl = resolve(name, backend, q.device)
     rng_state = draw_rng_state(dropout_p)
+    op = _OPS[name]
+    impl = op.backend(backend, q.device, q, k, v, scale, dropout_p, rng_state)
     mask = None
     if dropout_p > 0.0 and (impl == "reference" or return_dropout_mask):
         mask = reference.attention_dropout_mask(rng_state, _mask_shape(name, q), dropout_p, device=q.device)
     if impl == "reference":
         out = getattr(reference, name)(q, k, v, dropout_p, scale, dropout_mask=mask)
     else:
-        dtype = compute_dtype(q.dtype, impl)
-        forward = resolve_op(_OPS[name][impl][0])
-        out, _ = forward(q.to(dtype), k.to(dtype), v.to(dtype), scale, dropout_p, rng_state)
-        out = out.to(q.dtype)
+        out = op.forward(impl, q, k, v, scale, dropout_p, rng_state)
     if not return_dropout_mask:
         return out
     if mask is None:

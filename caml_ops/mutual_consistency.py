@@ -1,7 +1,8 @@
 """Mutual consistency loss between S sub-models' predictions, fused.
 
-One pass over the logits per direction; no probability copies are kept. The
-kernels live in csrc/cpu, csrc/cuda (C++/CUDA) and caml_ops/triton.
+One pass over the logits per direction; no probability copies are kept (docs/design.md,
+"mutual_consistency_loss"). The kernels live in csrc/cpu, csrc/cuda and caml_ops/triton; this module
+holds the op's spec and the public function.
 """
 from __future__ import annotations
 
@@ -11,30 +12,25 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._backend import resolve
-from ._checks import check_floating, check_same, check_temperature, compute_dtype
-from ._registry import contiguous_like, op_variants, register_variants, resolve_op
+from ._backend import Kernel
+from ._checks import check_floating, check_same, check_temperature
+from ._op import OpSpec, contiguous_like, define, stats_dtype
+
+# The CUDA kernels keep a row of C classes in registers: C <= kMcMaxClasses (csrc/cuda/mutual_consistency_kernel.h).
+CUDA_MAX_CLASSES = 32
 
 
-def _triton_kernels():
-    from .triton import mutual_consistency  # deferred: importing Triton is slow and optional
-
-    return mutual_consistency
-
-
-@torch.library.custom_op("caml_ops::mutual_consistency_loss_forward_triton", mutates_args=())
-def _mutual_consistency_loss_forward_triton(logits: list[Tensor], temperature: float) -> Tensor:
-    return _triton_kernels().mutual_consistency_loss_forward(logits, temperature)
-
-
-@torch.library.custom_op("caml_ops::mutual_consistency_loss_backward_triton", mutates_args=())
-def _mutual_consistency_loss_backward_triton(grad: Tensor, logits: list[Tensor], temperature: float) -> list[Tensor]:
-    return _triton_kernels().mutual_consistency_loss_backward(grad, logits, temperature)
+def _cuda_limits(logits, temperature):
+    classes = logits[0].shape[1]
+    if classes > CUDA_MAX_CLASSES:
+        return f"C = {classes} classes is more than the CUDA kernels' {CUDA_MAX_CLASSES}"
+    return None
 
 
 def _fake_forward(logits, temperature):
-    dtype = torch.float64 if logits[0].dtype == torch.float64 else torch.float32
-    return logits[0].new_empty((), dtype=dtype)
+    for x in logits[1:]:
+        torch._check(x.shape == logits[0].shape, lambda: "every logits tensor must have the shape of logits[0]")
+    return logits[0].new_empty((), dtype=stats_dtype(logits[0].dtype))
 
 
 def _fake_backward(grad, logits, temperature):
@@ -52,8 +48,15 @@ def _backward(backward_op, ctx, grad):
     return backward_op(grad, logits, ctx.temperature), None
 
 
-_OPS = op_variants("mutual_consistency_loss_forward", "mutual_consistency_loss_backward")
-register_variants(_OPS, fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup, backward=_backward)
+LOSS = define(OpSpec(
+    name="mutual_consistency_loss",
+    forward_schema="(Tensor[] logits, float temperature) -> Tensor",
+    backward_schema="(Tensor grad, Tensor[] logits, float temperature) -> Tensor[]",
+    # Measured fastest first (benchmarks/RESULTS.md); the CPU kernels take float32 and float64.
+    kernels=(Kernel("cuda", limits=_cuda_limits), Kernel("triton"), Kernel("cpu", upcast_half=True)),
+    triton_module="mutual_consistency",
+    fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup, backward=_backward,
+))
 
 
 def _as_list(logits: Sequence[Tensor] | Tensor) -> list[Tensor]:
@@ -106,9 +109,7 @@ def mutual_consistency_loss(
     if first.numel() == 0:
         raise ValueError(f"logits are empty (shape {tuple(first.shape)}): the mean over no voxels is undefined")
     temperature = check_temperature(temperature, at_most=1.0)
-    impl = resolve("mutual_consistency_loss", backend, first.device)
+    impl = LOSS.backend(backend, first.device, logits, temperature)
     if impl == "reference":
         return reference.mutual_consistency_loss(logits, temperature)
-    dtype = compute_dtype(first.dtype, impl)
-    forward = resolve_op(_OPS[impl][0])
-    return forward([x.to(dtype) for x in logits], temperature).to(first.dtype)
+    return LOSS.forward(impl, logits, temperature)

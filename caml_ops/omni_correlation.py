@@ -1,9 +1,8 @@
-"""Omni-correlation: CAML's OCC loss and the correlation matrix, fused.
+"""Omni-correlation: CAML's omni-correlation consistency (OCC) loss and the correlation matrix, fused.
 
-Public ops :func:`omni_correlation_loss` and :func:`omni_correlation`; the
-kernels live in csrc/cpu (C++) and caml_ops/triton (Triton); this module holds
-the Triton custom-op wrappers, the fake kernels and the autograd formula that
-all backends share.
+Public ops :func:`omni_correlation_loss` and :func:`omni_correlation` (docs/design.md,
+"omni_correlation_loss" and "omni_correlation"); their kernels live in csrc/cpu/omni_correlation.cpp and
+caml_ops/triton/omni_correlation.py; this module holds their specs (schemas, kernels, fakes, autograd).
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._backend import resolve
+from ._backend import Kernel
 from ._checks import (
     check_choice,
     check_eps,
@@ -19,85 +18,34 @@ from ._checks import (
     check_rank,
     check_same,
     check_temperature,
-    compute_dtype,
 )
-from ._registry import contiguous_like, op_variants, register_variants, resolve_op
+from ._op import OpSpec, contiguous_like, define, stats_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
+# Measured fastest first (benchmarks/RESULTS.md); the CPU kernels take float32 and float64.
+_KERNELS = (Kernel("triton"), Kernel("cpu", upcast_half=True))
 
 
-def _triton_kernels():
-    from .triton import omni_correlation  # deferred: importing Triton is slow and optional
-
-    return omni_correlation
-
-
-# --- Triton variants as custom ops (same schemas as the C++ ops in csrc/caml_ops.cpp) ---
-
-
-@torch.library.custom_op("caml_ops::omni_correlation_loss_forward_triton", mutates_args=())
-def _omni_correlation_loss_forward_triton(
-    feat_v: Tensor, feat_a: Tensor, memory: Tensor, temperature: float, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _triton_kernels().omni_correlation_loss_forward(feat_v, feat_a, memory, temperature, eps)
-
-
-@torch.library.custom_op("caml_ops::omni_correlation_loss_backward_triton", mutates_args=())
-def _omni_correlation_loss_backward_triton(
-    grad_rows: Tensor,
-    feat_v: Tensor,
-    feat_a: Tensor,
-    memory: Tensor,
-    loss_rows: Tensor,
-    lse_v: Tensor,
-    lse_a: Tensor,
-    r_sum: Tensor,
-    temperature: float,
-    eps: float,
-    memory_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _triton_kernels().omni_correlation_loss_backward(
-        grad_rows, feat_v, feat_a, memory, loss_rows, lse_v, lse_a, r_sum, temperature, eps, memory_grad
-    )
-
-
-@torch.library.custom_op("caml_ops::omni_correlation_forward_triton", mutates_args=())
-def _omni_correlation_forward_triton(feat: Tensor, memory: Tensor, temperature: float) -> Tensor:
-    return _triton_kernels().omni_correlation_forward(feat, memory, temperature)
-
-
-@torch.library.custom_op("caml_ops::omni_correlation_backward_triton", mutates_args=())
-def _omni_correlation_backward_triton(
-    grad_out: Tensor, probs: Tensor, feat: Tensor, memory: Tensor, temperature: float, memory_grad: bool
-) -> tuple[Tensor, Tensor]:
-    return _triton_kernels().omni_correlation_backward(grad_out, probs, feat, memory, temperature, memory_grad)
-
-
-# --- fakes and autograd, shared by the C++ and Triton variants ---
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fake_occ_forward(feat_v, feat_a, memory, temperature, eps):
+def _fake_loss_forward(feat_v, feat_a, memory, temperature, eps):
+    torch._check(feat_a.shape == feat_v.shape, lambda: "feat_a must have the shape of feat_v")
+    torch._check(memory.shape[1] == feat_v.shape[1], lambda: "memory must have the width D of feat_v")
     # loss_rows [N], lse_v [N, 2], lse_a [N, 2] (log-sum-exp as hi, lo), r_sum [N]
-    rows = feat_v.new_empty(feat_v.shape[0], dtype=_stats_dtype(feat_v.dtype))
+    rows = feat_v.new_empty(feat_v.shape[0], dtype=stats_dtype(feat_v.dtype))
     lse = rows.new_empty(rows.shape[0], 2)
     return rows, lse, torch.empty_like(lse), torch.empty_like(rows)
 
 
-def _fake_occ_backward(grad_rows, feat_v, feat_a, memory, *stats_and_scalars):
+def _fake_loss_backward(grad_rows, feat_v, feat_a, memory, *stats_and_scalars):
     return contiguous_like(feat_v), contiguous_like(feat_a), contiguous_like(memory)
 
 
-def _setup_occ(ctx, inputs, output):
+def _setup_loss(ctx, inputs, output):
     feat_v, feat_a, memory, temperature, eps = inputs
     ctx.save_for_backward(feat_v, feat_a, memory, *output)
     ctx.temperature, ctx.eps = temperature, eps
 
 
-def _occ_backward(backward_op, ctx, grad_rows, *_stat_grads):
+def _loss_backward(backward_op, ctx, grad_rows, *_stat_grads):
     # lse_v, lse_a and r_sum are saved statistics, not differentiable outputs.
     feat_v, feat_a, memory, rows, lse_v, lse_a, r_sum = ctx.saved_tensors
     grad_v, grad_a, grad_m = backward_op(
@@ -109,6 +57,7 @@ def _occ_backward(backward_op, ctx, grad_rows, *_stat_grads):
 
 
 def _fake_corr_forward(feat, memory, temperature):
+    torch._check(memory.shape[1] == feat.shape[1], lambda: "memory must have the width D of feat")
     return feat.new_empty(feat.shape[0], memory.shape[0])
 
 
@@ -130,16 +79,26 @@ def _corr_backward(backward_op, ctx, grad_out):
     return grad_f, (grad_m if ctx.needs_input_grad[1] else None), None
 
 
-_OCC_OPS = op_variants("omni_correlation_loss_forward", "omni_correlation_loss_backward")
-_CORR_OPS = op_variants("omni_correlation_forward", "omni_correlation_backward")
-register_variants(
-    _OCC_OPS, fake_forward=_fake_occ_forward, fake_backward=_fake_occ_backward,
-    setup_context=_setup_occ, backward=_occ_backward,
-)
-register_variants(
-    _CORR_OPS, fake_forward=_fake_corr_forward, fake_backward=_fake_corr_backward,
+LOSS = define(OpSpec(
+    name="omni_correlation_loss",
+    forward_schema="(Tensor feat_v, Tensor feat_a, Tensor memory, float temperature, float eps)"
+                   " -> (Tensor loss_rows, Tensor lse_v, Tensor lse_a, Tensor r_sum)",
+    backward_schema="(Tensor grad_rows, Tensor feat_v, Tensor feat_a, Tensor memory, Tensor loss_rows,"
+                    " Tensor lse_v, Tensor lse_a, Tensor r_sum, float temperature, float eps, bool memory_grad)"
+                    " -> (Tensor grad_feat_v, Tensor grad_feat_a, Tensor grad_memory)",
+    kernels=_KERNELS, triton_module="omni_correlation",
+    fake_forward=_fake_loss_forward, fake_backward=_fake_loss_backward,
+    setup_context=_setup_loss, backward=_loss_backward,
+))
+CORRELATION = define(OpSpec(
+    name="omni_correlation",
+    forward_schema="(Tensor feat, Tensor memory, float temperature) -> Tensor",
+    backward_schema="(Tensor grad_out, Tensor probs, Tensor feat, Tensor memory, float temperature,"
+                    " bool memory_grad) -> (Tensor grad_feat, Tensor grad_memory)",
+    kernels=_KERNELS, triton_module="omni_correlation",
+    fake_forward=_fake_corr_forward, fake_backward=_fake_corr_backward,
     setup_context=_setup_corr, backward=_corr_backward,
-)
+))
 
 
 # --- public API ---
@@ -192,13 +151,11 @@ def omni_correlation_loss(
     temperature = check_temperature(temperature)
     eps = check_eps(eps)
     check_choice(reduction, "reduction", REDUCTIONS)
-    impl = resolve("omni_correlation_loss", backend, feat_v.device)
+    args = (feat_v, feat_a, memory, temperature, eps)
+    impl = LOSS.backend(backend, feat_v.device, *args)
     if impl == "reference":
-        return reference.omni_correlation_loss(feat_v, feat_a, memory, temperature, eps, reduction)
-    dtype = compute_dtype(feat_v.dtype, impl)
-    forward = resolve_op(_OCC_OPS[impl][0])
-    rows = forward(feat_v.to(dtype), feat_a.to(dtype), memory.to(dtype), temperature, eps)[0]
-    return reference._reduce(rows.to(feat_v.dtype), reduction)
+        return reference.omni_correlation_loss(*args, reduction)
+    return reference.reduce_rows(LOSS.forward(impl, *args), reduction)
 
 
 def omni_correlation(feat: Tensor, memory: Tensor, *, temperature: float = 0.1, backend: str = "auto") -> Tensor:
@@ -217,9 +174,8 @@ def omni_correlation(feat: Tensor, memory: Tensor, *, temperature: float = 0.1, 
     check_same((feat, memory), ("feat", "memory"))
     _check_features(feat, memory, "feat")
     temperature = check_temperature(temperature)
-    impl = resolve("omni_correlation", backend, feat.device)
+    args = (feat, memory, temperature)
+    impl = CORRELATION.backend(backend, feat.device, *args)
     if impl == "reference":
-        return reference.omni_correlation(feat, memory, temperature)
-    dtype = compute_dtype(feat.dtype, impl)
-    forward = resolve_op(_CORR_OPS[impl][0])
-    return forward(feat.to(dtype), memory.to(dtype), temperature).to(feat.dtype)
+        return reference.omni_correlation(*args)
+    return CORRELATION.forward(impl, *args)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 
-def _reduce(rows: Tensor, reduction: str) -> Tensor:
+def reduce_rows(rows: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -45,7 +45,7 @@ def omni_correlation_loss(
     reduction: str = "mean",
 ) -> Tensor:
     """CAML's omni-correlation consistency loss: the mean, sum or rows of omni_correlation_loss_rows."""
-    return _reduce(omni_correlation_loss_rows(feat_v, feat_a, memory, temperature, eps), reduction)
+    return reduce_rows(omni_correlation_loss_rows(feat_v, feat_a, memory, temperature, eps), reduction)
 
 
 def sharpen(p: Tensor, temperature: float = 0.1) -> Tensor:

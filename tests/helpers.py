@@ -25,7 +25,7 @@ def requires_cuda(test):
 def runnable_backends(op: str) -> list:
     """pytest params (backend, device) for every fused backend of `op` this machine runs, skips for the rest."""
     params = []
-    for backend in _backend._FUSED[op]:
+    for backend in _backend.fused_backends(op):
         if backend == "cpu":
             marks = [pytest.mark.skipif(not _backend.HAS_EXTENSION, reason="caml_ops._C not built")]
             params.append(pytest.param("cpu", "cpu", marks=marks, id="cpu"))

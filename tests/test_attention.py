@@ -7,8 +7,7 @@ import torch
 
 import caml_ops
 from caml_ops import _backend, reference
-from caml_ops._registry import resolve_op
-from caml_ops.attention import _OPS
+from caml_ops import _op
 
 from .helpers import (
     assert_close_to_reference,
@@ -108,7 +107,7 @@ def test_float32_close_to_float64_reference(name, backend, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_half_types_within_2x_torch_error(name, dtype, backend):
-    if backend not in _backend._FUSED[name]:
+    if backend not in _backend.fused_backends(name):
         pytest.skip(f"{name} has no {backend} kernel")
     if backend == "cuda" and not _backend.EXTENSION_HAS_CUDA:
         pytest.skip("no CUDA kernels built")
@@ -228,7 +227,7 @@ def test_backward_is_deterministic(name, backend, device):
 def test_opcheck(name, backend, device):
     fresh_seed()
     _, (q, k, v) = make_qkv((3, 10, 2, 16), device=device)
-    forward = resolve_op(_OPS[name][backend][0])
+    forward = _op.OPS[name].kernel_op(backend)
     rng_state = torch.randint(0, 2**62, (2,))
     torch.library.opcheck(forward, (q, k, v, 0.25, 0.3, rng_state))
     torch.library.opcheck(forward, (q.detach().contiguous(), k.detach(), v.detach(), 0.25, 0.0, rng_state))
@@ -291,7 +290,7 @@ def test_intra_has_no_cuda_kernel():
 def test_kernels_check_their_inputs(name):
     """The C++ kernels validate too (for callers of torch.ops.caml_ops directly)."""
     pytest.importorskip("caml_ops._C")
-    forward = resolve_op(_OPS[name]["cpu"][0])
+    forward = _op.OPS[name].kernel_op("cpu")
     q = torch.randn(2, 5, 2, 8)
     with pytest.raises(RuntimeError, match="rng_state"):
         forward(q, q, q, 0.3, 0.1, torch.zeros(3, dtype=torch.int64))

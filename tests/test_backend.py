@@ -31,7 +31,7 @@ def test_keyword_beats_set_backend_beats_environment(monkeypatch):
 
 def test_auto_on_cpu_takes_the_cpp_kernels_when_built(monkeypatch):
     monkeypatch.setattr(_backend, "HAS_EXTENSION", True)
-    for op in _backend._FUSED:
+    for op in caml_ops._op.OPS:
         assert _backend.resolve(op, "auto", CPU) == "cpu"
 
 

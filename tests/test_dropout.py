@@ -8,8 +8,7 @@ import torch
 
 import caml_ops
 from caml_ops import reference
-from caml_ops._registry import resolve_op
-from caml_ops.dropout import _OPS
+from caml_ops._op import OPS
 
 from .helpers import (
     assert_close_to_reference,
@@ -103,7 +102,7 @@ def test_low_precision_within_2x_torch_error(dtype):
 @pytest.mark.parametrize("backend,device", CASES)
 def test_opcheck(backend, device):
     fresh_seed()
-    op = resolve_op(_OPS[backend])
+    op = OPS["dropout"].kernel_op(backend)
     x = torch.randn(7, 33, dtype=torch.float64, device=device, requires_grad=True)
     rng_state = torch.randint(0, 2**62, (2,))
     torch.library.opcheck(op, (x, 0.3, rng_state))
@@ -158,7 +157,7 @@ def test_bad_inputs_raise_clear_errors(what, kwargs, error, text):
 
 def test_kernels_check_their_inputs():
     pytest.importorskip("caml_ops._C")
-    op = resolve_op(_OPS["cpu"])
+    op = OPS["dropout"].kernel_op("cpu")
     with pytest.raises(RuntimeError, match="rng_state"):
         op(torch.randn(4), 0.5, torch.zeros(3, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="dropout_p"):

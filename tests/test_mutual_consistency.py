@@ -118,13 +118,13 @@ def test_deterministic(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck(backend, device):
-    from caml_ops._registry import resolve_op
-    from caml_ops.mutual_consistency import _OPS
+    from caml_ops._op import OPS
 
     fresh_seed()
     logits = make_logits(2, (2, 3, 4, 5), device=device)
-    torch.library.opcheck(resolve_op(_OPS[backend][0]), (logits, 0.1))
-    torch.library.opcheck(resolve_op(_OPS[backend][0]), (make_logits(3, (1, 2, 3, 3, 2), device=device), 0.3))
+    forward = OPS["mutual_consistency_loss"].kernel_op(backend)
+    torch.library.opcheck(forward, (logits, 0.1))
+    torch.library.opcheck(forward, (make_logits(3, (1, 2, 3, 3, 2), device=device), 0.3))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -184,15 +184,14 @@ def test_correlation_matrix_matches_reference_float64(backend, device, n, k, d):
 
 @pytest.mark.parametrize("backend,device", LOSS_BACKENDS)
 def test_opcheck(backend, device):
-    from caml_ops.omni_correlation import _CORR_OPS, _OCC_OPS
-    from caml_ops._registry import resolve_op
+    from caml_ops._op import OPS
 
     fresh_seed()
     feat_v, feat_a, memory = make_inputs(9, 13, 16, device=device)
-    forward = resolve_op(_OCC_OPS[backend][0])
+    forward = OPS["omni_correlation_loss"].kernel_op(backend)
     torch.library.opcheck(forward, (feat_v, feat_a, memory, 0.1, 1e-8))
     torch.library.opcheck(forward, (feat_v, feat_a, memory.detach(), 0.5, 0.0))
-    torch.library.opcheck(resolve_op(_CORR_OPS[backend][0]), (feat_v, memory, 0.1))
+    torch.library.opcheck(OPS["omni_correlation"].kernel_op(backend), (feat_v, memory, 0.1))
 
 
 @pytest.mark.parametrize("backend,device", LOSS_BACKENDS)
