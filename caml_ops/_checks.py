@@ -65,6 +65,12 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
+def check_positive_ints(**sizes: object) -> None:
+    """:func:`check_positive_int` on each keyword, named by it."""
+    for name, value in sizes.items():
+        check_positive_int(value, name)
+
+
 def check_dropout_p(value: float, name: str) -> float:
     if not _is_number(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")

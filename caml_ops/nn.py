@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._backend import check_backend_name
-from ._checks import check_choice, check_dropout_p, check_eps, check_positive_int, check_temperature
+from ._checks import check_choice, check_dropout_p, check_eps, check_positive_int, check_positive_ints, check_temperature
 from .attention import cross_sample_attention, intra_sample_attention
 from .dropout import dropout as fused_dropout
 from .mutual_consistency import mutual_consistency_loss
@@ -109,8 +109,7 @@ class CrossSampleTransformerLayer(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        for value, name in ((d_model, "d_model"), (nhead, "nhead"), (dim_feedforward, "dim_feedforward")):
-            check_positive_int(value, name)
+        check_positive_ints(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward)
         if d_model % nhead:
             raise ValueError(f"d_model ({d_model}) must be a multiple of nhead ({nhead})")
         dropout = check_dropout_p(dropout, "dropout")
@@ -171,8 +170,7 @@ class CrossSampleMutualAttention(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        for value, name in ((channels, "channels"), (nhead, "nhead"), (ffn_mult, "ffn_mult")):
-            check_positive_int(value, name)
+        check_positive_ints(channels=channels, nhead=nhead, ffn_mult=ffn_mult)
         self.channels, self.nhead, self.ffn_mult, self.dropout = channels, nhead, ffn_mult, dropout
 
         def stage(attention: str) -> nn.Sequential:

@@ -36,14 +36,8 @@ def omni_correlation_loss_rows(
     return -(q * torch.log(torch.softmax(s_v, dim=1) + eps)).sum(dim=1)
 
 
-def omni_correlation_loss(
-    feat_v: Tensor,
-    feat_a: Tensor,
-    memory: Tensor,
-    temperature: float = 0.1,
-    eps: float = 1e-8,
-    reduction: str = "mean",
-) -> Tensor:
+def omni_correlation_loss(feat_v: Tensor, feat_a: Tensor, memory: Tensor, temperature: float = 0.1,
+                          eps: float = 1e-8, reduction: str = "mean") -> Tensor:
     """CAML's omni-correlation consistency loss: the mean, sum or rows of omni_correlation_loss_rows."""
     return reduce_rows(omni_correlation_loss_rows(feat_v, feat_a, memory, temperature, eps), reduction)
 
@@ -80,32 +74,31 @@ def _attention_dropout(attn: Tensor, dropout_p: float, dropout_mask: Tensor | No
     return torch.nn.functional.dropout(attn, dropout_p) if dropout_p > 0 else attn
 
 
-def cross_sample_attention(
-    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: float | None = None,
-    dropout_mask: Tensor | None = None,
-) -> Tensor:
+def _attention(logits_eq: str, out_eq: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
+               scale: float | None, dropout_mask: Tensor | None) -> Tensor:
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    attn = torch.softmax(torch.einsum(logits_eq, q, k) * scale, dim=-1)
+    return torch.einsum(out_eq, _attention_dropout(attn, dropout_p, dropout_mask), v)
+
+
+def cross_sample_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: float | None = None,
+                           dropout_mask: Tensor | None = None) -> Tensor:
     """Attention across the B samples at every position and head.
 
     q, k, v, output: [B, L, H, d]. `dropout_mask` ([L, H, B, B], True = keep) replaces
     the random dropout mask on the attention probabilities.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    attn = torch.softmax(torch.einsum("blhd,clhd->lhbc", q, k) * scale, dim=-1)
-    return torch.einsum("lhbc,clhd->blhd", _attention_dropout(attn, dropout_p, dropout_mask), v)
+    return _attention("blhd,clhd->lhbc", "lhbc,clhd->blhd", q, k, v, dropout_p, scale, dropout_mask)
 
 
-def intra_sample_attention(
-    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: float | None = None,
-    dropout_mask: Tensor | None = None,
-) -> Tensor:
+def intra_sample_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, scale: float | None = None,
+                           dropout_mask: Tensor | None = None) -> Tensor:
     """Attention over the L positions of each sample and head.
 
     q, k, v, output: [B, L, H, d]. `dropout_mask` ([B, H, L, L], True = keep) replaces
     the random dropout mask on the attention probabilities.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    attn = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) * scale, dim=-1)
-    return torch.einsum("bhlm,bmhd->blhd", _attention_dropout(attn, dropout_p, dropout_mask), v)
+    return _attention("blhd,bmhd->bhlm", "bhlm,bmhd->blhd", q, k, v, dropout_p, scale, dropout_mask)
 
 
 # --- Attention dropout: the Philox4x32-10 spec of csrc/philox.h, in int64 tensor arithmetic ---
