@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cli import one_line
+
 __all__ = ["save_atomic", "load_checkpoint", "remove_stale_temporaries", "rng_state", "set_rng_state"]
 
 
@@ -58,7 +60,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"cannot read checkpoint {path}: {' '.join(str(err).split())[:200]}") from err
+        raise ValueError(f"cannot read checkpoint {path}: {one_line(err, 200)}") from err
 
 
 def rng_state() -> dict:

@@ -1,8 +1,11 @@
-"""The command lines' shared error idiom: every fault is one line on stderr, ``<prog>: error: <problem>``
-naming the flag or file, and a non-zero exit (2: bad usage, 1: bad data or a failed run, 130: Ctrl-C).
+"""What the command lines (``caml.train``, ``caml.evaluate``, ``caml.data.prepare_la``,
+``caml.data.synthetic``) share: the error idiom, the flags more than one of them takes, and the
+printed metrics table.
 
-``run(prog, body)`` calls ``body()`` and turns its errors into that line; ``Parser`` is an argparse
-parser whose errors are one line too (no usage block).
+Every fault is one line on stderr, ``<prog>: error: <problem>`` naming the flag or file, and a
+non-zero exit (2: bad usage, 1: bad data or a failed run, 130: Ctrl-C). ``run(prog, body)`` calls
+``body()`` and turns its errors into that line; ``Parser`` is an argparse parser whose errors are one
+line too (no usage block); ``one_line`` is how any error's text becomes part of such a line.
 """
 from __future__ import annotations
 
@@ -11,7 +14,12 @@ import os
 import sys
 from typing import Callable, Optional
 
-__all__ = ["UsageError", "Interrupted", "Parser", "run", "one_line", "check_out_folder", "int_at_least"]
+import torch
+
+__all__ = ["UsageError", "Interrupted", "Parser", "run", "one_line", "check_out_folder", "int_at_least",
+           "add_device_flag", "add_patch_size_flag", "device_from_flag", "print_metrics"]
+
+DEVICES = "auto, cpu, cuda or cuda:N"
 
 
 class UsageError(Exception):
@@ -27,8 +35,9 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+def one_line(err: BaseException, limit: Optional[int] = None) -> str:
+    """``err``'s text on one line (white space folded), cut to ``limit`` characters; its type's name if empty."""
+    return " ".join(str(err).split())[:limit] or type(err).__name__
 
 
 def run(prog: str, body: Callable[[], Optional[int]]) -> int:
@@ -72,3 +81,39 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = "int"
     return parse
+
+
+def add_device_flag(parser: argparse.ArgumentParser, default: Optional[str]) -> None:
+    parser.add_argument("--device", default=default, help="auto (default), cpu, cuda or cuda:N")
+
+
+def add_patch_size_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("W", "H", "D"))
+
+
+def device_from_flag(flag: str, local_rank: int = 0) -> torch.device:
+    """The device ``--device`` names; ``auto``: this process's GPU (``local_rank``) if there is one, else the CPU."""
+    if flag == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise UsageError(f"unknown device {flag!r} ({DEVICES})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {flag!r} requested but CUDA is not available")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"device cuda:{index} does not exist ({torch.cuda.device_count()} GPU(s))")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise UsageError(f"unsupported device {flag!r} ({DEVICES})")
+    return device
+
+
+def print_metrics(metrics: dict, folder: str, label: str) -> None:
+    """The per-case and mean metrics as a table on stdout, then ``<label>: <folder>``."""
+    print(f"{'case':<24}{'dice':>8}{'jaccard':>9}{'hd95':>8}{'asd':>8}")
+    for name, values in [*metrics["cases"].items(), ("mean", metrics)]:
+        print(f"{name:<24}{values['dice']:>8.4f}{values['jaccard']:>9.4f}{values['hd95']:>8.2f}{values['asd']:>8.2f}")
+    print(f"{label}: {folder}")

@@ -27,21 +27,21 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .cli import Interrupted, Parser, UsageError, check_out_folder, int_at_least, run
+from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_patch_size_flag, check_out_folder,
+                  device_from_flag, int_at_least, one_line, print_metrics, run)
 from .config import TrainConfig
 from .data.msd import require_nibabel, write_nifti
 from .data.source import open_source
-from .inference import OFFICIAL_ROI_SIZE, OFFICIAL_STRIDES, largest_component, sliding_window_predict
-from .metrics import case_metrics
+from .inference import OFFICIAL_ROI_SIZE, OFFICIAL_STRIDES, largest_component, predict_foreground
+from .metrics import METRICS, SegmentationMetrics
 from .models import CAML3d
-from .runlog import plot_overlays, read_json
-from .train import _device, _print_metrics, _summary, _write_json
+from .runlog import plot_overlays, read_json, write_json
 
 __all__ = ["main", "build_parser", "load_model", "evaluate"]
 
 PROG = "python -m caml.evaluate"
 OUTPUTS = ("metrics.csv", "metrics.json", "predictions", "probabilities", "overlays")
-CSV_FIELDS = ("case", "dice", "jaccard", "hd95", "asd")
+CSV_FIELDS = ("case",) + METRICS
 
 
 def build_parser():
@@ -53,10 +53,10 @@ def build_parser():
                    "checkpoint, else the seeded split)")
     p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
     p.add_argument("--save-probs", action="store_true", help="also write the foreground probability maps")
-    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("W", "H", "D"))
+    add_patch_size_flag(p)
     p.add_argument("--strides", type=int_at_least(1), nargs=3, default=None, metavar=("W", "H", "D"))
     p.add_argument("--sw-batch-size", type=int_at_least(1), default=4, help="windows per forward pass (default 4)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_device_flag(p, default="auto")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (default: float32)")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads")
     return p
@@ -70,7 +70,7 @@ def load_model(path: str) -> tuple[CAML3d, dict]:
     try:
         model = CAML3d.from_checkpoint(path)
     except RuntimeError as err:  # load_state_dict(strict=True): missing / unexpected keys, wrong shapes
-        raise ValueError(f"checkpoint {path} does not fit CAML3d: {' '.join(str(err).split())[:300]}") from None
+        raise ValueError(f"checkpoint {path} does not fit CAML3d: {one_line(err, 300)}") from None
     if not ours:
         return model, {"kind": "official", "patch_size": OFFICIAL_ROI_SIZE, "strides": OFFICIAL_STRIDES,
                        "iteration": None, "max_iters": None, "split": None, "split_seed": 0}
@@ -134,7 +134,7 @@ def _write_csv(path: str, summary: dict) -> None:
 def evaluate(args) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = _device(args.device, 0)
+    device = device_from_flag(args.device)
     out = check_out_folder(args.out)
     if os.path.isfile(os.path.join(out, "config.json")) and os.path.isdir(os.path.join(out, "checkpoints")):
         raise UsageError(f"--out {out} is a run folder of caml.train (its metrics.json would be replaced); "
@@ -159,33 +159,30 @@ def evaluate(args) -> dict:
         for name in ("predictions", "overlays") + (("probabilities",) if args.save_probs else ()):
             os.makedirs(os.path.join(tmp, name))
         model.to(device).eval()
-        results = []
+        scores = SegmentationMetrics()
         for case in source.test_cases:
             image, label = source.load(case)
             spacing, affine = source.geometry(case)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-                probs, pred = sliding_window_predict(image, model, patch, strides, args.sw_batch_size, device)
-            pred = pred.cpu().numpy() > 0
+            probs, pred = predict_foreground(model, image, patch, strides, args.sw_batch_size, device, args.amp)
             if args.largest_component:
                 pred = largest_component(pred)
             gt = label > 0
-            metrics = case_metrics(pred, gt, spacing)
-            results.append({"case": case, **metrics})
+            dice = scores(case, pred, gt, spacing)["dice"]
             write_nifti(os.path.join(tmp, "predictions", f"{case}.nii.gz"), pred.astype(np.uint8), affine, spacing)
             if args.save_probs:
                 probs = probs.cpu().numpy()
                 probs = probs[1] if probs.shape[0] == 2 else np.moveaxis(probs, 0, -1)
                 write_nifti(os.path.join(tmp, "probabilities", f"{case}.nii.gz"), probs.astype(np.float32), affine,
                             spacing)
-            plot_overlays([(case, image, gt, pred, metrics["dice"])], os.path.join(tmp, "overlays", f"{case}.png"))
-        summary = _summary(results)
+            plot_overlays([(case, image, gt, pred, dice)], os.path.join(tmp, "overlays", f"{case}.png"))
+        summary = scores.aggregate()
         _write_csv(os.path.join(tmp, "metrics.csv"), summary)
         metrics = {**summary, "protocol": protocol, "test_cases_from": origin,
                    "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_kind": info["kind"],
                    "iteration": info["iteration"], "data": data, "layout": source.layout,
                    "largest_component": args.largest_component, "patch_size": list(patch), "strides": list(strides),
                    "distance_units": "voxels" if source.layout == "la_h5" else "header spacing (mm)"}
-        _write_json(os.path.join(tmp, "metrics.json"), metrics)
+        write_json(os.path.join(tmp, "metrics.json"), metrics)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -200,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             metrics = evaluate(args)
         except KeyboardInterrupt:
             raise Interrupted("interrupted; nothing written") from None
-        _print_metrics(metrics, os.path.abspath(args.out), "output folder")
+        print_metrics(metrics, os.path.abspath(args.out), "output folder")
 
     return run(PROG, body)
 

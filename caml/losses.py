@@ -1,5 +1,5 @@
-"""CAML's losses: Dice, the sigmoid ramp-up, the confidence filtering of unlabeled voxels and the
-assembly of the training objective, with the semantics of the official ``train_caml.py``.
+"""CAML's losses: Dice, the confidence filtering of unlabeled voxels and the assembly of the training
+objective, with the semantics of the official ``train_caml.py``.
 
 Per step, on a batch whose first ``labeled_bs`` samples are labeled::
 
@@ -11,16 +11,16 @@ Per step, on a batch whose first ``labeled_bs`` samples are labeled::
   whole batch (:func:`caml_ops.mutual_consistency_loss`, temperature 0.1);
 - ``loss_o``: omni-correlation consistency (:func:`caml_ops.omni_correlation_loss`, temperature
   0.1, eps 1e-8) of the filtered unlabeled voxels' predicted features against the memory bank;
-- ``lambda_c(t) = consistency * sigmoid_rampup(t // rampup_interval, rampup_length)``, ``lambda_o``
+- ``lambda_c(t) = consistency * sigmoid_rampup(t // rampup_interval, rampup_length)``
+  (:mod:`caml.rampup`), ``lambda_o``
   likewise with ``consistency_o``; ``t`` is the 1-based iteration.
 
 The memory bank is refreshed each step (before sampling) with the labeled voxels both sub-models
-predict correctly, projected by the projection heads in eval mode (running BatchNorm statistics),
-averaged over the two sub-models.
+predict correctly, projected by the model's projection heads with running BatchNorm statistics
+(``CAML3d.project(..., running_stats=True)``), averaged over the two sub-models.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,36 +31,15 @@ from torch import Tensor, nn
 import caml_ops
 
 from .memory import MemoryBank
+from .rampup import sigmoid_rampup
 
-__all__ = [
-    "dice_loss", "sigmoid_rampup", "official_rampup_length", "filter_consistent", "LossWeights",
-    "CAMLObjective", "unwrap",
-]
-
-# Official ramp-up lengths (in units of rampup_interval iterations) for 4 / 8 / 16 labeled LA cases.
-OFFICIAL_RAMPUP = {4: 40.0, 8: 20.0, 16: 15.0}
+__all__ = ["dice_loss", "filter_consistent", "LossWeights", "CAMLObjective"]
 
 
 def dice_loss(probs: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
     """Official ``Binary_dice_loss``: ``1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps)`` over all elements."""
     target = target.to(probs.dtype)
     return 1 - (2 * torch.sum(probs * target) + eps) / (torch.sum(probs) + torch.sum(target) + eps)
-
-
-def sigmoid_rampup(current: float, rampup_length: float) -> float:
-    """``exp(-5 (1 - clip(current, 0, L) / L)^2)``, 1 for L = 0 (Laine & Aila; official ``ramps.sigmoid_rampup``)."""
-    if rampup_length == 0:
-        return 1.0
-    current = min(max(float(current), 0.0), float(rampup_length))
-    phase = 1.0 - current / rampup_length
-    return float(math.exp(-5.0 * phase * phase))
-
-
-def official_rampup_length(labeled: int) -> float:
-    """The official ramp-up for ``labeled`` cases: 40 / 20 / 15 for 4 / 8 / 16; other counts take the
-    nearest of those (ties: the smaller count)."""
-    nearest = min(OFFICIAL_RAMPUP, key=lambda n: (abs(n - labeled), n))
-    return OFFICIAL_RAMPUP[nearest]
 
 
 def filter_consistent(prob_v: Tensor, pred_v: Tensor, pred_a: Tensor, num_filtered: int,
@@ -112,11 +91,6 @@ class LossWeights:
         return sigmoid_rampup(iteration // self.rampup_interval, self.rampup_length)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
-
-
 def _full(x: Tensor) -> Tensor:
     """Half-precision results (under autocast) in float32; float32 / float64 as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -132,8 +106,8 @@ class CAMLObjective(nn.Module):
     loss uses, the heads included): ``forward(volume, label, case_ids, iteration) -> (loss, parts)``.
 
     Args:
-        model: a :class:`caml.models.CAML3d` (or anything with its outputs and ``projection_head1/2``,
-            ``prediction_head1/2``).
+        model: a :class:`caml.models.CAML3d` (or anything with its outputs and its ``project`` and
+            ``predict`` of voxel embeddings).
         memory: the labeled-feature bank (``None`` for ``method="supervised"``).
         labeled_bs: labeled samples at the head of each batch.
         weights: :class:`LossWeights`.
@@ -191,29 +165,21 @@ class CAMLObjective(nn.Module):
 
     @torch.no_grad()
     def _update_memory(self, probs, embedding_v, embedding_a, label_l, case_ids) -> None:
-        lb, model = self.labeled_bs, unwrap(self.model)
+        lb = self.labeled_bs
         correct = (probs[0][:lb].argmax(1) == label_l) & (probs[1][:lb].argmax(1) == label_l)
-        heads = (model.projection_head1, model.projection_head2)
-        modes = [h.training for h in heads]
-        for h in heads:
-            h.eval()  # official: labeled features projected with running BatchNorm statistics
-        try:
-            features, labels = [], []
-            for i in range(lb):
-                mask = correct[i].flatten()
-                with self._autocast(label_l.device):
-                    proj_v = heads[0](_voxels(embedding_v[i: i + 1])[0][mask])
-                    proj_a = heads[1](_voxels(embedding_a[i: i + 1])[0][mask])
-                features.append((_full(proj_v) + _full(proj_a)) / 2)
-                labels.append(label_l[i].flatten()[mask])
-        finally:
-            for h, mode in zip(heads, modes):
-                h.train(mode)
+        features, labels = [], []
+        for i in range(lb):
+            mask = correct[i].flatten()
+            with self._autocast(label_l.device):  # official: projected with running BatchNorm statistics
+                proj_v = self.model.project(_voxels(embedding_v[i: i + 1])[0][mask], "v", running_stats=True)
+                proj_a = self.model.project(_voxels(embedding_a[i: i + 1])[0][mask], "a", running_stats=True)
+            features.append((_full(proj_v) + _full(proj_a)) / 2)
+            labels.append(label_l[i].flatten()[mask])
         ids = case_ids[:lb] if not isinstance(case_ids, Tensor) else case_ids[:lb].tolist()
         self.memory.update(ids, features, labels)
 
     def _occ(self, probs, embedding_v, embedding_a, device) -> Tensor:
-        w, lb, model = self.weights, self.labeled_bs, unwrap(self.model)
+        w, lb = self.weights, self.labeled_bs
         memory, _ = self.memory.sample(w.memory_num)
         prob_v, pred_v = probs[0][lb:].max(dim=1)
         pred_a = probs[1][lb:].argmax(dim=1)
@@ -223,10 +189,8 @@ class CAMLObjective(nn.Module):
         voxel_mask = mask.flatten()
         with self._autocast(device):
             # Official: the heads (train mode) see every consistent voxel; the filter picks rows after.
-            feat_v = model.prediction_head1(model.projection_head1(_voxels(embedding_v[lb:]).reshape(
-                -1, embedding_v.shape[1])[voxel_mask]))
-            feat_a = model.prediction_head2(model.projection_head2(_voxels(embedding_a[lb:]).reshape(
-                -1, embedding_a.shape[1])[voxel_mask]))
+            feat_v = self.model.predict(_voxels(embedding_v[lb:]).flatten(0, 1)[voxel_mask], "v")
+            feat_a = self.model.predict(_voxels(embedding_a[lb:]).flatten(0, 1)[voxel_mask], "a")
         feat_v, feat_a = _full(feat_v[rows]), _full(feat_a[rows])
         return caml_ops.omni_correlation_loss(
             feat_v, feat_a, memory.to(feat_v.dtype),

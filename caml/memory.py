@@ -23,29 +23,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["MemoryBank", "all_gather_varsize", "distributed_ready"]
+from .distributed import all_gather_varsize, distributed_ready
 
-
-def distributed_ready() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_gather_varsize(tensor: Tensor) -> list[Tensor]:
-    """``tensor`` of every rank (shapes may differ in dim 0), in rank order; padded to the largest
-    for the collective (gloo and NCCL need equal sizes) and trimmed after."""
-    world = dist.get_world_size()
-    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    sizes = [int(s.item()) for s in sizes]
-    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded.contiguous())
-    return [g[:n] for g, n in zip(gathered, sizes)]
+__all__ = ["MemoryBank"]
 
 
 class MemoryBank:

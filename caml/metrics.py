@@ -27,9 +27,13 @@ raise RuntimeError):
 The official CAML/MC-Net evaluation instead scores an empty prediction as
 (dice, jaccard, hd95, asd) = (0, 0, 0, 0), which makes its distance means
 flattering; ``nan`` keeps such cases out of the distance means instead.
+
+``SegmentationMetrics`` gathers the per-case metrics of a set of cases and summarises them, as
+MONAI's metric classes go with its functions: call it once per case, ``aggregate()`` at the end.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -37,7 +41,9 @@ from scipy import ndimage
 
 Spacing = Optional[Union[float, Sequence[float]]]
 
-__all__ = ["dice", "jaccard", "hd95", "asd", "surface_distances", "case_metrics"]
+__all__ = ["METRICS", "dice", "jaccard", "hd95", "asd", "surface_distances", "case_metrics", "SegmentationMetrics"]
+
+METRICS = ("dice", "jaccard", "hd95", "asd")
 
 
 def _as_bool_array(mask) -> np.ndarray:
@@ -138,3 +144,35 @@ def case_metrics(pred, gt, spacing: Spacing = None) -> dict[str, float]:
     pred, gt = _pair(pred, gt)
     hd95_value, asd_value = _distance_metrics(pred, gt, spacing)
     return {"dice": dice(pred, gt), "jaccard": jaccard(pred, gt), "hd95": hd95_value, "asd": asd_value}
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of the values that are not nan (nan if none is)."""
+    return float(np.nanmean(values)) if any(not math.isnan(v) for v in values) else float("nan")
+
+
+class SegmentationMetrics:
+    """The metrics of every case scored so far, and their summary.
+
+    ``distances=False`` scores Dice alone (cheap: the validation during training).
+    """
+
+    def __init__(self, distances: bool = True):
+        self.distances = distances
+        self.cases: dict[str, dict[str, float]] = {}
+
+    def __call__(self, case: str, pred, gt, spacing: Spacing = None) -> dict[str, float]:
+        """Scores one case (kept under its name) and returns its metrics."""
+        values = case_metrics(pred, gt, spacing) if self.distances else {"dice": dice(pred, gt)}
+        self.cases[case] = values
+        return values
+
+    def aggregate(self) -> dict:
+        """``{<metric>: mean, "cases": {case: {<metric>: value}}, "num_cases"}``; with distances also
+        ``"distance_nan_cases"``, the cases with an empty mask, which the distance means leave out."""
+        names = METRICS if self.distances else ("dice",)
+        summary = {name: _mean([v[name] for v in self.cases.values()]) for name in names}
+        summary.update(cases=dict(self.cases), num_cases=len(self.cases))
+        if self.distances:
+            summary["distance_nan_cases"] = [case for case, v in self.cases.items() if math.isnan(v["hd95"])]
+        return summary

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["read_json", "CSVLog", "TensorBoard", "plot_losses", "plot_validation", "plot_overlays"]
+from .cli import one_line
+
+__all__ = ["read_json", "write_json", "CSVLog", "TensorBoard", "plot_losses", "plot_validation", "plot_overlays"]
 
 
 def read_json(path: str):
@@ -17,7 +20,26 @@ def read_json(path: str):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"cannot read {path}: {' '.join(str(err).split())[:200]}") from None
+        raise ValueError(f"cannot read {path}: {one_line(err, 200)}") from None
+
+
+def _json_safe(obj):
+    """``obj`` with its non-finite floats as None (JSON has no nan or inf)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON through a temporary file and ``os.replace`` (the old file or the new one)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(obj), f, indent=2)
+    os.replace(tmp, path)
 
 
 class CSVLog:

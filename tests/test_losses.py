@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from caml.losses import CAMLObjective, LossWeights, dice_loss, filter_consistent, official_rampup_length, sigmoid_rampup
+from caml.losses import CAMLObjective, LossWeights, dice_loss, filter_consistent
+from caml.rampup import official_rampup_length, sigmoid_rampup
 from caml.memory import MemoryBank
 from caml.models import CAML3d
 

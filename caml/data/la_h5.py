@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..cli import one_line
 from .checks import check_finite, unexpected_values
 
 __all__ = ["CASES_DIR", "H5_NAME", "LABEL_VALUES", "check_case_name", "read_case_list", "case_path", "load_case",
@@ -76,8 +77,7 @@ def load_case(path: str, label_values: tuple = LABEL_VALUES) -> tuple[np.ndarray
                 raise ValueError(f"h5 file {path} lacks dataset(s) {missing} (needs 'image' and 'label')")
             image, label = f["image"][()], f["label"][()]
     except (OSError, RuntimeError) as err:  # h5py reports unreadable / truncated files so
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"cannot read h5 file {path}: {reason}") from err
+        raise ValueError(f"cannot read h5 file {path}: {one_line(err)}") from err
     if image.ndim != 3 or image.shape != label.shape:
         raise ValueError(f"h5 file {path}: image and label must both be [W, H, D] of one shape, "
                          f"got {image.shape} and {label.shape}")

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..cli import one_line
 from .checks import check_finite, unexpected_values
 
 __all__ = ["IMAGES_DIR", "LABELS_DIR", "is_msd_folder", "require_nibabel", "read_nifti", "write_nifti", "zscore", "MSDFolder"]
@@ -28,10 +29,6 @@ CHANNEL_SUFFIX = "_0000"
 
 def is_msd_folder(root: str) -> bool:
     return os.path.isdir(os.path.join(root, IMAGES_DIR))
-
-
-def _reason(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200] or type(err).__name__
 
 
 def require_nibabel():
@@ -50,7 +47,7 @@ def _load_image(path: str):
     try:
         return nibabel.load(path)
     except Exception as err:  # nibabel reports bad files with many exception types
-        raise ValueError(f"cannot read NIfTI file {path}: {_reason(err)}") from err
+        raise ValueError(f"cannot read NIfTI file {path}: {one_line(err, 200)}") from err
 
 
 def _spatial_shape(img, path: str) -> tuple[int, int, int]:
@@ -82,7 +79,7 @@ def read_nifti(path: str) -> tuple[np.ndarray, tuple[float, float, float], np.nd
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # truncated or corrupt voxel data
-        raise ValueError(f"cannot read NIfTI file {path}: {_reason(err)}") from err
+        raise ValueError(f"cannot read NIfTI file {path}: {one_line(err, 200)}") from err
     return np.asarray(data).reshape(shape), spacing, affine
 
 
@@ -132,7 +129,7 @@ def _allowed_labels(root: str) -> tuple[set, Optional[dict]]:
         # MSD: {"0": "background", "1": "left atrium"}; nnU-Net v2: {"background": 0, "left atrium": 1}
         values = {int(k) for k in labels} if all(str(k).isdigit() for k in labels) else {int(v) for v in labels.values()}
     except (OSError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"cannot read {path}: {_reason(err)}") from err
+        raise ValueError(f"cannot read {path}: {one_line(err, 200)}") from err
     if len(values) > 2:
         raise ValueError(f"{path} declares {len(values)} labels {sorted(values)}; caml trains binary segmentation "
                          f"(background 0 and one foreground)")

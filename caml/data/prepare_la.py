@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..cli import Parser, check_out_folder, int_at_least, run
+from ..cli import Parser, check_out_folder, int_at_least, one_line, run
 from .checks import check_finite, unexpected_values
 from .la_h5 import write_case
 
@@ -57,7 +57,7 @@ def _read_nrrd(path: str) -> np.ndarray:
     try:
         data, _ = nrrd.read(path)
     except Exception as err:  # pynrrd reports bad files with several exception types
-        raise ValueError(f"cannot read nrrd file {path}: {' '.join(str(err).split())[:200]}") from None
+        raise ValueError(f"cannot read nrrd file {path}: {one_line(err, 200)}") from None
     if data.ndim != 3:
         raise ValueError(f"nrrd file {path}: expected a 3D volume, got shape {data.shape}")
     return data

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..cli import one_line
 from .la_h5 import CASES_DIR, LABEL_VALUES, case_path, check_label, load_case, read_case_list
 from .msd import MSDFolder, is_msd_folder
 
@@ -52,7 +53,7 @@ class LASource:
                     shapes = f["image"].shape, f["label"].shape
                     label = f["label"][()]
             except OSError as err:
-                raise ValueError(f"cannot read h5 file {path}: {' '.join(str(err).split())}") from None
+                raise ValueError(f"cannot read h5 file {path}: {one_line(err)}") from None
             if len(shapes[0]) != 3 or shapes[0] != shapes[1]:
                 raise ValueError(f"h5 file {path}: image and label must be 3D of one shape, "
                                  f"got {shapes[0]} and {shapes[1]}")
@@ -88,7 +89,7 @@ def read_split_file(path: str, labeled: Sequence[str]) -> dict:
         with open(path) as f:
             split = json.load(f)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read split file {path}: {' '.join(str(err).split())}") from None
+        raise ValueError(f"cannot read split file {path}: {one_line(err)}") from None
     return check_split(split, labeled, f"split file {path}")
 
 

@@ -19,7 +19,6 @@ from caml_ops.nn import CrossSampleMutualAttention
 
 from .vnet import DEPTH, Decoder, Encoder, check_args
 
-SUB_MODELS = ("v", "a")
 _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
 
 
@@ -40,16 +39,9 @@ class AuxiliaryEncoder(Encoder):
     the CMA's order.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        n_filters: int = 16,
-        normalization: str = "none",
-        has_dropout: bool = False,
-        cma_heads: int = 4,
-        cma_dropout: float = 0.5,
-        cma_backend: str = "auto",
-    ) -> None:
+    def __init__(self, in_channels: int = 1, n_filters: int = 16, normalization: str = "none",
+                 has_dropout: bool = False, cma_heads: int = 4, cma_dropout: float = 0.5,
+                 cma_backend: str = "auto") -> None:
         super().__init__(in_channels, n_filters, normalization, has_dropout)
         check_args(type(self).__name__, cma_heads=cma_heads, cma_dropout=cma_dropout)
         cma = CrossSampleMutualAttention(
@@ -75,7 +67,8 @@ class CAML3d(nn.Module):
         in_channels: image channels (LA: 1).
         num_classes: segmentation classes, background included (LA: 2).
         n_filters: V-Net base width; the voxel embeddings are ``n_filters`` wide.
-        feat_dim: width of the projection / prediction heads' output (official: 32, see DESIGN).
+        feat_dim: width of the projection / prediction heads' output (official: 32; docs/design.md,
+            "The official code").
         normalization: ``"batchnorm"``, ``"groupnorm"``, ``"instancenorm"`` or ``"none"``.
         has_dropout: 3D dropout (p = 0.5) on the bottlenecks and before the output convs in training
             (the official training model; its test model has none, which changes nothing in eval mode).
@@ -87,18 +80,9 @@ class CAML3d(nn.Module):
     the batch in training mode only; in eval mode every sample is processed independently.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        num_classes: int = 2,
-        n_filters: int = 16,
-        feat_dim: int = 32,
-        normalization: str = "batchnorm",
-        has_dropout: bool = True,
-        cma_heads: int = 4,
-        cma_dropout: float = 0.5,
-        cma_backend: str = "auto",
-    ) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, n_filters: int = 16, feat_dim: int = 32,
+                 normalization: str = "batchnorm", has_dropout: bool = True, cma_heads: int = 4,
+                 cma_dropout: float = 0.5, cma_backend: str = "auto") -> None:
         super().__init__()
         check_args(type(self).__name__, in_channels=in_channels, num_classes=num_classes, n_filters=n_filters,
                    feat_dim=feat_dim, normalization=normalization, has_dropout=has_dropout, cma_heads=cma_heads,
@@ -129,14 +113,33 @@ class CAML3d(nn.Module):
         logits_a, embedding_a = self.decoder2(features_a)
         return CAML3dOutput(logits_v, logits_a, embedding_v, embedding_a)
 
-    def project(self, embeddings: Tensor, sub_model: str) -> Tensor:
-        """Projection head of sub-model ``"v"`` or ``"a"``: [N, n_filters] -> [N, feat_dim]."""
-        return (self.projection_head1 if _sub_model(sub_model) == "v" else self.projection_head2)(embeddings)
+    def project(self, embeddings: Tensor, sub_model: str, running_stats: bool = False) -> Tensor:
+        """Projection head of sub-model ``"v"`` or ``"a"``: [N, n_filters] -> [N, feat_dim].
+
+        ``running_stats``: normalise with BatchNorm's running statistics (and leave them as they are)
+        even in training mode, as the official code projects the memory bank's features.
+        """
+        head = self._heads(sub_model)[0]
+        if not (running_stats and head.training):
+            return head(embeddings)
+        head.eval()
+        try:
+            return head(embeddings)
+        finally:
+            head.train()
 
     def predict(self, embeddings: Tensor, sub_model: str) -> Tensor:
         """Projection then prediction head of sub-model ``"v"`` or ``"a"``: [N, n_filters] -> [N, feat_dim]."""
-        head = self.prediction_head1 if _sub_model(sub_model) == "v" else self.prediction_head2
-        return head(self.project(embeddings, sub_model))
+        projection, prediction = self._heads(sub_model)
+        return prediction(projection(embeddings))
+
+    def _heads(self, sub_model: str) -> tuple[nn.Module, nn.Module]:
+        """(projection head, prediction head) of sub-model ``"v"`` (decoder 1) or ``"a"`` (decoder 2)."""
+        if sub_model == "v":
+            return self.projection_head1, self.prediction_head1
+        if sub_model == "a":
+            return self.projection_head2, self.prediction_head2
+        raise ValueError(f"sub_model must be 'v' (decoder 1) or 'a' (decoder 2), got {sub_model!r}")
 
     def extra_repr(self) -> str:
         return (
@@ -162,12 +165,6 @@ class CAML3d(nn.Module):
         model = cls(**{**sizes, **kwargs})
         model.load_state_dict(state, strict=True)
         return model
-
-
-def _sub_model(name: str) -> str:
-    if name not in SUB_MODELS:
-        raise ValueError(f"sub_model must be 'v' (decoder 1) or 'a' (decoder 2), got {name!r}")
-    return name
 
 
 def _is_state_dict(obj: object) -> bool:

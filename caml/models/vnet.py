@@ -70,41 +70,40 @@ class ConvBlock(nn.Module):
         return self.conv(x)
 
 
-class DownsamplingConvBlock(nn.Module):
+class _StridedBlock(nn.Module):
+    """A convolution of kernel = stride (``convolution``: its class), norm, ReLU."""
+
+    convolution: type[nn.Module]
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none") -> None:
+        super().__init__()
+        check_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels, stride=stride,
+                   normalization=normalization)
+        ops = [self.convolution(in_channels, out_channels, stride, padding=0, stride=stride)]
+        self.conv = nn.Sequential(*ops, *_norm(normalization, out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class DownsamplingConvBlock(_StridedBlock):
     """Strided conv (kernel = stride), norm, ReLU: halves each spatial size for stride 2."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none") -> None:
-        super().__init__()
-        check_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels, stride=stride,
-                   normalization=normalization)
-        ops = [nn.Conv3d(in_channels, out_channels, stride, padding=0, stride=stride)]
-        self.conv = nn.Sequential(*ops, *_norm(normalization, out_channels), nn.ReLU(inplace=True))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+    convolution = nn.Conv3d
 
 
-class UpsamplingDeconvBlock(nn.Module):
+class UpsamplingDeconvBlock(_StridedBlock):
     """Transposed conv (kernel = stride), norm, ReLU (decoder 1 of CAML)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none") -> None:
-        super().__init__()
-        check_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels, stride=stride,
-                   normalization=normalization)
-        ops = [nn.ConvTranspose3d(in_channels, out_channels, stride, padding=0, stride=stride)]
-        self.conv = nn.Sequential(*ops, *_norm(normalization, out_channels), nn.ReLU(inplace=True))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+    convolution = nn.ConvTranspose3d
 
 
 class Upsampling(nn.Module):
     """Interpolation (``"trilinear"``, align_corners=True, or ``"nearest"``), 3x3x3 conv, norm, ReLU
     (decoder 2 of CAML: trilinear)."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none", mode: str = "trilinear"
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2, normalization: str = "none",
+                 mode: str = "trilinear") -> None:
         super().__init__()
         check_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels, stride=stride,
                    normalization=normalization, mode=mode)
@@ -126,9 +125,8 @@ class Encoder(nn.Module):
     down-samplings; returns the five stages' features (skips and bottleneck). With ``has_dropout``,
     3D dropout (p = 0.5) on the bottleneck in training."""
 
-    def __init__(
-        self, in_channels: int = 1, n_filters: int = 16, normalization: str = "none", has_dropout: bool = False
-    ) -> None:
+    def __init__(self, in_channels: int = 1, n_filters: int = 16, normalization: str = "none",
+                 has_dropout: bool = False) -> None:
         super().__init__()
         check_args(type(self).__name__, in_channels=in_channels, n_filters=n_filters, normalization=normalization,
                    has_dropout=has_dropout)
@@ -167,14 +165,8 @@ class Decoder(nn.Module):
     ``forward(features)`` returns ``(logits, last features)``; the last features (``n_filters`` wide)
     are CAML's voxel embeddings."""
 
-    def __init__(
-        self,
-        num_classes: int = 2,
-        n_filters: int = 16,
-        normalization: str = "none",
-        has_dropout: bool = False,
-        up_mode: str = "deconv",
-    ) -> None:
+    def __init__(self, num_classes: int = 2, n_filters: int = 16, normalization: str = "none",
+                 has_dropout: bool = False, up_mode: str = "deconv") -> None:
         super().__init__()
         check_args(type(self).__name__, num_classes=num_classes, n_filters=n_filters, normalization=normalization,
                    has_dropout=has_dropout, up_mode=up_mode)

@@ -1,0 +1,272 @@
+"""The trainer of ``python -m caml.train`` (docs/design.md, "Training (caml)"): one run of a
+:class:`caml.config.TrainConfig` in its run folder, from the set-up (or a checkpoint) to the final
+evaluation on the test split."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+import caml_ops
+
+from .checkpoint import load_checkpoint, remove_stale_temporaries, rng_state, save_atomic, set_rng_state
+from .cli import UsageError, one_line
+from .config import TrainConfig, default_cache_dir
+from .data.batches import TrainBatches
+from .data.source import open_source
+from .data.synthetic import ensure_synthetic_la
+from .distributed import ProcessGroup
+from .inference import predict_foreground
+from .losses import CAMLObjective, LossWeights
+from .memory import MemoryBank
+from .metrics import SegmentationMetrics
+from .models import CAML3d
+from .runlog import CSVLog, TensorBoard, plot_losses, plot_overlays, plot_validation, read_json, write_json
+
+__all__ = ["Trainer", "TRAIN_FIELDS", "VAL_FIELDS"]
+
+TRAIN_FIELDS = ["iteration", "epoch", "loss", "loss_s", "loss_c", "loss_o", "lambda_c", "lambda_o", "lr", "seconds"]
+VAL_FIELDS = ["iteration", "dice"]
+LOSSES = ("loss", "loss_s", "loss_c", "loss_o")  # plotted and shown on the progress bar
+NUM_CLASSES = 2
+OVERLAY_CASES = 4
+
+
+def _seed_globals(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _loss_weights(cfg: TrainConfig) -> LossWeights:
+    return LossWeights(lamda=cfg.lamda, consistency=cfg.consistency, consistency_o=cfg.consistency_o,
+                       rampup_length=cfg.resolved_rampup(), rampup_interval=cfg.rampup_interval,
+                       temperature=cfg.temperature, memory_num=cfg.memory_num, num_filtered=cfg.num_filtered,
+                       ce_weight=cfg.ce_weight)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, ncols=110, dynamic_ncols=False,
+                file=sys.stderr, mininterval=1.0)
+
+
+class Trainer:
+    """One process's part of a training run of ``cfg`` in the run folder ``out``.
+
+    Made, it is set up: the data, the model, its optimizer, the memory bank and the objective, and
+    with ``resume`` restored from ``checkpoints/last.pt``; rank 0 writes ``config.json`` and
+    ``split.json`` and opens the logs. :meth:`step` trains on one batch, :meth:`validate` and
+    :meth:`checkpoint` run at their intervals, :meth:`finish` writes the plots and the final metrics;
+    :meth:`run` does it all.
+    """
+
+    def __init__(self, cfg: TrainConfig, out: str, processes: ProcessGroup, resume: bool = False):
+        self.cfg, self.out, self.processes, self.device = cfg, out, processes, processes.device
+        self.checkpoint_path = os.path.join(out, "checkpoints", "last.pt")
+        processes.set_threads(cfg.threads)
+        caml_ops.set_backend(cfg.ops_backend)
+        if processes.main:
+            remove_stale_temporaries(self.checkpoint_path)
+        saved = self._read_checkpoint() if resume else None
+
+        _seed_globals(cfg.seed + processes.rank)
+        self.data_root = self._data_root()
+        self.source, self.batches = self._open_data(resume)
+        self.model = CAML3d(1, NUM_CLASSES, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.memory = None
+        if cfg.method == "caml":
+            self.memory = MemoryBank(cfg.labeled, NUM_CLASSES, cfg.feat_dim, self.device, max_per_case=cfg.memory_cap,
+                                     seed=cfg.seed)
+        amp_dtype = torch.bfloat16 if cfg.amp and self.device.type == "cuda" else None
+        self.objective = CAMLObjective(self.model, self.memory, cfg.labeled_bs, _loss_weights(cfg), cfg.method,
+                                       cfg.ops_backend, amp_dtype)
+        self.iteration = 0
+        if saved is not None:
+            self.restore(saved)
+        self.step_fn = processes.wrap(self.objective)  # after the restore: DDP broadcasts rank 0's weights
+
+        os.makedirs(os.path.dirname(self.checkpoint_path), exist_ok=True)
+        self.train_log = self.val_log = self.board = None
+        if processes.main:
+            self._open_run_folder(resume)
+        self.started = time.perf_counter()
+
+    # --- set up ---
+
+    def _read_checkpoint(self) -> dict:
+        checkpoint = load_checkpoint(self.checkpoint_path)
+        written_by = checkpoint.get("world_size", 1)
+        if written_by != self.processes.world:
+            raise UsageError(f"checkpoint was written by {written_by} process(es); resume with the same number "
+                             f"(got {self.processes.world})")
+        return checkpoint
+
+    def _data_root(self) -> str:
+        """``cfg.data``, or the preset's synthetic dataset in the cache (made by rank 0 if missing)."""
+        cfg = self.cfg
+        if cfg.data is not None:
+            if not os.path.isdir(cfg.data):
+                raise UsageError(f"data folder not found: {cfg.data}")
+            return cfg.data
+        syn = cfg.synthetic
+        root = os.path.join(default_cache_dir(), f"synthetic-{cfg.preset}")
+        if self.processes.main:
+            if not os.path.isfile(os.path.join(root, "synthetic.json")):
+                print(f"generating the synthetic dataset ({syn['cases']} cases) in {root} ...", file=sys.stderr,
+                      flush=True)
+            ensure_synthetic_la(root, cases=syn["cases"], seed=syn["seed"], test_cases=syn["test_cases"],
+                                min_shape=syn["min_shape"], max_shape=syn["max_shape"])
+        self.processes.barrier()
+        return root
+
+    def _open_data(self, resume: bool):
+        """The data source and the training batches; every case checked (the test cases by rank 0)."""
+        split_path = os.path.join(self.out, "split.json")
+        # On resume the run's own split, even if the data folder has changed since.
+        recorded = read_json(split_path) if resume and os.path.isfile(split_path) else None
+        try:
+            source = open_source(self.data_root, self.cfg.split if recorded is None else None, self.cfg.split_seed,
+                                 recorded)
+            batches = TrainBatches(self.cfg, source, self.processes.rank)
+            if self.processes.main:
+                source.check(source.test_cases)
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(one_line(err)) from None
+        return source, batches
+
+    def _open_run_folder(self, resume: bool) -> None:
+        out = self.out
+        write_json(os.path.join(out, "config.json"),
+                   {**self.cfg.to_json(), "data_root": self.data_root, "world_size": self.processes.world})
+        write_json(os.path.join(out, "split.json"), self.source.split_record())
+        if not resume:  # a new run replaces the folder's earlier one (its checkpoint could not be resumed)
+            for name in ("train_log.csv", "val_log.csv", os.path.join("checkpoints", "last.pt")):
+                if os.path.exists(os.path.join(out, name)):
+                    os.unlink(os.path.join(out, name))
+        self.train_log = CSVLog(os.path.join(out, "train_log.csv"), TRAIN_FIELDS)
+        self.val_log = CSVLog(os.path.join(out, "val_log.csv"), VAL_FIELDS)
+        self.train_log.truncate(self.iteration)
+        self.val_log.truncate(self.iteration)
+        self.board = TensorBoard(os.path.join(out, "tb"))
+
+    def restore(self, checkpoint: dict) -> None:
+        """Continues from a checkpoint of this run: weights, optimizer, memory bank, this rank's random
+        states and the iteration."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.memory is not None:
+            self.memory.load_state_dict(checkpoint["memory"])
+        set_rng_state(checkpoint["rng"][self.processes.rank])
+        self.iteration = int(checkpoint["iteration"])
+
+    # --- training ---
+
+    def step(self, batch: dict, epoch: int) -> dict[str, float]:
+        """One optimisation step on a batch of ``epoch``; returns the loss parts (rank 0 logs them)."""
+        self.model.train()
+        volume = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        loss, parts = self.step_fn(volume, label, batch["idx"], self.iteration + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.iteration += 1
+        values = {k: float(v) for k, v in parts.items()}
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"the loss is not finite at iteration {self.iteration}: {values}")
+        if self.processes.main:
+            self.train_log.append({"iteration": self.iteration, "epoch": epoch, **values, "lr": self.cfg.lr,
+                                   "seconds": round(time.perf_counter() - self.started, 3)})
+            self.board.scalars(values, self.iteration, "train/")
+        return values
+
+    def validate(self) -> Optional[float]:
+        """The test cases' mean Dice, logged (rank 0; the other ranks wait for it and get None)."""
+        dice = None
+        if self.processes.main:
+            dice = self._evaluate(SegmentationMetrics(distances=False))[0]["dice"]
+            self.val_log.append({"iteration": self.iteration, "dice": dice})
+            self.board.scalars({"dice": dice}, self.iteration, "val/")
+        self.processes.barrier()
+        return dice
+
+    def checkpoint(self) -> None:
+        """Writes ``checkpoints/last.pt`` (rank 0, atomically) with every rank's random states."""
+        states = self.processes.all_gather_object(rng_state())
+        if self.processes.main:
+            save_atomic({"iteration": self.iteration, "model": self.model.state_dict(),
+                         "optimizer": self.optimizer.state_dict(),
+                         "memory": self.memory.state_dict() if self.memory is not None else None, "rng": states,
+                         "config": self.cfg.to_json(), "world_size": self.processes.world,
+                         "split": self.source.split_record()}, self.checkpoint_path)
+        self.processes.barrier()
+
+    def finish(self, evaluate: bool = True) -> Optional[dict]:
+        """The loss and validation plots and, with ``evaluate``, the test split's metrics (``metrics.json``,
+        ``overlays.png``); returns the metrics on rank 0."""
+        train_seconds = time.perf_counter() - self.started
+        metrics = None
+        if self.processes.main:
+            plot_losses(self.train_log.rows(), list(LOSSES), os.path.join(self.out, "losses.png"))
+            if evaluate:
+                summary, overlays = self._evaluate(SegmentationMetrics())
+                metrics = {**summary, "iteration": self.iteration, "method": self.cfg.method,
+                           "preset": self.cfg.preset, "train_seconds_this_session": round(train_seconds, 1)}
+                write_json(os.path.join(self.out, "metrics.json"), metrics)
+                self.val_log.append({"iteration": self.iteration, "dice": metrics["dice"]})
+                self.board.scalars({"dice": metrics["dice"]}, self.iteration, "val/")
+                plot_overlays(overlays, os.path.join(self.out, "overlays.png"))
+            plot_validation(self.val_log.rows(), os.path.join(self.out, "val_dice.png"))
+            self.board.close()
+        self.processes.barrier()
+        return metrics
+
+    def run(self, evaluate: bool = True) -> Optional[dict]:
+        """Trains up to ``cfg.max_iters`` (validating and checkpointing on the way), then :meth:`finish`."""
+        cfg, main = self.cfg, self.processes.main
+        bar = _progress(cfg.max_iters, self.iteration, main)
+        while self.iteration < cfg.max_iters:
+            epoch, done = divmod(self.iteration, len(self.batches))
+            for position, batch in enumerate(self.batches.epoch(epoch)):
+                if position < done:  # replaying a partly done epoch after a resume
+                    continue
+                values = self.step(batch, epoch)
+                if main:
+                    bar.set_postfix({k: f"{values[k]:.3f}" for k in LOSSES if k in values}, refresh=False)
+                    bar.update(1)
+                if self.iteration % cfg.eval_every == 0 and cfg.eval_start <= self.iteration < cfg.max_iters:
+                    dice = self.validate()
+                    if main:
+                        bar.write(f"iteration {self.iteration}: validation Dice {dice:.4f}")
+                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iters:
+                    self.checkpoint()
+                if self.iteration >= cfg.max_iters:
+                    break
+        bar.close()
+        return self.finish(evaluate)
+
+    def _evaluate(self, metrics: SegmentationMetrics) -> tuple[dict, list]:
+        """The test cases predicted by sliding windows and scored by ``metrics``: its summary, and the
+        first cases' ``(case, image, gt, pred, dice)`` for the overlays."""
+        cfg = self.cfg
+        self.model.eval()
+        overlays = []
+        for case in self.source.test_cases:
+            image, label = self.source.load(case)
+            pred = predict_foreground(self.model, image, cfg.patch_size, cfg.eval_strides, cfg.eval_batch,
+                                      self.device, cfg.amp)[1]
+            gt = label > 0
+            dice = metrics(case, pred, gt, self.source.geometry(case)[0])["dice"]
+            if len(overlays) < OVERLAY_CASES:
+                overlays.append((case, image, gt, pred, dice))
+        return metrics.aggregate(), overlays
