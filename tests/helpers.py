@@ -78,3 +78,19 @@ def assert_within_2x_torch_error(fused, plain, reference, seed: int, what: str) 
     assert fused_err <= 2 * plain_err + floor, (
         f"{what} (seed {seed}): fused error {fused_err:.3e} > 2 x plain PyTorch error {plain_err:.3e} (+{floor:.1e})"
     )
+
+
+def low_precision_cases(backends: list):
+    """Parametrizes a 2x-of-PyTorch-error test over `backends` (runnable_backends params), float32 and
+    both half types, and three fixed seeds; call :func:`skip_interpreted_half` first in the test."""
+    def decorate(test):
+        test = pytest.mark.parametrize("seed", [0, 1, 2])(test)
+        test = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])(test)
+        return pytest.mark.parametrize("backend,device", backends)(test)
+
+    return decorate
+
+
+def skip_interpreted_half(backend: str, device: str, dtype: torch.dtype) -> None:
+    if device == "cpu" and dtype != torch.float32 and backend != "cpu":
+        pytest.skip("half types are exercised on the GPU for Triton")

@@ -9,15 +9,8 @@ import caml_ops
 from caml_ops import _backend, reference
 from caml_ops import _op
 
-from .helpers import (
-    assert_close_to_reference,
-    assert_within_2x_torch_error,
-    fixed_seed,
-    fresh_seed,
-    is_interpreted,
-    requires_cuda,
-    runnable_backends,
-)
+from .helpers import (assert_close_to_reference, assert_within_2x_torch_error, fixed_seed, fresh_seed,
+                      is_interpreted, requires_cuda, runnable_backends)
 
 OPS = ("cross_sample_attention", "intra_sample_attention")
 # (op, backend, device) for every backend this machine runs; skips for the others

@@ -7,13 +7,8 @@ import torch
 import caml_ops
 from caml_ops import reference
 
-from .helpers import (
-    assert_close_to_reference,
-    assert_within_2x_torch_error,
-    fixed_seed,
-    fresh_seed,
-    runnable_backends,
-)
+from .helpers import (assert_close_to_reference, assert_within_2x_torch_error, fixed_seed, fresh_seed,
+                      low_precision_cases, runnable_backends, skip_interpreted_half)
 
 BACKENDS = runnable_backends("mutual_consistency_loss")
 
@@ -81,12 +76,9 @@ def test_noncontiguous_logits(backend, device):
         assert_close_to_reference(grad, ref_grad, seed, "non-contiguous grad")
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@low_precision_cases(BACKENDS)
 def test_low_precision_within_2x_of_pytorch_error(backend, device, dtype, seed):
-    if device == "cpu" and dtype != torch.float32 and backend != "cpu":
-        pytest.skip("half types are exercised on the GPU for Triton")
+    skip_interpreted_half(backend, device, dtype)
     fixed_seed(seed)
     logits = [x.detach().to(dtype).requires_grad_() for x in make_logits(2, (2, 3, 10, 9, 7), device=device)]
     exact = [x.detach().double().requires_grad_() for x in logits]

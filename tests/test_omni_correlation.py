@@ -7,14 +7,8 @@ import torch
 import caml_ops
 from caml_ops import reference
 
-from .helpers import (
-    assert_close_to_reference,
-    assert_within_2x_torch_error,
-    fixed_seed,
-    fresh_seed,
-    is_interpreted,
-    runnable_backends,
-)
+from .helpers import (assert_close_to_reference, assert_within_2x_torch_error, fixed_seed, fresh_seed,
+                      is_interpreted, low_precision_cases, runnable_backends, skip_interpreted_half)
 
 LOSS_BACKENDS = runnable_backends("omni_correlation_loss")
 CORR_BACKENDS = runnable_backends("omni_correlation")
@@ -92,12 +86,9 @@ def test_reductions(backend, device, reduction):
         assert_close_to_reference(grad, ref_grad, seed, f"grad, reduction={reduction}")
 
 
-@pytest.mark.parametrize("backend,device", LOSS_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@low_precision_cases(LOSS_BACKENDS)
 def test_low_precision_within_2x_of_pytorch_error(backend, device, dtype, seed):
-    if device == "cpu" and dtype != torch.float32 and backend != "cpu":
-        pytest.skip("half types are exercised on the GPU for Triton")
+    skip_interpreted_half(backend, device, dtype)
     # eps = 1e-8 is 0 in float16, where plain PyTorch's log(p + eps) turns NaN: compare the exact form there.
     eps = 0.0 if dtype == torch.float16 else 1e-8
     fixed_seed(seed)
