@@ -65,14 +65,16 @@ class Trainer:
     with ``resume`` restored from ``checkpoints/last.pt``; rank 0 writes ``config.json`` and
     ``split.json`` and opens the logs. :meth:`step` trains on one batch, :meth:`validate` and
     :meth:`checkpoint` run at their intervals, :meth:`finish` writes the plots and the final metrics;
-    :meth:`run` does it all.
+    :meth:`run` does it all. ``ops_backend`` is the caml_ops backend of the fused ops
+    (:func:`caml.train.ops_backend_for_run` makes it from ``cfg.ops_backend``).
     """
 
-    def __init__(self, cfg: TrainConfig, out: str, processes: ProcessGroup, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, out: str, processes: ProcessGroup, ops_backend: str = "auto",
+                 resume: bool = False):
         self.cfg, self.out, self.processes, self.device = cfg, out, processes, processes.device
         self.checkpoint_path = os.path.join(out, "checkpoints", "last.pt")
         processes.set_threads(cfg.threads)
-        caml_ops.set_backend(cfg.ops_backend)
+        caml_ops.set_backend(ops_backend)
         if processes.main:
             remove_stale_temporaries(self.checkpoint_path)
         saved = self._read_checkpoint() if resume else None
@@ -89,7 +91,7 @@ class Trainer:
                                      seed=cfg.seed)
         amp_dtype = torch.bfloat16 if cfg.amp and self.device.type == "cuda" else None
         self.objective = CAMLObjective(self.model, self.memory, cfg.labeled_bs, _loss_weights(cfg), cfg.method,
-                                       cfg.ops_backend, amp_dtype)
+                                       ops_backend, amp_dtype)
         self.iteration = 0
         if saved is not None:
             self.restore(saved)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import pytest
 import torch
 
 from caml.train import main
@@ -136,3 +137,23 @@ def test_ddp_two_cpu_processes(tmp_path, cache):
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
     assert checkpoint["memory"]["counts"].sum() > 0
     assert json.load(open(os.path.join(out, "metrics.json")))["iteration"] == 3
+
+
+def test_ops_backend_cuda_means_cuda_kernels_where_they_exist_and_triton_for_the_rest(monkeypatch, capsys):
+    from caml_ops import _backend
+    from caml.cli import UsageError
+    from caml.train import ops_backend_for_run
+
+    monkeypatch.delenv("CAML_OPS_BACKEND", raising=False)
+    for flag in ("HAS_EXTENSION", "EXTENSION_HAS_CUDA", "HAS_TRITON"):
+        monkeypatch.setattr(_backend, flag, True)
+    assert ops_backend_for_run("cuda", torch.device("cuda", 0)) == "auto"
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == ["--ops-backend cuda: CUDA kernels for mutual_consistency_loss, cross_sample_attention; "
+                    "Triton for omni_correlation_loss, intra_sample_attention, dropout (no CUDA kernels)"]
+    monkeypatch.setattr(_backend, "EXTENSION_HAS_CUDA", False)
+    with pytest.raises(UsageError, match="--ops-backend cuda: backend 'cuda' needs caml_ops._C built with CUDA"):
+        ops_backend_for_run("cuda", torch.device("cuda", 0))
+    with pytest.raises(UsageError, match="--ops-backend cuda: backend 'cuda' runs on CUDA tensors"):
+        ops_backend_for_run("cuda", torch.device("cpu"))
+    assert ops_backend_for_run("reference", torch.device("cpu")) == "reference"
