@@ -20,10 +20,10 @@ QUICK = os.environ.get("CAML_BENCH_QUICK", "0") == "1"
 IMPLS = ("fused", "reference", "official", "sdpa")
 # The implementations each op is compared with.
 OP_IMPLS = {
-    "occ": ("fused", "reference", "official"),
-    "consistency": ("fused", "reference", "official"),
-    "intra": ("fused", "reference", "sdpa"),
-    "inter": ("fused", "reference", "sdpa"),
+    "omni_correlation_loss": ("fused", "reference", "official"),
+    "mutual_consistency_loss": ("fused", "reference", "official"),
+    "intra_sample_attention": ("fused", "reference", "sdpa"),
+    "cross_sample_attention": ("fused", "reference", "sdpa"),
     "cma": ("fused", "reference", "official"),
     "dropout": ("fused", "official"),
     "train_step": ("fused", "reference"),
@@ -36,7 +36,7 @@ PASSES = ("forward", "backward", "forward+backward")
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # "occ", "consistency" or "train_step"
+    op: str  # an op name (IMPLS), "cma", "dropout" or "train_step"
     size: str  # a label of the input size, parsed by the op's builder
     impl: str  # one of IMPLS
     device: str = "cpu"
@@ -154,7 +154,7 @@ def _attention(case: Case):
     dtype, device = getattr(torch, case.dtype), torch.device(case.device)
     base = torch.randn(batch, length, 3, heads, dim, device=device, dtype=dtype).requires_grad_()
     weight = torch.randn(batch, length, heads, dim, device=device, dtype=dtype)
-    cross = case.op == "inter"
+    cross = case.op == "cross_sample_attention"
     if case.impl == "sdpa":
         # torch's attention on the permuted layout SDPA takes: [L, H, B, d] (inter) or [B, H, L, d] (intra)
         order = (1, 2, 0, 3) if cross else (0, 2, 1, 3)
@@ -198,7 +198,7 @@ def feasible(case: Case) -> bool:
     """False for the quadratic-memory implementations where their matrices pass QUADRATIC_LIMIT, and for
     the reference attention with dropout: it draws the kernels' Philox mask in int64 tensor arithmetic
     (minutes at CAML's size), a definition to test against, not a speed baseline."""
-    if case.op not in ("intra", "inter", "cma") or case.impl == "fused":
+    if case.op not in ("intra_sample_attention", "cross_sample_attention", "cma") or case.impl == "fused":
         return True
     dims, p = _size_and_dropout(case.size)
     if case.impl == "reference" and p > 0:
@@ -209,14 +209,14 @@ def feasible(case: Case) -> bool:
             length *= size
     else:
         batch, length, heads, _ = dims
-    per_matrix = 4 * heads * (batch * batch * length if case.op == "inter" else batch * length * length)
+    per_matrix = 4 * heads * (batch * batch * length if case.op == "cross_sample_attention" else batch * length * length)
     # SDPA (and the official layer, which calls it) keeps memory linear on CUDA, and on CPU without dropout.
     linear = case.impl in ("sdpa", "official") and (case.device == "cuda" or (p == 0 and case.impl == "sdpa"))
     return linear or per_matrix <= QUADRATIC_LIMIT
 
 
 BUILDERS = {
-    "occ": _occ, "consistency": _consistency, "intra": _attention, "inter": _attention, "cma": _cma,
+    "omni_correlation_loss": _occ, "mutual_consistency_loss": _consistency, "intra_sample_attention": _attention, "cross_sample_attention": _attention, "cma": _cma,
     "dropout": _dropout, "train_step": _train_step,
 }
 
@@ -246,7 +246,7 @@ def run_pass(case: Case, forward, inputs, pass_name: str, loss=None):
 def all_cases() -> list[Case]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     sizes = {
-        "occ": occ_sizes, "consistency": consistency_sizes, "intra": attention_sizes, "inter": attention_sizes,
+        "omni_correlation_loss": occ_sizes, "mutual_consistency_loss": consistency_sizes, "intra_sample_attention": attention_sizes, "cross_sample_attention": attention_sizes,
         "cma": cma_sizes, "dropout": dropout_sizes, "train_step": train_step_sizes,
     }
     cases = [
