@@ -76,7 +76,7 @@ def _spec(name: str, kernels: tuple[Kernel, ...]) -> OpSpec:
                   setup_context=setup, backward=backward)
 
 
-# Measured fastest first (benchmarks/RESULTS.md); the CPU kernels take float32 and float64.
+# auto's order on a GPU: the expected fastest first (not yet measured on a GPU); CPU kernels: float32/64.
 _OPS = {
     "cross_sample_attention": define(_spec("cross_sample_attention", (
         Kernel("cuda", limits=_head_dim_at_most(CUDA_CROSS_SAMPLE_MAX_HEAD_DIM, "CUDA")),

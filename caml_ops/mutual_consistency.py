@@ -52,7 +52,7 @@ LOSS = define(OpSpec(
     name="mutual_consistency_loss",
     forward_schema="(Tensor[] logits, float temperature) -> Tensor",
     backward_schema="(Tensor grad, Tensor[] logits, float temperature) -> Tensor[]",
-    # Measured fastest first (benchmarks/RESULTS.md); the CPU kernels take float32 and float64.
+    # auto's order on a GPU: the expected fastest first (not yet measured on a GPU); CPU kernels: float32/64.
     kernels=(Kernel("cuda", limits=_cuda_limits), Kernel("triton"), Kernel("cpu", upcast_half=True)),
     triton_module="mutual_consistency",
     fake_forward=_fake_forward, fake_backward=_fake_backward, setup_context=_setup, backward=_backward,

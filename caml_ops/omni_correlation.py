@@ -22,7 +22,7 @@ from ._checks import (
 from ._op import OpSpec, contiguous_like, define, stats_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
-# Measured fastest first (benchmarks/RESULTS.md); the CPU kernels take float32 and float64.
+# auto's order on a GPU: the expected fastest first (not yet measured on a GPU); CPU kernels: float32/64.
 _KERNELS = (Kernel("triton"), Kernel("cpu", upcast_half=True))
 
 
