@@ -53,93 +53,110 @@ def _setup_env(cache_dir: str) -> None:
 
 
 def _variants() -> dict:
-    """name -> (production, builder); a builder calls host functions (their launches get recorded)."""
+    """name -> (production, builder); a builder calls host functions (their launches get recorded).
+    Names start with the op's name."""
+    import functools
+    import importlib
+
     import torch
 
-    from caml_ops.triton import (cross_sample_attention as csa, intra_sample_attention as isa,
-                                 mutual_consistency as mc, omni_correlation as occ, dropout as pd)
+    def host(module: str, name: str):
+        return getattr(importlib.import_module(f"caml_ops.triton.{module}"), name)
 
     rng = torch.tensor([1234, 5678], dtype=torch.int64)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
-    def attention(mod, fwd, bwd, B, L, H, d, dtype, p):
+    def attention(op, B, L, H, d, dtype, p):
+        forward, backward = host(op, f"{op}_forward"), host(op, f"{op}_backward")
+
         def build():
             # q, k, v as the CMA layer passes them: unbind views of the [B, L, 3, H, d] projection.
             q, k, v = torch.empty(B, L, 3, H, d, dtype=dtype).unbind(2)
-            out, lse = fwd(q, k, v, d**-0.5, p, rng)
-            bwd(torch.empty_like(out), q, k, v, out, lse, d**-0.5, p, rng)
+            out, lse = forward(q, k, v, d**-0.5, p, rng)
+            backward(torch.empty_like(out), q, k, v, out, lse, d**-0.5, p, rng)
         return build
 
-    def intra(B, L, H, d, dtype, p):
-        return attention(isa, isa.intra_sample_attention_forward, isa.intra_sample_attention_backward,
-                         B, L, H, d, dtype, p)
+    def omni_correlation_loss(N, K, D, dtype, eps=1e-8):
+        forward = host("omni_correlation", "omni_correlation_loss_forward")
+        backward = host("omni_correlation", "omni_correlation_loss_backward")
 
-    def inter(B, L, H, d, dtype, p):
-        return attention(csa, csa.cross_sample_attention_forward, csa.cross_sample_attention_backward,
-                         B, L, H, d, dtype, p)
-
-    def occ_loss(N, K, D, dtype, eps=1e-8):
         def build():
             fv, fa, mem = torch.empty(N, D, dtype=dtype), torch.empty(N, D, dtype=dtype), torch.empty(K, D, dtype=dtype)
-            stats = occ.omni_correlation_loss_forward(fv, fa, mem, 0.1, eps)
-            occ.omni_correlation_loss_backward(torch.empty(N, dtype=stats[0].dtype), fv, fa, mem, *stats, 0.1, eps, True)
+            stats = forward(fv, fa, mem, 0.1, eps)
+            backward(torch.empty(N, dtype=stats[0].dtype), fv, fa, mem, *stats, 0.1, eps, True)
         return build
 
-    def correlation(N, K, D, dtype):
+    def omni_correlation(N, K, D, dtype):
+        forward = host("omni_correlation", "omni_correlation_forward")
+        backward = host("omni_correlation", "omni_correlation_backward")
+
         def build():
             f, mem = torch.empty(N, D, dtype=dtype), torch.empty(K, D, dtype=dtype)
-            probs = occ.omni_correlation_forward(f, mem, 0.1)
-            occ.omni_correlation_backward(torch.empty_like(probs), probs, f, mem, 0.1, True)
+            probs = forward(f, mem, 0.1)
+            backward(torch.empty_like(probs), probs, f, mem, 0.1, True)
         return build
 
-    def consistency(S, shape, dtype):
+    def mutual_consistency_loss(S, shape, dtype):
+        forward = host("mutual_consistency", "mutual_consistency_loss_forward")
+        backward = host("mutual_consistency", "mutual_consistency_loss_backward")
+
         def build():
             logits = [torch.empty(shape, dtype=dtype) for _ in range(S)]
-            loss = mc.mutual_consistency_loss_forward(logits, 0.1)
-            mc.mutual_consistency_loss_backward(torch.empty_like(loss), logits, 0.1)
+            loss = forward(logits, 0.1)
+            backward(torch.empty_like(loss), logits, 0.1)
         return build
 
     def dropout(shape, dtype):
-        return lambda: pd.dropout(torch.empty(shape, dtype=dtype), 0.5, rng)
+        return lambda: host("dropout", "dropout")(torch.empty(shape, dtype=dtype), 0.5, rng)
 
+    builders = {"cross_sample_attention": functools.partial(attention, "cross_sample_attention"),
+                "intra_sample_attention": functools.partial(attention, "intra_sample_attention"),
+                "omni_correlation_loss": omni_correlation_loss, "omni_correlation": omni_correlation,
+                "mutual_consistency_loss": mutual_consistency_loss, "dropout": dropout}
     v = {}
+
+    def add(op, label, *args, tests=False, **kwargs):
+        """Variant "op label" of builders[op](*args, **kwargs); test-only (not production) with `tests`."""
+        v[f"{op} {label}" + (" (tests)" if tests else "")] = (not tests, builders[op](*args, **kwargs))
+
     # Attention at CAML's bottleneck (4 samples, 4 heads of 32, 14 x 14 x 10 = 1,960 positions) and block
     # three (15,680): float32, and bf16 as the CMA block runs under CAML's autocast, dropout 0.5 as CAML's.
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for L in (1960, 15680):
             for p in (0.0, 0.5):
-                v[f"intra {name} B4 L{L} H4 d32 p{p}"] = (True, intra(4, L, 4, 32, dt, p))
-        v[f"inter {name} B4 L1960 H4 d32 p0.0"] = (True, inter(4, 1960, 4, 32, dt, 0.0))
-        v[f"inter {name} B4 L1960 H4 d32 p0.5"] = (True, inter(4, 1960, 4, 32, dt, 0.5))
-    v["intra fp16 B4 L1960 H4 d32 p0.0"] = (True, intra(4, 1960, 4, 32, torch.float16, 0.0))
-    # Wider heads, up to the kernels' bound d = 128.
+                add("intra_sample_attention", f"{name} B4 L{L} H4 d32 p{p}", 4, L, 4, 32, dt, p)
+        for p in (0.0, 0.5):
+            add("cross_sample_attention", f"{name} B4 L1960 H4 d32 p{p}", 4, 1960, 4, 32, dt, p)
+    add("intra_sample_attention", "fp16 B4 L1960 H4 d32 p0.0", 4, 1960, 4, 32, torch.float16, 0.0)
+    # Wider heads, up to the kernels' bound d <= MAX_HEAD_DIM.
     for name in ("fp32", "bf16", "fp16"):
-        for d in (64, 128):
-            v[f"intra {name} B4 L1960 H4 d{d} p0.0"] = (True, intra(4, 1960, 4, d, dtypes[name], 0.0))
-    # OCC: N = 2 x 12,800 filtered voxels, K = 2 classes x 256 memory entries (EVEN_K), feat_dim 32; wider D.
+        for d in (64, host("intra_sample_attention", "MAX_HEAD_DIM")):
+            add("intra_sample_attention", f"{name} B4 L1960 H4 d{d} p0.0", 4, 1960, 4, d, dtypes[name], 0.0)
+    # omni_correlation_loss: N = 2 x 12,800 filtered voxels, K = 2 classes x 256 memory entries (EVEN_K),
+    # feat_dim 32; wider D.
     for name in ("fp32", "bf16", "fp16"):
         for D in (32, 64, 128):
-            v[f"occ_loss {name} N25600 K512 D{D}"] = (True, occ_loss(25600, 512, D, dtypes[name]))
-    v["occ_loss fp32 N25600 K512 D32 eps0"] = (True, occ_loss(25600, 512, 32, torch.float32, eps=0.0))
-    v["omni_correlation fp32 N25600 K512 D32"] = (True, correlation(25600, 512, 32, torch.float32))
-    v["omni_correlation bf16 N25600 K512 D32"] = (True, correlation(25600, 512, 32, torch.bfloat16))
-    # Mutual consistency: CAML's two decoders on 4 patches of 112 x 112 x 80, 2 classes (float32 logits).
+            add("omni_correlation_loss", f"{name} N25600 K512 D{D}", 25600, 512, D, dtypes[name])
+    add("omni_correlation_loss", "fp32 N25600 K512 D32 eps0", 25600, 512, 32, torch.float32, eps=0.0)
     for name in ("fp32", "bf16"):
-        v[f"consistency {name} S2 B4 C2 112x112x80"] = (True, consistency(2, (4, 2, 112, 112, 80), dtypes[name]))
-    v["consistency fp32 S3 B4 C14 64x64x32"] = (True, consistency(3, (4, 14, 64, 64, 32), torch.float32))
+        add("omni_correlation", f"{name} N25600 K512 D32", 25600, 512, 32, dtypes[name])
+    # mutual_consistency_loss: CAML's two decoders on 4 patches of 112 x 112 x 80, 2 classes (float32 logits).
+    for name in ("fp32", "bf16"):
+        add("mutual_consistency_loss", f"{name} S2 B4 C2 112x112x80", 2, (4, 2, 112, 112, 80), dtypes[name])
+    add("mutual_consistency_loss", "fp32 S3 B4 C14 64x64x32", 3, (4, 14, 64, 64, 32), torch.float32)
     # The CMA block's FFN dropout (4 x 1,960 tokens x 4 C).
     for name in ("fp32", "bf16"):
-        v[f"dropout {name} 7840x512"] = (True, dropout((7840, 512), dtypes[name]))
+        add("dropout", f"{name} 7840x512", (7840, 512), dtypes[name])
     # Test-only float64 variants at the GPU tests' largest sizes (tests/test_*.py).
-    v["intra fp64 B1 L33 H1 d128 p0.5 (tests)"] = (False, intra(1, 33, 1, 128, torch.float64, 0.5))
-    v["intra fp64 B2 L130 H1 d64 p0.0 (tests)"] = (False, intra(2, 130, 1, 64, torch.float64, 0.0))
-    v["intra fp64 B1 L97 H3 d16 p0.5 (tests)"] = (False, intra(1, 97, 3, 16, torch.float64, 0.5))
-    v["inter fp64 B64 L3 H1 d16 p0.5 (tests)"] = (False, inter(64, 3, 1, 16, torch.float64, 0.5))
-    v["inter fp64 B4 L1 H2 d37 p0.5 (tests)"] = (False, inter(4, 1, 2, 37, torch.float64, 0.5))
-    v["occ_loss fp64 N130 K513 D96 (tests)"] = (False, occ_loss(130, 513, 96, torch.float64))
-    v["occ_loss fp64 N7 K77 D32 eps0 (tests)"] = (False, occ_loss(7, 77, 32, torch.float64, eps=0.0))
-    v["omni_correlation fp64 N300 K130 D96 (tests)"] = (False, correlation(300, 130, 96, torch.float64))
-    v["consistency fp64 S3 B1 C5 13x11 (tests)"] = (False, consistency(3, (1, 5, 13, 11), torch.float64))
+    add("intra_sample_attention", "fp64 B1 L33 H1 d128 p0.5", 1, 33, 1, 128, torch.float64, 0.5, tests=True)
+    add("intra_sample_attention", "fp64 B2 L130 H1 d64 p0.0", 2, 130, 1, 64, torch.float64, 0.0, tests=True)
+    add("intra_sample_attention", "fp64 B1 L97 H3 d16 p0.5", 1, 97, 3, 16, torch.float64, 0.5, tests=True)
+    add("cross_sample_attention", "fp64 B64 L3 H1 d16 p0.5", 64, 3, 1, 16, torch.float64, 0.5, tests=True)
+    add("cross_sample_attention", "fp64 B4 L1 H2 d37 p0.5", 4, 1, 2, 37, torch.float64, 0.5, tests=True)
+    add("omni_correlation_loss", "fp64 N130 K513 D96", 130, 513, 96, torch.float64, tests=True)
+    add("omni_correlation_loss", "fp64 N7 K77 D32 eps0", 7, 77, 32, torch.float64, eps=0.0, tests=True)
+    add("omni_correlation", "fp64 N300 K130 D96", 300, 130, 96, torch.float64, tests=True)
+    add("mutual_consistency_loss", "fp64 S3 B1 C5 13x11", 3, (1, 5, 13, 11), torch.float64, tests=True)
     return v
 
 

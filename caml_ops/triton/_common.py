@@ -1,4 +1,5 @@
-"""Pieces shared by the Triton kernels: scalar arguments, tiles, matmuls, the dropout RNG."""
+"""Pieces shared by the Triton kernels: scalar arguments, tiles, matmuls, the dropout RNG, the host
+functions' checks and launches."""
 from __future__ import annotations
 
 import contextlib
@@ -93,18 +94,15 @@ def dropout_keep_tile(row, col0, row_len, seed_lo, seed_hi, offset, threshold, B
 RNG_ARGS = ["seed_lo", "seed_hi", "rng_offset", "threshold"]
 
 
-def check_rng_state(rng_state) -> None:
-    if (not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.int64 or rng_state.shape != (2,)
-            or rng_state.device.type != "cpu"):
-        raise ValueError("rng_state must be an int64 CPU tensor [2] = (seed, offset), got "
-                         f"{getattr(rng_state, 'dtype', type(rng_state))} {tuple(getattr(rng_state, 'shape', ()))}")
-
-
-def dropout_args(rng_state, dropout_p: float) -> tuple[int, int, int, int]:
-    """(seed_lo, seed_hi, offset, threshold) kernel arguments of :func:`dropout_keep` and
-    :func:`dropout_keep_tile`, from `rng_state` = int64 [seed, offset]."""
+def dropout_args(rng_state, dropout_p: float) -> tuple[float, float, int, int, int, int]:
+    """(keep_hi, keep_lo, seed_lo, seed_hi, offset, threshold) kernel arguments: 1 / (1 - dropout_p) as a
+    float pair (see :func:`split_float`), then those of :func:`dropout_keep` and :func:`dropout_keep_tile`
+    from `rng_state` = int64 [seed, offset]; zeros, and no read of rng_state, when dropout_p = 0."""
+    if dropout_p == 0:
+        return (*split_float(1.0), 0, 0, 0, 0)
     seed, offset = (int(x) for x in rng_state.tolist())
-    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, offset, int(dropout_p * 2.0**32)
+    return (*split_float(1.0 / (1.0 - dropout_p)), seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, offset,
+            int(dropout_p * 2.0**32))
 
 
 @triton.jit
@@ -148,6 +146,17 @@ def acc_dtypes(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dimension is unit-stride (or of size 1), else a contiguous copy: the kernels read
+    [B, L, H, d] tensors through the strides of B, L and H only."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def blh_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """The (B, L, H) strides of a [B, L, H, d] tensor."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
 def dot_precision(x: torch.Tensor) -> str:
     if x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         return "upcast"
@@ -159,6 +168,35 @@ def dot_precision(x: torch.Tensor) -> str:
 
 def device_context(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------
+# Checks (host side). The public ops (caml_ops/*.py) validate every user
+# argument; the host functions check only what keeps the kernels inside their
+# buffers when torch.ops.caml_ops.*_triton is called directly: the tensors a
+# kernel indexes together agree in shape, dtype and device.
+# ---------------------------------------------------------------------------
+
+
+def check_like(x, name: str, shape, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+    """Raise ValueError unless x is a tensor of `shape`, and of `dtype` and on `device` where they are given."""
+    if (isinstance(x, torch.Tensor) and tuple(x.shape) == tuple(shape) and (dtype is None or x.dtype == dtype)
+            and (device is None or x.device == device)):
+        return
+    want = " ".join([f"a tensor {list(shape)}"] + ([str(dtype)] if dtype is not None else [])
+                    + ([f"on {device}"] if device is not None else []))
+    got = (f"{list(x.shape)} {x.dtype} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__)
+    raise ValueError(f"{name} must be {want}, got {got}")
+
+
+def check_all_like(like: torch.Tensor, tensors: dict) -> None:
+    """check_like of each (name: tensor) against `like`'s shape, dtype and device."""
+    for name, x in tensors.items():
+        check_like(x, name, like.shape, like.dtype, like.device)
+
+
+def check_rng_state(rng_state) -> None:
+    check_like(rng_state, "rng_state = [seed, offset]", (2,), torch.int64, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------

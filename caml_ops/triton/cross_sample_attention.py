@@ -1,4 +1,4 @@
-"""Fused Triton kernels of cross-sample attention (see DESIGN.md, cross_sample_attention).
+"""Fused Triton kernels of cross-sample attention (see docs/design.md, section cross_sample_attention).
 
 The math is that of csrc/cpu/cross_sample_attention.cpp (its header comment).
 A position is one (l, h) pair, flattened as p = l*H + h. A program owns
@@ -12,18 +12,18 @@ p*B + i, column j of P: rows of B), and the output. Backward recomputes P
 from q, k and lse, regenerates the mask, takes D_i = sum_j P_ij dP_ij
 (= sum_c dO_ic O_ic, so `out` is not read) and writes each element of dq,
 dk, dv once: deterministic.
-Accumulation is float32 (float64 for float64 inputs).
+Accumulation is float32 (float64 for float64 inputs). The public op
+(caml_ops/attention.py) validates the user's arguments; the host functions
+check only what the kernels' indexing relies on.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (RNG_ARGS, check_rng_state, device_context, dropout_args, dropout_keep, float_arg, launch,
-                      split_float)
+from ._common import (RNG_ARGS, acc_dtypes, blh_strides, check_all_like, check_like, check_rng_state, device_context,
+                      dropout_args, dropout_keep, float_arg, launch, split_float, unit_last_stride)
 
 # Elements of the [BLOCK_P, BLOCK_B, BLOCK_B, BLOCK_DC] products a program holds at once (half that for
 # its [BLOCK_P, BLOCK_B, BLOCK_DC] tiles); sized for ~100 registers per thread at 4 warps (ptxas, sm_80/90).
@@ -35,6 +35,13 @@ _BACKWARD_BUDGET = 2048
 def _row_offsets(l, h, b, s_b, s_l, s_h):
     """[BLOCK_P, BLOCK_B] int64 offsets of row b at the positions (l, h) of a strided [B, L, H, d] tensor."""
     return l[:, None] * s_l + h[:, None] * s_h + b[None, :] * s_b
+
+
+@triton.jit
+def _qkv_rows(l, h, b, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h):
+    """_row_offsets of q, k and v."""
+    return (_row_offsets(l, h, b, sq_b, sq_l, sq_h), _row_offsets(l, h, b, sk_b, sk_l, sk_h),
+            _row_offsets(l, h, b, sv_b, sv_l, sv_h))
 
 
 @triton.jit
@@ -70,6 +77,21 @@ def _positions(LH, H, B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.conste
     return p, p // H, p % H, b, row_ok
 
 
+@triton.jit
+def _chunk_dots(a, b, a_rows, b_rows, row_ok, c0, D: tl.constexpr, BLOCK_DC: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_P, BLOCK_B, BLOCK_B] dot products over columns c0 .. c0 + BLOCK_DC of every row of a with
+    every row of b at the same position."""
+    ac = _load_chunk(a, a_rows, row_ok, c0, D, BLOCK_DC, ACC)
+    bc = _load_chunk(b, b_rows, row_ok, c0, D, BLOCK_DC, ACC)
+    return tl.sum(ac[:, :, None, :] * bc[:, None, :, :], axis=3)
+
+
+@triton.jit
+def _lse_ptrs(lse, p, b, LH):
+    """[BLOCK_P, BLOCK_B] pointers to the rows' lse in a contiguous [B, L, H]."""
+    return lse + b[None, :] * LH + p[:, None]
+
+
 @triton.jit(do_not_specialize=RNG_ARGS)
 def _forward_kernel(q, k, v, out, lse, LH, H,
                     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
@@ -78,21 +100,17 @@ def _forward_kernel(q, k, v, out, lse, LH, H,
                     BLOCK_DC: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     p, l, h, b, row_ok = _positions(LH, H, B, BLOCK_P, BLOCK_B)
-    q_rows = _row_offsets(l, h, b, sq_b, sq_l, sq_h)
-    k_rows = _row_offsets(l, h, b, sk_b, sk_l, sk_h)
-    v_rows = _row_offsets(l, h, b, sv_b, sv_l, sv_h)
+    q_rows, k_rows, v_rows = _qkv_rows(l, h, b, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h)
 
     s = tl.zeros([BLOCK_P, BLOCK_B, BLOCK_B], ACC)
     for c0 in range(0, D, BLOCK_DC):
-        qc = _load_chunk(q, q_rows, row_ok, c0, D, BLOCK_DC, ACC)
-        kc = _load_chunk(k, k_rows, row_ok, c0, D, BLOCK_DC, ACC)
-        s += tl.sum(qc[:, :, None, :] * kc[:, None, :, :], axis=3)
+        s += _chunk_dots(q, k, q_rows, k_rows, row_ok, c0, D, BLOCK_DC, ACC)
     s = tl.where((b < B)[None, None, :], s * float_arg(scale_hi, scale_lo, FP64), float("-inf"))
     m = tl.max(s, axis=2)
     e = tl.exp(s - m[:, :, None])
     total = tl.sum(e, axis=2)
     prob = e / total[:, :, None]
-    tl.store(lse + b[None, :] * LH + p[:, None], (m + tl.log(total)).to(lse.dtype.element_ty), mask=row_ok)
+    tl.store(_lse_ptrs(lse, p, b, LH), (m + tl.log(total)).to(lse.dtype.element_ty), mask=row_ok)
     if DROPOUT:
         keep = float_arg(keep_hi, keep_lo, FP64)
         prob = prob * _dropout_scale(p, b, seed_lo, seed_hi, rng_offset, threshold, keep, B)
@@ -112,21 +130,15 @@ def _backward_kernel(dout, q, k, v, lse, dq, dk, dv, LH, H,
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     p, l, h, b, row_ok = _positions(LH, H, B, BLOCK_P, BLOCK_B)
     g_rows = _row_offsets(l, h, b, sg_b, sg_l, sg_h)
-    q_rows = _row_offsets(l, h, b, sq_b, sq_l, sq_h)
-    k_rows = _row_offsets(l, h, b, sk_b, sk_l, sk_h)
-    v_rows = _row_offsets(l, h, b, sv_b, sv_l, sv_h)
+    q_rows, k_rows, v_rows = _qkv_rows(l, h, b, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h)
     scale = float_arg(scale_hi, scale_lo, FP64)
 
     s = tl.zeros([BLOCK_P, BLOCK_B, BLOCK_B], ACC)
     dp = tl.zeros([BLOCK_P, BLOCK_B, BLOCK_B], ACC)  # dO V^T
     for c0 in range(0, D, BLOCK_DC):
-        qc = _load_chunk(q, q_rows, row_ok, c0, D, BLOCK_DC, ACC)
-        kc = _load_chunk(k, k_rows, row_ok, c0, D, BLOCK_DC, ACC)
-        s += tl.sum(qc[:, :, None, :] * kc[:, None, :, :], axis=3)
-        gc = _load_chunk(dout, g_rows, row_ok, c0, D, BLOCK_DC, ACC)
-        vc = _load_chunk(v, v_rows, row_ok, c0, D, BLOCK_DC, ACC)
-        dp += tl.sum(gc[:, :, None, :] * vc[:, None, :, :], axis=3)
-    row_lse = tl.load(lse + b[None, :] * LH + p[:, None], mask=row_ok, other=0.0).to(ACC)
+        s += _chunk_dots(q, k, q_rows, k_rows, row_ok, c0, D, BLOCK_DC, ACC)
+        dp += _chunk_dots(dout, v, g_rows, v_rows, row_ok, c0, D, BLOCK_DC, ACC)
+    row_lse = tl.load(_lse_ptrs(lse, p, b, LH), mask=row_ok, other=0.0).to(ACC)
     # P = 0 on padding rows and key columns, so they add nothing below.
     pair_ok = row_ok[:, :, None] & (b < B)[None, None, :]
     prob = tl.where(pair_ok, tl.exp(s * scale - row_lse[:, :, None]), 0.0)
@@ -148,39 +160,6 @@ def _backward_kernel(dout, q, k, v, lse, dq, dk, dv, LH, H,
         _store_chunk(dv, tl.sum(pz[:, :, :, None] * gc[:, :, None, :], axis=1), p, b, row_ok, c0, LH, D, BLOCK_DC)
 
 
-def _check_tensor(x, name: str, like) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [B, L, H, d], got shape {tuple(x.shape)}")
-    if like is not None and (x.shape != like.shape or x.dtype != like.dtype or x.device != like.device):
-        raise ValueError(
-            f"{name} is {tuple(x.shape)} {x.dtype} on {x.device}; q is {tuple(like.shape)} {like.dtype} on "
-            f"{like.device}: they must match"
-        )
-
-
-def _check(q, k, v, scale: float, dropout_p: float, rng_state) -> None:
-    _check_tensor(q, "q", None)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    _check_tensor(k, "k", q)
-    _check_tensor(v, "v", q)
-    B, L, _, d = q.shape
-    if B < 1 or L < 1 or d < 1:
-        raise ValueError(f"q must be [B, L, H, d] with B, L, d >= 1, got shape {tuple(q.shape)}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    check_rng_state(rng_state)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x itself when its last dimension is contiguous (the kernels use the strides of B, L and H)."""
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
 def _launch_args(q, scale: float, dropout_p: float, rng_state, budget: int):
     """(grid, float and dropout arguments, meta-parameters) shared by both kernels."""
     B, L, H, d = q.shape
@@ -188,52 +167,43 @@ def _launch_args(q, scale: float, dropout_p: float, rng_state, budget: int):
     block_dc = min(triton.next_power_of_2(d), max(1, budget // (block_b * block_b)))
     block_p = max(1, min(budget // (block_b * block_b), budget // 2 // block_b) // block_dc)
     block_p = min(block_p, triton.next_power_of_2(L * H))
-    fp64 = q.dtype == torch.float64
-    if dropout_p > 0:
-        seed_lo, seed_hi, offset, threshold = dropout_args(rng_state, dropout_p)
-    else:
-        seed_lo = seed_hi = offset = threshold = 0
-    args = (*split_float(scale), *split_float(1.0 / (1.0 - dropout_p)), seed_lo, seed_hi, offset, threshold)
-    meta = dict(B=B, D=d, BLOCK_P=block_p, BLOCK_B=block_b, BLOCK_DC=block_dc, DROPOUT=dropout_p > 0, FP64=fp64,
+    args = (*split_float(scale), *dropout_args(rng_state, dropout_p))
+    meta = dict(B=B, D=d, BLOCK_P=block_p, BLOCK_B=block_b, BLOCK_DC=block_dc, DROPOUT=dropout_p > 0,
+                FP64=q.dtype == torch.float64,
                 num_warps=8 if block_b >= 32 else 4)  # the [B, B] matrices of large B over more threads
     return (triton.cdiv(L * H, block_p),), args, meta
 
 
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
 def cross_sample_attention_forward(q, k, v, scale: float, dropout_p: float, rng_state):
     """(out [B, L, H, d] in q's dtype, lse [B, L, H] float32, float64 for float64 inputs)."""
-    _check(q, k, v, scale, dropout_p, rng_state)
-    q, k, v = _rows(q), _rows(k), _rows(v)
+    check_all_like(q, {"k": k, "v": v})
+    check_rng_state(rng_state)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     B, L, H, d = q.shape
     out = torch.empty((B, L, H, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, L, H), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    lse = torch.empty((B, L, H), dtype=acc_dtypes(q.dtype)[0], device=q.device)
     if out.numel() > 0:
         grid, args, meta = _launch_args(q, scale, dropout_p, rng_state, _FORWARD_BUDGET)
         with device_context(q):
-            launch(_forward_kernel, grid, q, k, v, out, lse, L * H, H, *_strides(q), *_strides(k), *_strides(v), *args,
-                   **meta)
+            launch(_forward_kernel, grid, q, k, v, out, lse, L * H, H, *blh_strides(q), *blh_strides(k),
+                   *blh_strides(v), *args, **meta)
     return out, lse
 
 
 def cross_sample_attention_backward(grad_out, q, k, v, out, lse, scale: float, dropout_p: float, rng_state):
-    """(grad_q, grad_k, grad_v), each [B, L, H, d] in q's dtype. `out` is checked but not read."""
-    _check(q, k, v, scale, dropout_p, rng_state)
-    _check_tensor(grad_out, "grad_out", q)
-    _check_tensor(out, "out", q)
+    """(grad_q, grad_k, grad_v), each [B, L, H, d] in q's dtype. `out` is not read (nor checked)."""
+    check_all_like(q, {"k": k, "v": v, "grad_out": grad_out})
+    check_rng_state(rng_state)
     B, L, H, d = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if not isinstance(lse, torch.Tensor) or lse.shape != (B, L, H) or lse.dtype != lse_dtype or lse.device != q.device:
-        raise ValueError(f"lse must be [B, L, H] = {(B, L, H)} {lse_dtype} on {q.device} (the forward's lse)")
-    grad_out, q, k, v, lse = _rows(grad_out), _rows(q), _rows(k), _rows(v), lse.contiguous()
+    check_like(lse, "lse (of the forward)", (B, L, H), acc_dtypes(q.dtype)[0], q.device)
+    grad_out, q, k, v, lse = (unit_last_stride(grad_out), unit_last_stride(q), unit_last_stride(k),
+                              unit_last_stride(v), lse.contiguous())
     grads = [torch.empty((B, L, H, d), dtype=q.dtype, device=q.device) for _ in range(3)]
     if q.numel() > 0:
         grid, args, meta = _launch_args(q, scale, dropout_p, rng_state, _BACKWARD_BUDGET)
         with device_context(q):
             launch(
                 _backward_kernel, grid, grad_out, q, k, v, lse, *grads, L * H, H,
-                *_strides(grad_out), *_strides(q), *_strides(k), *_strides(v), *args, **meta,
+                *blh_strides(grad_out), *blh_strides(q), *blh_strides(k), *blh_strides(v), *args, **meta,
             )
     return tuple(grads)

@@ -1,6 +1,7 @@
 """Triton kernel of dropout: out = x Z over the row-major elements, with the mask of csrc/philox.h on
 rows of 64 elements (element i: word i mod 4 of Philox(seed, offset + i / 4)), one Philox per four elements.
 Elementwise and memory-bound: one program per BLOCK elements; the backward is the same kernel on the gradient.
+See docs/design.md, sections dropout and "Dropout RNG (Philox)".
 """
 from __future__ import annotations
 
@@ -8,18 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_floating
-from ._common import (
-    RNG_ARGS,
-    acc_dtypes,
-    check_rng_state,
-    device_context,
-    dropout_args,
-    dropout_keep_tile,
-    float_arg,
-    launch,
-    split_float,
-)
+from ._common import (RNG_ARGS, acc_dtypes, check_rng_state, device_context, dropout_args, dropout_keep_tile, float_arg,
+                      launch)
 
 _ROW = 64  # elements per row of the mask (the spec's view of the flat tensor)
 _BLOCK = 4096
@@ -41,9 +32,6 @@ def _dropout_kernel(x_ptr, out_ptr, n, keep_hi, keep_lo, seed_lo, seed_hi, rng_o
 
 def dropout(x: torch.Tensor, dropout_p: float, rng_state: torch.Tensor) -> torch.Tensor:
     """x * Z, a new contiguous tensor of x's shape and dtype."""
-    check_floating(x, "x")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     check_rng_state(rng_state)
     x = x.contiguous()
     if dropout_p == 0.0 or x.numel() == 0:
@@ -52,6 +40,6 @@ def dropout(x: torch.Tensor, dropout_p: float, rng_state: torch.Tensor) -> torch
     acc_t, acc_tl = acc_dtypes(x.dtype)
     with device_context(x):
         launch(_dropout_kernel, (triton.cdiv(x.numel(), _BLOCK),),
-            x, out, x.numel(), *split_float(1.0 / (1.0 - dropout_p)), *dropout_args(rng_state, dropout_p),
+            x, out, x.numel(), *dropout_args(rng_state, dropout_p),
             BLOCK=_BLOCK, ROW=_ROW, FP64=acc_t == torch.float64, ACC=acc_tl)
     return out

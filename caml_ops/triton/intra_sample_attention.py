@@ -18,8 +18,9 @@ blocks are multiples of 4 long, so every Philox serves four keys of a tile):
 q, k, v and grad_out are read through their strides (the views that
 unbinding a [B, L, 3, H, d] Linear output gives), only the last dimension must
 be unit-stride. Accumulation is float32 (float64 for float64 inputs). The host
-functions mirror the schemas in csrc/caml_ops.cpp; autograd and fake kernels
-live in caml_ops/attention.py.
+functions mirror the schemas in csrc/caml_ops.cpp; autograd, fake kernels and
+the validation of user arguments live in caml_ops/attention.py. See
+docs/design.md, section intra_sample_attention.
 """
 from __future__ import annotations
 
@@ -29,23 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_floating, check_rank, check_same
-from ._common import (
-    RNG_ARGS,
-    acc_dtypes,
-    check_rng_state,
-    device_context,
-    dot_precision,
-    dropout_args,
-    dropout_keep_tile,
-    float_arg,
-    launch,
-    load_tile,
-    matmul_acc,
-    on_gpu,
-    split_float,
-    store_tile,
-)
+from ._common import (RNG_ARGS, acc_dtypes, blh_strides, check_all_like, check_like, check_rng_state, device_context,
+                      dot_precision, dropout_args, dropout_keep_tile, float_arg, launch, load_tile, matmul_acc, on_gpu,
+                      split_float, store_tile, unit_last_stride)
+
+# The largest head dim d the kernels take (their [block, d] tiles are sized for it): a kernel limit, for the
+# dispatch layer to declare.
+MAX_HEAD_DIM = 128
 
 # ---------------------------------------------------------------------------
 # Device helpers
@@ -74,6 +65,28 @@ def _keep(bh, L, queries, key0, seed_lo, seed_hi, rng_offset, threshold, BN: tl.
     return dropout_keep_tile(bh * L + queries, key0, L, seed_lo, seed_hi, rng_offset, threshold, BN)
 
 
+@triton.jit
+def _query_block(q_ptr, k_ptr, v_ptr, H, L, s_qb, s_ql, s_qh, s_kb, s_kh, s_vb, s_vh,
+                 D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    """A program of BM queries: (b h, b, h), the queries and their mask, the head columns, the bases of this
+    head's k and v, and its q rows [BM, BD]. Query blocks vary fastest: the programs of one head run together
+    and share its K, V in L2."""
+    bh, b, h, rows, row_ok = _program_block(H, L, BM)
+    cd = tl.arange(0, BD)
+    k_base = _head(k_ptr, b, h, s_kb, s_kh)
+    v_base = _head(v_ptr, b, h, s_vb, s_vh)
+    q = load_tile(_head(q_ptr, b, h, s_qb, s_qh), rows, row_ok, s_ql, 1, cd, D, BD)
+    return bh, b, h, rows, row_ok, cd, k_base, v_base, q
+
+
+@triton.jit
+def _load_block(a_base, b_base, start, L, s_al, s_bl, cd, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr):
+    """Positions start .. start + BLOCK (int64) of a head, their mask and the two tensors' rows there."""
+    pos = start + tl.arange(0, BLOCK).to(tl.int64)
+    ok = pos < L
+    return pos, ok, load_tile(a_base, pos, ok, s_al, 1, cd, D, BD), load_tile(b_base, pos, ok, s_bl, 1, cd, D, BD)
+
+
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
@@ -88,12 +101,8 @@ def _fwd_kernel(
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EVEN: tl.constexpr,
     DROPOUT: tl.constexpr, PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
-    # Query blocks vary fastest: the programs of one head run together and share its K, V in L2.
-    bh, b, h, rows, row_ok = _program_block(H, L, BM)
-    cd = tl.arange(0, BD)
-    k_base = _head(k_ptr, b, h, s_kb, s_kh)
-    v_base = _head(v_ptr, b, h, s_vb, s_vh)
-    q = load_tile(_head(q_ptr, b, h, s_qb, s_qh), rows, row_ok, s_ql, 1, cd, D, BD)
+    bh, b, h, rows, row_ok, cd, k_base, v_base, q = _query_block(q_ptr, k_ptr, v_ptr, H, L, s_qb, s_ql, s_qh,
+                                                                 s_kb, s_kh, s_vb, s_vh, D, BD, BM)
     qk_scale = float_arg(qk_hi, qk_lo, FP64)  # scale * log2(e): logits in base 2
 
     # Padding query rows load as 0: finite logits, never a NaN; they are not stored.
@@ -101,10 +110,7 @@ def _fwd_kernel(
     l = tl.zeros([BM], ACC)
     acc = tl.zeros([BM, BD], ACC)
     for n0 in range(0, L, BN):
-        cols = n0 + tl.arange(0, BN).to(tl.int64)
-        col_ok = cols < L
-        k = load_tile(k_base, cols, col_ok, s_kl, 1, cd, D, BD)
-        v = load_tile(v_base, cols, col_ok, s_vl, 1, cd, D, BD)
+        _, col_ok, k, v = _load_block(k_base, v_base, n0, L, s_kl, s_vl, cd, D, BD, BN)
         s = matmul_acc(q, tl.trans(k), PREC, FP64) * qk_scale
         if not EVEN:
             s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -171,10 +177,7 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BN, BD], ACC)
     dv = tl.zeros([BN, BD], ACC)
     for m0 in range(0, L, BM):
-        rows = m0 + tl.arange(0, BM).to(tl.int64)
-        row_ok = rows < L
-        q = load_tile(q_base, rows, row_ok, s_ql, 1, cd, D, BD)
-        do = load_tile(do_base, rows, row_ok, s_dl, 1, cd, D, BD)
+        rows, row_ok, q, do = _load_block(q_base, do_base, m0, L, s_ql, s_dl, cd, D, BD, BM)
         # Padding query rows: lse = +inf gives P = 0 and q = dO = 0, so they add exact zeros.
         lse2 = tl.load(lse_ptr + bh * L + rows, mask=row_ok, other=float("inf")).to(ACC) * log2e
         delta = tl.load(delta_ptr + bh * L + rows, mask=row_ok, other=0.0)
@@ -209,11 +212,8 @@ def _bwd_dq_kernel(
     DROPOUT: tl.constexpr, PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
     """dQ = scale dS K for a block of BM queries."""
-    bh, b, h, rows, row_ok = _program_block(H, L, BM)
-    cd = tl.arange(0, BD)
-    k_base = _head(k_ptr, b, h, s_kb, s_kh)
-    v_base = _head(v_ptr, b, h, s_vb, s_vh)
-    q = load_tile(_head(q_ptr, b, h, s_qb, s_qh), rows, row_ok, s_ql, 1, cd, D, BD)
+    bh, b, h, rows, row_ok, cd, k_base, v_base, q = _query_block(q_ptr, k_ptr, v_ptr, H, L, s_qb, s_ql, s_qh,
+                                                                 s_kb, s_kh, s_vb, s_vh, D, BD, BM)
     do = load_tile(_head(do_ptr, b, h, s_db, s_dh), rows, row_ok, s_dl, 1, cd, D, BD)
     qk_scale = float_arg(qk_hi, qk_lo, FP64)
     inv_keep = float_arg(inv_keep_hi, inv_keep_lo, FP64)
@@ -222,10 +222,7 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BM, BD], ACC)
     for n0 in range(0, L, BN):
-        cols = n0 + tl.arange(0, BN).to(tl.int64)
-        col_ok = cols < L
-        k = load_tile(k_base, cols, col_ok, s_kl, 1, cd, D, BD)
-        v = load_tile(v_base, cols, col_ok, s_vl, 1, cd, D, BD)
+        _, col_ok, k, v = _load_block(k_base, v_base, n0, L, s_kl, s_vl, cd, D, BD, BN)
         p = tl.exp2(matmul_acc(q, tl.trans(k), PREC, FP64) * qk_scale - lse2[:, None])
         if not EVEN:
             # Padding keys (k = 0) would give p = 2^-lse2, possibly inf, and inf * 0 = NaN in dS K.
@@ -243,9 +240,6 @@ def _bwd_dq_kernel(
 # ---------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------
-
-_MAX_D = 128
-
 
 def _config(D: int, dtype: torch.dtype, is_cuda: bool, dropout: bool) -> dict:
     """Tiles (BM queries, BN keys, warps, stages) per kernel; fixed, no autotuning.
@@ -265,7 +259,7 @@ def _config(D: int, dtype: torch.dtype, is_cuda: bool, dropout: bool) -> dict:
         t = 32 if not is_cuda else (16 if bd <= 32 else 8)
         tile = (t, t, 4, 1)
         return dict(BD=bd, fwd=tile, dkdv=tile, dq=tile)
-    wide = bd == _MAX_D
+    wide = bd == MAX_HEAD_DIM
     if dtype == torch.float32:
         return dict(BD=bd, fwd=(16 if wide else 64, 32, 8, 2), dkdv=(16 if wide else 32, 64, 8, 2),
                     dq=(16 if wide else 64, 32, 4 if bd <= 32 else 8, 2))
@@ -273,48 +267,24 @@ def _config(D: int, dtype: torch.dtype, is_cuda: bool, dropout: bool) -> dict:
     return dict(BD=bd, fwd=(128, 32 if wide else 64, warps, 3), dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
 
 
-def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _check_head_dim(q: torch.Tensor) -> None:
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton intra_sample_attention kernels take head dims d <= {MAX_HEAD_DIM}, "
+                         f"got d = {q.shape[-1]}")
 
 
-def _head_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    """(b, l, h) strides; the last dimension is unit-stride."""
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _check_args(tensors: dict, scale: float, dropout_p: float, rng_state: torch.Tensor) -> None:
-    names = list(tensors)
-    for name, x in tensors.items():
-        check_floating(x, name)
-        check_rank(x, name, 4, "[B, L, H, d]")
-    check_same(list(tensors.values()), names)
-    shape = tensors["q"].shape
-    for name, x in tensors.items():
-        if x.shape != shape:
-            raise ValueError(f"{name} must have the shape of q {tuple(shape)}, got {tuple(x.shape)}")
-    B, L, H, D = shape
-    if min(B, L, D) < 1:
-        raise ValueError(f"q must be [B, L, H, d] with B, L, d >= 1, got {tuple(shape)}")
-    if D > _MAX_D:
-        raise ValueError(f"the Triton kernels take head dims d <= {_MAX_D}, got d = {D}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    check_rng_state(rng_state)
-
-
-def _scalars(scale: float, dropout_p: float, rng_state: torch.Tensor) -> tuple:
-    """((scale log2 e) pair, (1 / (1 - p)) pair, RNG args) for the kernels; no RNG read when p = 0."""
-    rng = dropout_args(rng_state, dropout_p) if dropout_p > 0 else (0, 0, 0, 0)
-    return split_float(scale * math.log2(math.e)), split_float(1.0 / (1.0 - dropout_p)), rng
+def _qk_scale(scale: float) -> tuple[float, float]:
+    """scale log2 e, as a float pair: the kernels' softmax is in base 2."""
+    return split_float(scale * math.log2(math.e))
 
 
 def intra_sample_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                    dropout_p: float, rng_state: torch.Tensor):
     """(out [B, L, H, d] contiguous in the input dtype, lse [B, H, L] float32 (float64 for float64))."""
-    _check_args({"q": q, "k": k, "v": v}, scale, dropout_p, rng_state)
-    q, k, v = (_lastdim_contiguous(x) for x in (q, k, v))
+    check_all_like(q, {"k": k, "v": v})
+    _check_head_dim(q)
+    check_rng_state(rng_state)
+    q, k, v = (unit_last_stride(x) for x in (q, k, v))
     B, L, H, D = q.shape
     acc_t, acc_tl = acc_dtypes(q.dtype)
     out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
@@ -323,11 +293,11 @@ def intra_sample_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         return out, lse
     c = _config(D, q.dtype, on_gpu(q), dropout_p > 0)
     bm, bn, warps, stages = c["fwd"]
-    qk, inv_keep, rng = _scalars(scale, dropout_p, rng_state)
     with device_context(q):
         launch(
-            _fwd_kernel, (triton.cdiv(L, bm) * B * H,), q, k, v, out, lse, H, L, *_head_strides(q), *_head_strides(k), *_head_strides(v), *_head_strides(out),
-            *qk, *split_float(math.log(2.0)), *inv_keep, *rng,
+            _fwd_kernel, (triton.cdiv(L, bm) * B * H,), q, k, v, out, lse, H, L,
+            *blh_strides(q), *blh_strides(k), *blh_strides(v), *blh_strides(out),
+            *_qk_scale(scale), *split_float(math.log(2.0)), *dropout_args(rng_state, dropout_p),
             D=D, BD=c["BD"], BM=bm, BN=bn, EVEN=L % bn == 0, DROPOUT=dropout_p > 0, PREC=dot_precision(q),
             FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=warps, num_stages=stages)
     return out, lse
@@ -337,37 +307,36 @@ def intra_sample_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: 
                                     out: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float,
                                     rng_state: torch.Tensor):
     """(grad_q, grad_k, grad_v), new contiguous [B, L, H, d] in the input dtype."""
-    _check_args({"q": q, "k": k, "v": v, "grad_out": grad_out, "out": out}, scale, dropout_p, rng_state)
+    check_all_like(q, {"k": k, "v": v, "grad_out": grad_out, "out": out})
+    _check_head_dim(q)
+    check_rng_state(rng_state)
     B, L, H, D = q.shape
     acc_t, acc_tl = acc_dtypes(q.dtype)
-    if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, L) or lse.dtype != acc_t or lse.device != q.device:
-        raise ValueError(f"lse must be a {acc_t} tensor [B, H, L] = [{B}, {H}, {L}] on {q.device}, got "
-                         f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
-    q, k, v, grad_out, out = (_lastdim_contiguous(x) for x in (q, k, v, grad_out, out))
+    check_like(lse, "lse (of the forward)", (B, H, L), acc_t, q.device)
+    q, k, v, grad_out, out = (unit_last_stride(x) for x in (q, k, v, grad_out, out))
     lse = lse.contiguous()
     grads = [torch.empty(B, L, H, D, dtype=q.dtype, device=q.device) for _ in range(3)]
     if H == 0:
         return tuple(grads)
     grad_q, grad_k, grad_v = grads
     c = _config(D, q.dtype, on_gpu(q), dropout_p > 0)
-    qk, inv_keep, rng = _scalars(scale, dropout_p, rng_state)
     delta = torch.empty(B, H, L, dtype=acc_t, device=q.device)
-    strides = (*_head_strides(q), *_head_strides(k), *_head_strides(v), *_head_strides(grad_out),
-               *_head_strides(grad_q))
-    scalars = (*qk, *split_float(math.log2(math.e)), *split_float(scale), *inv_keep, *rng)
+    strides = (*blh_strides(q), *blh_strides(k), *blh_strides(v), *blh_strides(grad_out), *blh_strides(grad_q))
+    scalars = (*_qk_scale(scale), *split_float(math.log2(math.e)), *split_float(scale),
+               *dropout_args(rng_state, dropout_p))
     consts = dict(D=D, BD=c["BD"], DROPOUT=dropout_p > 0, PREC=dot_precision(q), FP64=acc_t == torch.float64,
                   ACC=acc_tl)
     with device_context(q):
         bm, _, warps, _ = c["dq"]  # the dQ kernel's row blocks, and warps for their [BM, BD] tiles
         launch(
-            _bwd_delta_kernel, (triton.cdiv(L, bm) * B * H,), out, grad_out, delta, H, L, *_head_strides(out), *_head_strides(grad_out),
-            D=D, BD=c["BD"], BM=bm, ACC=acc_tl, num_warps=warps)
+            _bwd_delta_kernel, (triton.cdiv(L, bm) * B * H,), out, grad_out, delta, H, L,
+            *blh_strides(out), *blh_strides(grad_out), D=D, BD=c["BD"], BM=bm, ACC=acc_tl, num_warps=warps)
         bm, bn, warps, stages = c["dkdv"]
         launch(
-            _bwd_dkdv_kernel, (triton.cdiv(L, bn) * B * H,), q, k, v, grad_out, lse, delta, grad_k, grad_v, H, L, *strides, *scalars,
-            BM=bm, BN=bn, num_warps=warps, num_stages=stages, **consts)
+            _bwd_dkdv_kernel, (triton.cdiv(L, bn) * B * H,), q, k, v, grad_out, lse, delta, grad_k, grad_v, H, L,
+            *strides, *scalars, BM=bm, BN=bn, num_warps=warps, num_stages=stages, **consts)
         bm, bn, warps, stages = c["dq"]
         launch(
-            _bwd_dq_kernel, (triton.cdiv(L, bm) * B * H,), q, k, v, grad_out, lse, delta, grad_q, H, L, *strides, *scalars,
-            BM=bm, BN=bn, EVEN=L % bn == 0, num_warps=warps, num_stages=stages, **consts)
+            _bwd_dq_kernel, (triton.cdiv(L, bm) * B * H,), q, k, v, grad_out, lse, delta, grad_q, H, L,
+            *strides, *scalars, BM=bm, BN=bn, EVEN=L % bn == 0, num_warps=warps, num_stages=stages, **consts)
     return grad_q, grad_k, grad_v

@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the mutual consistency loss (see DESIGN.md).
+"""Fused Triton kernels of the mutual consistency loss (see docs/design.md, section mutual_consistency_loss).
 
 The math is that of csrc/cpu/mutual_consistency.cpp (its header comment):
 softmax from e_j = exp(x_j - max), sharpening as sigmoid(z) with
@@ -13,7 +13,9 @@ pointer (as Triton's grouped GEMM tutorial does), so any S works without a
 copy. Forward writes one partial per program, summed in a fixed order by a
 second kernel (deterministic, no atomics); backward reads the logits in two
 sweeps over the models (the second from cache) and writes each gradient once.
-Accumulation is float32 (float64 for float64 inputs).
+Accumulation is float32 (float64 for float64 inputs). The public op
+(caml_ops/mutual_consistency.py) validates the user's arguments; the host
+functions check only what the kernels' indexing relies on.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_context, float_arg, launch, split_float
+from ._common import acc_dtypes, check_all_like, check_like, device_context, float_arg, launch, split_float
 
 # Below this, sum_{j != argmax} exp(x_j - max) is recomputed through the second largest logit.
 _TINY = 2.0**-100
@@ -144,21 +146,10 @@ def _backward_kernel(table, grad_table, like, grad, S, N, numel, inv_t_hi, inv_t
 
 
 def _prepare(logits, temperature):
-    if len(logits) < 2:
-        raise ValueError(f"logits must hold S >= 2 tensors [B, C, *spatial], got {len(logits)}")
+    """(contiguous logits, B, N, 1 / temperature as a float pair, meta-parameters) for the kernels."""
     x0 = logits[0]
-    if x0.dim() < 2 or x0.shape[1] < 2:
-        raise ValueError(f"logits[0] must be [B, C, *spatial] with C >= 2, got shape {tuple(x0.shape)}")
-    for s, x in enumerate(logits):
-        if x.shape != x0.shape or x.dtype != x0.dtype or x.device != x0.device:
-            raise ValueError(
-                f"logits[{s}] is {tuple(x.shape)} {x.dtype} on {x.device}; logits[0] is "
-                f"{tuple(x0.shape)} {x0.dtype} on {x0.device}: they must match"
-            )
-    if x0.numel() == 0:
-        raise ValueError(f"logits must not be empty, got shape {tuple(x0.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # The kernels read every tensor with logits[0]'s sizes, through pointers of its dtype.
+    check_all_like(x0, {f"logits[{s}]": x for s, x in enumerate(logits) if s > 0})
     xs = [x.contiguous() for x in logits]
     B, C = x0.shape[0], x0.shape[1]
     N = x0.numel() // (B * C)
@@ -199,7 +190,7 @@ def _table(tensors):
 def mutual_consistency_loss_forward(logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """sum_{s != t} mean((softmax(logits[s]) - sharpen(softmax(logits[t])))^2): 0-dim, float32 (float64 for float64)."""
     xs, B, N, inv_t, meta = _prepare(logits, temperature)
-    acc = torch.float64 if meta["FP64"] else torch.float32
+    acc, _ = acc_dtypes(xs[0].dtype)
     programs = B * triton.cdiv(N, meta["BLOCK_N"])
     partials = torch.empty(programs, dtype=acc, device=xs[0].device)
     out = torch.empty((), dtype=acc, device=xs[0].device)
@@ -212,8 +203,7 @@ def mutual_consistency_loss_forward(logits: list[torch.Tensor], temperature: flo
 def mutual_consistency_loss_backward(grad: torch.Tensor, logits: list[torch.Tensor], temperature: float) -> list[torch.Tensor]:
     """Gradients of mutual_consistency_loss_forward w.r.t. each logits tensor, times grad (0-dim)."""
     xs, B, N, inv_t, meta = _prepare(logits, temperature)
-    if grad.numel() != 1:
-        raise ValueError(f"grad must be 0-dim (the loss's gradient), got shape {tuple(grad.shape)}")
+    check_like(grad, "grad (of the 0-dim loss)", ())  # the kernel reads one element
     grads = [torch.empty_like(x) for x in xs]
     programs = B * triton.cdiv(N, meta["BLOCK_N"])
     with device_context(xs[0]):

@@ -13,7 +13,9 @@ tile by tile from the [K, D] memory bank and never stored as an N x K matrix
   order by a third kernel (deterministic, no atomics).
 
 Accumulation is float32 (float64 for float64 inputs). The host functions mirror
-the schemas in csrc/caml_ops.cpp; autograd and fake kernels live elsewhere.
+the schemas in csrc/caml_ops.cpp; autograd, fake kernels and the validation of
+user arguments live in caml_ops/omni_correlation.py. See docs/design.md,
+sections omni_correlation_loss and omni_correlation.
 """
 from __future__ import annotations
 
@@ -21,19 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    acc_dtypes,
-    device_context,
-    dot_precision,
-    float_arg,
-    launch,
-    load_tile,
-    matmul_acc,
-    on_gpu,
-    split_float,
-    store_tile,
-    to_float32,
-)
+from ._common import (acc_dtypes, check_all_like, check_like, device_context, dot_precision, float_arg, launch,
+                      load_tile, matmul_acc, on_gpu, split_float, store_tile, to_float32)
 
 # ---------------------------------------------------------------------------
 # Shared device helpers
@@ -98,8 +89,8 @@ def _pair_logits(fv, fa, mem_t, col_ok, c_hi, c_lo, PREC: tl.constexpr, DIVIDE: 
 
 
 @triton.jit
-def _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+def _loss_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO: tl.constexpr,
+                  EVEN_K: tl.constexpr):
     """dl/ds_v and dl/ds_a of a tile, scaled by the row gradient g."""
     log_p = _log_softmax(s_v, hi_v, lo_v)
     p = tl.exp(log_p)
@@ -122,13 +113,79 @@ def _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS
     return ds_v, ds_a
 
 
+@triton.jit
+def _row_block(N, BM: tl.constexpr):
+    """This program's block of BM rows (int64) and their validity mask."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    return rows, rows < N
+
+
+@triton.jit
+def _bank_tile(mem_ptr, n0, K, s_m0, s_m1, cd, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """Columns n0 .. n0 + BN of the logits: their indices, mask and memory rows [BN, BD] (0 past K)."""
+    cols = n0 + tl.arange(0, BN)
+    col_ok = cols < K
+    return cols, col_ok, load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+
+
+@triton.jit
+def _load_pair(fv_ptr, fa_ptr, rows, row_ok, s_fv0, s_fv1, s_fa0, s_fa1, cd, D: tl.constexpr, BD: tl.constexpr):
+    """Both sub-models' feature rows [BM, BD]."""
+    fv = load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
+    fa = load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
+    return fv, fa
+
+
+@triton.jit
+def _feature_block(fv_ptr, fa_ptr, N, s_fv0, s_fv1, s_fa0, s_fa1, D: tl.constexpr, BD: tl.constexpr,
+                   BM: tl.constexpr):
+    """This program's block of rows and their mask, the feature columns, and both sub-models' rows there."""
+    rows, row_ok = _row_block(N, BM)
+    cd = tl.arange(0, BD)
+    fv, fa = _load_pair(fv_ptr, fa_ptr, rows, row_ok, s_fv0, s_fv1, s_fa0, s_fa1, cd, D, BD)
+    return rows, row_ok, cd, fv, fa
+
+
+@triton.jit
+def _load_row_stats(g_ptr, s_g, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr, rows, row_ok, ACC: tl.constexpr):
+    """The rows' gradient g and the forward's statistics l, lse_v (hi, lo), lse_a (hi, lo) and R."""
+    g = tl.load(g_ptr + rows * s_g, mask=row_ok, other=0.0).to(ACC)
+    l = _load_rows(loss_ptr, rows, row_ok, ACC)
+    hi_v, lo_v = _load_lse(lse_v_ptr, rows, row_ok, ACC)
+    hi_a, lo_a = _load_lse(lse_a_ptr, rows, row_ok, ACC)
+    return g, l, hi_v, lo_v, hi_a, lo_a, _load_rows(r_ptr, rows, row_ok, ACC)
+
+
+@triton.jit
+def _chunk_columns(K, num_col_tiles, BN: tl.constexpr):
+    """A grad_memory program's row chunk and its column tile (indices, mask). Column tiles vary fastest,
+    so the programs sharing a row chunk run together and read its features from L2."""
+    pid = tl.program_id(0)
+    chunk = pid // num_col_tiles
+    cols = (pid % num_col_tiles).to(tl.int64) * BN + tl.arange(0, BN)
+    return chunk, cols, cols < K
+
+
+@triton.jit
+def _chunk_rows(chunk, N, blocks_per_chunk, BM: tl.constexpr):
+    """The chunk's first block of rows and its number of row blocks."""
+    rows = chunk.to(tl.int64) * blocks_per_chunk * BM + tl.arange(0, BM)
+    return rows, tl.minimum(blocks_per_chunk, tl.cdiv(N, BM) - chunk * blocks_per_chunk)
+
+
+@triton.jit
+def _store_partial(part_ptr, chunk, acc, cols, col_ok, K, cd, D: tl.constexpr, BD: tl.constexpr):
+    """The chunk's partial [K, D] of grad_memory, rows `cols`."""
+    store_tile(part_ptr + chunk.to(tl.int64) * K * D, acc, cols, col_ok, D, cd, D, BD)
+
+
 # ---------------------------------------------------------------------------
 # omni_correlation_loss
 # ---------------------------------------------------------------------------
 
 
 @triton.jit
-def _occ_fwd_kernel(
+def _loss_fwd_kernel(
     fv_ptr, fa_ptr, mem_ptr, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr,
     N, K, s_fv0, s_fv1, s_fa0, s_fa1, s_m0, s_m1,
     logit_hi, logit_lo, eps_hi, eps_lo,
@@ -136,11 +193,7 @@ def _occ_fwd_kernel(
     EPS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
     DIVIDE: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    row_ok = rows < N
-    cd = tl.arange(0, BD)
-    fv = load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
-    fa = load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
+    rows, row_ok, cd, fv, fa = _feature_block(fv_ptr, fa_ptr, N, s_fv0, s_fv1, s_fa0, s_fa1, D, BD, BM)
     eps = float_arg(eps_hi, eps_lo, FP64)
 
     m_v = tl.full([BM], float("-inf"), ACC)
@@ -151,11 +204,8 @@ def _occ_fwd_kernel(
     # l = log z_v - w / z_a adds two non-negative terms: no cancellation.
     w = tl.zeros([BM], ACC)
     for n0 in range(0, K, BN):
-        cols = n0 + tl.arange(0, BN)
-        col_ok = cols < K
-        mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
-        mem_t = tl.trans(mem)
-        s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
+        _, col_ok, mem = _bank_tile(mem_ptr, n0, K, s_m0, s_m1, cd, D, BD, BN)
+        s_v, s_a = _pair_logits(fv, fa, tl.trans(mem), col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
         mv_new = tl.maximum(m_v, tl.max(s_v, 1))
         ma_new = tl.maximum(m_a, tl.max(s_a, 1))
         z_v = z_v * tl.exp(m_v - mv_new) + tl.sum(tl.exp(s_v - mv_new[:, None]), 1)
@@ -183,11 +233,8 @@ def _occ_fwd_kernel(
         loss = tl.zeros([BM], ACC)
         r_sum = tl.zeros([BM], ACC)
         for n0 in range(0, K, BN):
-            cols = n0 + tl.arange(0, BN)
-            col_ok = cols < K
-            mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
-            mem_t = tl.trans(mem)
-            s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
+            _, col_ok, mem = _bank_tile(mem_ptr, n0, K, s_m0, s_m1, cd, D, BD, BN)
+            s_v, s_a = _pair_logits(fv, fa, tl.trans(mem), col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
             p = tl.exp(_log_softmax(s_v, hi_v, lo_v))
             q = tl.exp(_log_softmax(s_a, hi_a, lo_a))
             pe = p + eps
@@ -200,7 +247,7 @@ def _occ_fwd_kernel(
 
 
 @triton.jit
-def _occ_bwd_feat_kernel(
+def _loss_bwd_feat_kernel(
     g_ptr, fv_ptr, fa_ptr, mem_ptr, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr, gfv_ptr, gfa_ptr,
     N, K, s_g, s_fv0, s_fv1, s_fa0, s_fa1, s_m0, s_m1,
     logit_hi, logit_lo, scale_hi, scale_lo, eps_hi, eps_lo,
@@ -208,29 +255,18 @@ def _occ_bwd_feat_kernel(
     EPS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
     DIVIDE: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    row_ok = rows < N
-    cd = tl.arange(0, BD)
-    fv = load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
-    fa = load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
-    g = tl.load(g_ptr + rows * s_g, mask=row_ok, other=0.0).to(ACC)
-    l = _load_rows(loss_ptr, rows, row_ok, ACC)
-    hi_v, lo_v = _load_lse(lse_v_ptr, rows, row_ok, ACC)
-    hi_a, lo_a = _load_lse(lse_a_ptr, rows, row_ok, ACC)
-    r_sum = _load_rows(r_ptr, rows, row_ok, ACC)
+    rows, row_ok, cd, fv, fa = _feature_block(fv_ptr, fa_ptr, N, s_fv0, s_fv1, s_fa0, s_fa1, D, BD, BM)
+    g, l, hi_v, lo_v, hi_a, lo_a, r_sum = _load_row_stats(g_ptr, s_g, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr,
+                                                          rows, row_ok, ACC)
     scale = float_arg(scale_hi, scale_lo, FP64)
     eps = float_arg(eps_hi, eps_lo, FP64)
 
     acc_v = tl.zeros([BM, BD], ACC)
     acc_a = tl.zeros([BM, BD], ACC)
     for n0 in range(0, K, BN):
-        cols = n0 + tl.arange(0, BN)
-        col_ok = cols < K
-        mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
-        mem_t = tl.trans(mem)
-        s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
-        ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO,
-                                    EVEN_K)
+        _, col_ok, mem = _bank_tile(mem_ptr, n0, K, s_m0, s_m1, cd, D, BD, BN)
+        s_v, s_a = _pair_logits(fv, fa, tl.trans(mem), col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
+        ds_v, ds_a = _loss_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO, EVEN_K)
         acc_v += matmul_acc(ds_v.to(mem.dtype), mem, PREC, FP64)
         acc_a += matmul_acc(ds_a.to(mem.dtype), mem, PREC, FP64)
     store_tile(gfv_ptr, acc_v * scale, rows, row_ok, D, cd, D, BD)
@@ -238,7 +274,7 @@ def _occ_bwd_feat_kernel(
 
 
 @triton.jit
-def _occ_bwd_mem_kernel(
+def _loss_bwd_mem_kernel(
     g_ptr, fv_ptr, fa_ptr, mem_ptr, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr, part_ptr,
     N, K, s_g, s_fv0, s_fv1, s_fa0, s_fa1, s_m0, s_m1,
     logit_hi, logit_lo, scale_hi, scale_lo, eps_hi, eps_lo, num_col_tiles, blocks_per_chunk,
@@ -246,37 +282,25 @@ def _occ_bwd_mem_kernel(
     EPS_ZERO: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
     DIVIDE: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
-    # Column tiles vary fastest, so the programs sharing a row chunk run
-    # together and read its features from L2.
-    pid = tl.program_id(0)
-    chunk = pid // num_col_tiles
-    cols = (pid % num_col_tiles).to(tl.int64) * BN + tl.arange(0, BN)
-    col_ok = cols < K
+    chunk, cols, col_ok = _chunk_columns(K, num_col_tiles, BN)
     cd = tl.arange(0, BD)
+    acc = tl.zeros([BN, BD], ACC)
     mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
     mem_t = tl.trans(mem)
     scale = float_arg(scale_hi, scale_lo, FP64)
     eps = float_arg(eps_hi, eps_lo, FP64)
-
-    acc = tl.zeros([BN, BD], ACC)
-    rows = chunk.to(tl.int64) * blocks_per_chunk * BM + tl.arange(0, BM)
-    num_blocks = tl.minimum(blocks_per_chunk, tl.cdiv(N, BM) - chunk * blocks_per_chunk)
+    rows, num_blocks = _chunk_rows(chunk, N, blocks_per_chunk, BM)
     for _ in range(0, num_blocks):
         row_ok = rows < N
-        fv = load_tile(fv_ptr, rows, row_ok, s_fv0, s_fv1, cd, D, BD)
-        fa = load_tile(fa_ptr, rows, row_ok, s_fa0, s_fa1, cd, D, BD)
-        g = tl.load(g_ptr + rows * s_g, mask=row_ok, other=0.0).to(ACC)
-        l = _load_rows(loss_ptr, rows, row_ok, ACC)
-        hi_v, lo_v = _load_lse(lse_v_ptr, rows, row_ok, ACC)
-        hi_a, lo_a = _load_lse(lse_a_ptr, rows, row_ok, ACC)
-        r_sum = _load_rows(r_ptr, rows, row_ok, ACC)
+        fv, fa = _load_pair(fv_ptr, fa_ptr, rows, row_ok, s_fv0, s_fv1, s_fa0, s_fa1, cd, D, BD)
+        g, l, hi_v, lo_v, hi_a, lo_a, r_sum = _load_row_stats(g_ptr, s_g, loss_ptr, lse_v_ptr, lse_a_ptr, r_ptr,
+                                                              rows, row_ok, ACC)
         s_v, s_a = _pair_logits(fv, fa, mem_t, col_ok, logit_hi, logit_lo, PREC, DIVIDE, FP64, EVEN_K)
-        ds_v, ds_a = _occ_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO,
-                                    EVEN_K)
+        ds_v, ds_a = _loss_dscores(s_v, s_a, g, l, hi_v, lo_v, hi_a, lo_a, r_sum, eps, col_ok, EPS_ZERO, EVEN_K)
         acc += matmul_acc(tl.trans(ds_v).to(fv.dtype), fv, PREC, FP64)
         acc += matmul_acc(tl.trans(ds_a).to(fa.dtype), fa, PREC, FP64)
         rows += BM
-    store_tile(part_ptr + chunk.to(tl.int64) * K * D, acc * scale, cols, col_ok, D, cd, D, BD)
+    _store_partial(part_ptr, chunk, acc * scale, cols, col_ok, K, cd, D, BD)
 
 
 @triton.jit
@@ -298,22 +322,33 @@ def _sum_chunks_kernel(part_ptr, out_ptr, num_chunks, KD, BLOCK: tl.constexpr, A
 
 
 @triton.jit
+def _corr_logits(f, mem, c_hi, c_lo, PREC: tl.constexpr, DIVIDE: tl.constexpr, FP64: tl.constexpr):
+    return _logits(matmul_acc(f, tl.trans(mem), PREC, FP64), c_hi, c_lo, DIVIDE, FP64)
+
+
+@triton.jit
+def _load_grad_probs(g_ptr, p_ptr, rows, row_ok, cols, col_ok, s_g0, s_g1, s_p0, s_p1, ACC: tl.constexpr):
+    """The [BM, BN] tiles of grad_out and probs, in ACC (0 outside)."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    g = tl.load(g_ptr + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=mask, other=0.0)
+    p = tl.load(p_ptr + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0)
+    return g.to(ACC), p.to(ACC)
+
+
+@triton.jit
 def _corr_fwd_kernel(
     f_ptr, mem_ptr, out_ptr, N, K, s_f0, s_f1, s_m0, s_m1, logit_hi, logit_lo,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     EVEN_K: tl.constexpr, PREC: tl.constexpr, DIVIDE: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    row_ok = rows < N
+    rows, row_ok = _row_block(N, BM)
     cd = tl.arange(0, BD)
     f = load_tile(f_ptr, rows, row_ok, s_f0, s_f1, cd, D, BD)
     m = tl.full([BM], float("-inf"), ACC)
     z = tl.zeros([BM], ACC)
     for n0 in range(0, K, BN):
-        cols = n0 + tl.arange(0, BN)
-        col_ok = cols < K
-        mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
-        s = _logits(matmul_acc(f, tl.trans(mem), PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
+        _, col_ok, mem = _bank_tile(mem_ptr, n0, K, s_m0, s_m1, cd, D, BD, BN)
+        s = _corr_logits(f, mem, logit_hi, logit_lo, PREC, DIVIDE, FP64)
         if not EVEN_K:
             s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -321,10 +356,8 @@ def _corr_fwd_kernel(
         m = m_new
     inv_z = 1.0 / z  # exp(s - m) / z sums to 1 more exactly than exp(s - lse)
     for n0 in range(0, K, BN):
-        cols = n0 + tl.arange(0, BN)
-        col_ok = cols < K
-        mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
-        s = _logits(matmul_acc(f, tl.trans(mem), PREC, FP64), logit_hi, logit_lo, DIVIDE, FP64)
+        cols, col_ok, mem = _bank_tile(mem_ptr, n0, K, s_m0, s_m1, cd, D, BD, BN)
+        s = _corr_logits(f, mem, logit_hi, logit_lo, PREC, DIVIDE, FP64)
         p = tl.exp(s - m[:, None]) * inv_z[:, None]
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], p.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
@@ -337,28 +370,21 @@ def _corr_bwd_feat_kernel(
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    row_ok = rows < N
+    rows, row_ok = _row_block(N, BM)
     cd = tl.arange(0, BD)
     scale = float_arg(scale_hi, scale_lo, FP64)
     # delta = rowsum(G * P); masked entries load as 0.
     delta = tl.zeros([BM], ACC)
     for n0 in range(0, K, BN):
         cols = n0 + tl.arange(0, BN)
-        mask = row_ok[:, None] & (cols[None, :] < K)
-        g = tl.load(g_ptr + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=mask, other=0.0)
-        p = tl.load(p_ptr + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0)
-        delta += tl.sum(g.to(ACC) * p.to(ACC), 1)
+        g, p = _load_grad_probs(g_ptr, p_ptr, rows, row_ok, cols, cols < K, s_g0, s_g1, s_p0, s_p1, ACC)
+        delta += tl.sum(g * p, 1)
     tl.store(delta_ptr + rows, delta, mask=row_ok)
     acc = tl.zeros([BM, BD], ACC)
     for n0 in range(0, K, BN):
-        cols = n0 + tl.arange(0, BN)
-        col_ok = cols < K
-        mask = row_ok[:, None] & col_ok[None, :]
-        g = tl.load(g_ptr + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=mask, other=0.0)
-        p = tl.load(p_ptr + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0)
-        ds = p.to(ACC) * (g.to(ACC) - delta[:, None])
-        mem = load_tile(mem_ptr, cols, col_ok, s_m0, s_m1, cd, D, BD)
+        cols, col_ok, mem = _bank_tile(mem_ptr, n0, K, s_m0, s_m1, cd, D, BD, BN)
+        g, p = _load_grad_probs(g_ptr, p_ptr, rows, row_ok, cols, col_ok, s_g0, s_g1, s_p0, s_p1, ACC)
+        ds = p * (g - delta[:, None])
         acc += matmul_acc(ds.to(mem.dtype), mem, PREC, FP64)
     store_tile(gf_ptr, acc * scale, rows, row_ok, D, cd, D, BD)
 
@@ -370,33 +396,26 @@ def _corr_bwd_mem_kernel(
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr, FP64: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    chunk = pid // num_col_tiles
-    cols = (pid % num_col_tiles).to(tl.int64) * BN + tl.arange(0, BN)
-    col_ok = cols < K
+    chunk, cols, col_ok = _chunk_columns(K, num_col_tiles, BN)
     cd = tl.arange(0, BD)
     scale = float_arg(scale_hi, scale_lo, FP64)
     acc = tl.zeros([BN, BD], ACC)
-    rows = chunk.to(tl.int64) * blocks_per_chunk * BM + tl.arange(0, BM)
-    num_blocks = tl.minimum(blocks_per_chunk, tl.cdiv(N, BM) - chunk * blocks_per_chunk)
+    rows, num_blocks = _chunk_rows(chunk, N, blocks_per_chunk, BM)
     for _ in range(0, num_blocks):
         row_ok = rows < N
-        mask = row_ok[:, None] & col_ok[None, :]
-        g = tl.load(g_ptr + rows[:, None] * s_g0 + cols[None, :] * s_g1, mask=mask, other=0.0)
-        p = tl.load(p_ptr + rows[:, None] * s_p0 + cols[None, :] * s_p1, mask=mask, other=0.0)
+        g, p = _load_grad_probs(g_ptr, p_ptr, rows, row_ok, cols, col_ok, s_g0, s_g1, s_p0, s_p1, ACC)
         delta = _load_rows(delta_ptr, rows, row_ok, ACC)
-        ds = p.to(ACC) * (g.to(ACC) - delta[:, None])
+        ds = p * (g - delta[:, None])
         f = load_tile(f_ptr, rows, row_ok, s_f0, s_f1, cd, D, BD)
         acc += matmul_acc(tl.trans(ds).to(f.dtype), f, PREC, FP64)
         rows += BM
-    store_tile(part_ptr + chunk.to(tl.int64) * K * D, acc * scale, cols, col_ok, D, cd, D, BD)
+    _store_partial(part_ptr, chunk, acc * scale, cols, col_ok, K, cd, D, BD)
 
 
 # ---------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # grad_memory programs aimed at: enough to fill an H100 several times over while
 # the [num_chunks, K, D] partials stay a few MiB. A constant, so the chunking
 # (and with it the summation order) depends only on N, K and D.
@@ -445,26 +464,23 @@ def _logit_scale(x: torch.Tensor, temperature: float):
     return (*split_float(c), not gpu)
 
 
-def _check_matrix(name: str, x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor [rows, D], got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {x.dtype}")
+def _sizes(feat: torch.Tensor, memory: torch.Tensor, like_feat: dict) -> tuple[int, int, int]:
+    """(N, K, D) of feat [N, D] and memory [K, D], after checking that memory and the tensors `like_feat`
+    (name: tensor) agree with feat: the kernels index them all with feat's N, D, dtype and device."""
+    N, D = feat.shape
+    K = memory.shape[0]
+    check_like(memory, "memory", (K, D), feat.dtype, feat.device)
+    check_all_like(feat, like_feat)
+    return N, K, D
 
 
-def _check_inputs(feats: dict, memory: torch.Tensor, temperature: float) -> None:
-    _check_matrix("memory", memory)
-    if memory.shape[0] == 0:
-        raise ValueError("memory must have at least one row (K >= 1)")
-    for name, f in feats.items():
-        _check_matrix(name, f)
-        if f.shape[1] != memory.shape[1]:
-            raise ValueError(f"{name} must be [N, {memory.shape[1]}] (D of memory), got {tuple(f.shape)}")
-        if f.dtype != memory.dtype or f.device != memory.device:
-            raise ValueError(f"{name} and memory must share dtype and device, got "
-                             f"{f.dtype}/{f.device} and {memory.dtype}/{memory.device}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+def _meta(memory: torch.Tensor) -> dict:
+    """The constexprs and launch options that all the kernels of an op share (one tiling: see _config)."""
+    D = memory.shape[1]
+    c = _config(D, memory.dtype)
+    acc_t, acc_tl = acc_dtypes(memory.dtype)
+    return dict(D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], PREC=dot_precision(memory), FP64=acc_t == torch.float64,
+                ACC=acc_tl, num_warps=c["warps"], num_stages=c["stages"])
 
 
 def _chunking(N: int, K: int, bm: int, bn: int):
@@ -483,124 +499,105 @@ def _sum_chunks(part: torch.Tensor, out_dtype: torch.dtype, acc_tl) -> torch.Ten
     return out
 
 
+def _stats_shapes(N: int) -> tuple:
+    """Shapes of the forward's loss_rows, lse_v, lse_a and r_sum."""
+    return (N,), (N, 2), (N, 2), (N,)
+
+
 def omni_correlation_loss_forward(feat_v: torch.Tensor, feat_a: torch.Tensor, memory: torch.Tensor,
-                     temperature: float, eps: float):
+                                  temperature: float, eps: float):
     """Row statistics (loss_rows [N], lse_v [N, 2], lse_a [N, 2], r_sum [N]), float32 (float64 for float64).
 
     lse_v, lse_a: each row's log-sum-exp as hi, lo (hi + lo, hi = the rounded log-sum-exp).
     """
-    _check_inputs({"feat_v": feat_v, "feat_a": feat_a}, memory, temperature)
-    if feat_a.shape != feat_v.shape:
-        raise ValueError(f"feat_a must have the shape of feat_v {tuple(feat_v.shape)}, got {tuple(feat_a.shape)}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    N, D = feat_v.shape
-    K = memory.shape[0]
-    acc_t, acc_tl = acc_dtypes(feat_v.dtype)
-    outs = [torch.empty(shape, dtype=acc_t, device=feat_v.device) for shape in ((N,), (N, 2), (N, 2), (N,))]
+    N, K, D = _sizes(feat_v, memory, {"feat_a": feat_a})
+    acc_t, _ = acc_dtypes(feat_v.dtype)
+    outs = [torch.empty(shape, dtype=acc_t, device=feat_v.device) for shape in _stats_shapes(N)]
     if N == 0:
         return tuple(outs)
-    c = _config(D, feat_v.dtype)
+    meta = _meta(memory)
     logit_hi, logit_lo, divide = _logit_scale(feat_v, temperature)
     with device_context(feat_v):
-        launch(_occ_fwd_kernel, (triton.cdiv(N, c["BM"]),),
+        launch(_loss_fwd_kernel, (triton.cdiv(N, meta["BM"]),),
             feat_v, feat_a, memory, *outs, N, K, *feat_v.stride(), *feat_a.stride(), *memory.stride(),
-            logit_hi, logit_lo, *split_float(eps),
-            D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EPS_ZERO=eps == 0, EVEN_K=K % c["BN"] == 0,
-            PREC=dot_precision(memory), DIVIDE=divide, FP64=acc_t == torch.float64, ACC=acc_tl,
-            num_warps=c["warps"], num_stages=c["stages"])
+            logit_hi, logit_lo, *split_float(eps), EPS_ZERO=eps == 0, EVEN_K=K % meta["BN"] == 0, DIVIDE=divide,
+            **meta)
     return tuple(outs)
 
 
 def omni_correlation_loss_backward(grad_rows: torch.Tensor, feat_v: torch.Tensor, feat_a: torch.Tensor,
-                      memory: torch.Tensor, loss_rows: torch.Tensor, lse_v: torch.Tensor,
-                      lse_a: torch.Tensor, r_sum: torch.Tensor, temperature: float, eps: float,
-                      memory_grad: bool):
+                                   memory: torch.Tensor, loss_rows: torch.Tensor, lse_v: torch.Tensor,
+                                   lse_a: torch.Tensor, r_sum: torch.Tensor, temperature: float, eps: float,
+                                   memory_grad: bool):
     """(grad_feat_v, grad_feat_a, grad_memory) in the input dtype; grad_memory is zeros unless memory_grad."""
-    _check_inputs({"feat_v": feat_v, "feat_a": feat_a}, memory, temperature)
-    N, D = feat_v.shape
-    K = memory.shape[0]
-    for name, v, shape in (("grad_rows", grad_rows, (N,)), ("loss_rows", loss_rows, (N,)),
-                           ("lse_v", lse_v, (N, 2)), ("lse_a", lse_a, (N, 2)), ("r_sum", r_sum, (N,))):
-        if v.shape != shape:
-            raise ValueError(f"{name} must be {list(shape)} (N = {N}), got {tuple(v.shape)}")
+    N, K, D = _sizes(feat_v, memory, {"feat_a": feat_a})
     acc_t, acc_tl = acc_dtypes(feat_v.dtype)
+    check_like(grad_rows, "grad_rows", (N,), device=feat_v.device)  # read through its stride, in any dtype
+    stats = {"loss_rows": loss_rows, "lse_v": lse_v, "lse_a": lse_a, "r_sum": r_sum}
+    for (name, x), shape in zip(stats.items(), _stats_shapes(N)):
+        check_like(x, f"{name} (of the forward)", shape, acc_t, feat_v.device)
     grad_v = torch.empty(N, D, dtype=feat_v.dtype, device=feat_v.device)
     grad_a = torch.empty(N, D, dtype=feat_v.dtype, device=feat_v.device)
     if N == 0 or not memory_grad:
         grad_m = torch.zeros(K, D, dtype=memory.dtype, device=memory.device)
     if N == 0:
         return grad_v, grad_a, grad_m
-    stats = [t.to(acc_t).contiguous() for t in (loss_rows, lse_v, lse_a, r_sum)]
-    c = _config(D, feat_v.dtype)
+    stats = [x.contiguous() for x in stats.values()]
+    meta = _meta(memory)
     logit_hi, logit_lo, divide = _logit_scale(feat_v, temperature)
-    consts = dict(D=D, BD=c["BD"], EPS_ZERO=eps == 0, PREC=dot_precision(memory), DIVIDE=divide,
-                  FP64=acc_t == torch.float64, ACC=acc_tl)
+    meta.update(EPS_ZERO=eps == 0, EVEN_K=K % meta["BN"] == 0, DIVIDE=divide)
     scalars = (logit_hi, logit_lo, *split_float(1.0 / temperature), *split_float(eps))
     strides = (grad_rows.stride(0), *feat_v.stride(), *feat_a.stride(), *memory.stride())
     with device_context(feat_v):
-        launch(_occ_bwd_feat_kernel, (triton.cdiv(N, c["BM"]),),
-            grad_rows, feat_v, feat_a, memory, *stats, grad_v, grad_a, N, K, *strides, *scalars,
-            BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, num_warps=c["warps"], num_stages=c["stages"], **consts)
+        launch(_loss_bwd_feat_kernel, (triton.cdiv(N, meta["BM"]),),
+            grad_rows, feat_v, feat_a, memory, *stats, grad_v, grad_a, N, K, *strides, *scalars, **meta)
         if memory_grad:
-            tiles, chunks, per_chunk = _chunking(N, K, c["BM"], c["BN"])
+            tiles, chunks, per_chunk = _chunking(N, K, meta["BM"], meta["BN"])
             part = torch.empty(chunks, K, D, dtype=acc_t, device=memory.device)
-            launch(_occ_bwd_mem_kernel, (tiles * chunks,),
-                grad_rows, feat_v, feat_a, memory, *stats, part, N, K, *strides, *scalars, tiles, per_chunk,
-                BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, num_warps=c["warps"], num_stages=c["stages"],
-                **consts)
+            launch(_loss_bwd_mem_kernel, (tiles * chunks,),
+                grad_rows, feat_v, feat_a, memory, *stats, part, N, K, *strides, *scalars, tiles, per_chunk, **meta)
             grad_m = _sum_chunks(part, memory.dtype, acc_tl)
     return grad_v, grad_a, grad_m
 
 
 def omni_correlation_forward(feat: torch.Tensor, memory: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(feat @ memory.T / temperature, dim=1): [N, K] in the input dtype."""
-    _check_inputs({"feat": feat}, memory, temperature)
-    N, D = feat.shape
-    K = memory.shape[0]
+    N, K, D = _sizes(feat, memory, {})
     out = torch.empty(N, K, dtype=feat.dtype, device=feat.device)
     if N == 0:
         return out
-    acc_t, acc_tl = acc_dtypes(feat.dtype)
-    c = _config(D, feat.dtype)
+    meta = _meta(memory)
     logit_hi, logit_lo, divide = _logit_scale(feat, temperature)  # the logits rounded as PyTorch's
     with device_context(feat):
-        launch(_corr_fwd_kernel, (triton.cdiv(N, c["BM"]),),
+        launch(_corr_fwd_kernel, (triton.cdiv(N, meta["BM"]),),
             feat, memory, out, N, K, *feat.stride(), *memory.stride(), logit_hi, logit_lo,
-            D=D, BD=c["BD"], BM=c["BM"], BN=c["BN"], EVEN_K=K % c["BN"] == 0, PREC=dot_precision(memory),
-            DIVIDE=divide, FP64=acc_t == torch.float64, ACC=acc_tl, num_warps=c["warps"], num_stages=c["stages"])
+            EVEN_K=K % meta["BN"] == 0, DIVIDE=divide, **meta)
     return out
 
 
 def omni_correlation_backward(grad_out: torch.Tensor, probs: torch.Tensor, feat: torch.Tensor,
                               memory: torch.Tensor, temperature: float, memory_grad: bool):
     """(grad_feat, grad_memory) for dS = P * (G - rowsum(G * P)); grad_memory is zeros unless memory_grad."""
-    _check_inputs({"feat": feat}, memory, temperature)
-    N, D = feat.shape
-    K = memory.shape[0]
-    for name, v in (("grad_out", grad_out), ("probs", probs)):
-        if v.shape != (N, K):
-            raise ValueError(f"{name} must be [N, K] = [{N}, {K}], got {tuple(v.shape)}")
+    N, K, D = _sizes(feat, memory, {})
+    for name, x in (("grad_out", grad_out), ("probs", probs)):
+        check_like(x, name, (N, K), device=feat.device)  # read through their strides, in any dtype
     acc_t, acc_tl = acc_dtypes(feat.dtype)
     grad_f = torch.empty(N, D, dtype=feat.dtype, device=feat.device)
     if N == 0 or not memory_grad:
         grad_m = torch.zeros(K, D, dtype=memory.dtype, device=memory.device)
     if N == 0:
         return grad_f, grad_m
-    c = _config(D, feat.dtype)
-    consts = dict(D=D, BD=c["BD"], PREC=dot_precision(memory), FP64=acc_t == torch.float64, ACC=acc_tl)
+    meta = _meta(memory)
     scale = split_float(1.0 / temperature)
     delta = torch.empty(N, dtype=acc_t, device=feat.device)
+    strides = (*grad_out.stride(), *probs.stride())
     with device_context(feat):
-        launch(_corr_bwd_feat_kernel, (triton.cdiv(N, c["BM"]),),
-            grad_out, probs, memory, grad_f, delta, N, K, *grad_out.stride(), *probs.stride(),
-            *memory.stride(), *scale, BM=c["BM"], BN=c["BN"], num_warps=c["warps"], num_stages=c["stages"], **consts)
+        launch(_corr_bwd_feat_kernel, (triton.cdiv(N, meta["BM"]),),
+            grad_out, probs, memory, grad_f, delta, N, K, *strides, *memory.stride(), *scale, **meta)
         if memory_grad:
-            tiles, chunks, per_chunk = _chunking(N, K, c["BM"], c["BN"])
+            tiles, chunks, per_chunk = _chunking(N, K, meta["BM"], meta["BN"])
             part = torch.empty(chunks, K, D, dtype=acc_t, device=memory.device)
             launch(_corr_bwd_mem_kernel, (tiles * chunks,),
-                grad_out, probs, feat, delta, part, N, K, *grad_out.stride(), *probs.stride(),
-                *feat.stride(), *scale, tiles, per_chunk, BM=c["BM"], BN=c["BN"],
-                num_warps=c["warps"], num_stages=c["stages"], **consts)
+                grad_out, probs, feat, delta, part, N, K, *strides, *feat.stride(), *scale, tiles, per_chunk, **meta)
             grad_m = _sum_chunks(part, memory.dtype, acc_tl)
     return grad_f, grad_m
