@@ -34,8 +34,9 @@ from ._common import (RNG_ARGS, acc_dtypes, blh_strides, check_all_like, check_l
                       dot_precision, dropout_args, dropout_keep_tile, float_arg, launch, load_tile, matmul_acc, on_gpu,
                       split_float, store_tile, unit_last_stride)
 
-# The largest head dim d the kernels take (their [block, d] tiles are sized for it): a kernel limit, for the
-# dispatch layer to declare.
+# The largest head dim d the kernels take (their [block, d] tiles are sized for it). The op's spec declares
+# it (caml_ops/attention.py, TRITON_INTRA_SAMPLE_MAX_HEAD_DIM; tests/test_op_specs.py checks they agree) and
+# checks it before any launch.
 MAX_HEAD_DIM = 128
 
 # ---------------------------------------------------------------------------
@@ -267,12 +268,6 @@ def _config(D: int, dtype: torch.dtype, is_cuda: bool, dropout: bool) -> dict:
     return dict(BD=bd, fwd=(128, 32 if wide else 64, warps, 3), dkdv=(32, 128, warps, 3), dq=(128, 32, warps, 3))
 
 
-def _check_head_dim(q: torch.Tensor) -> None:
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"the Triton intra_sample_attention kernels take head dims d <= {MAX_HEAD_DIM}, "
-                         f"got d = {q.shape[-1]}")
-
-
 def _qk_scale(scale: float) -> tuple[float, float]:
     """scale log2 e, as a float pair: the kernels' softmax is in base 2."""
     return split_float(scale * math.log2(math.e))
@@ -282,7 +277,6 @@ def intra_sample_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    dropout_p: float, rng_state: torch.Tensor):
     """(out [B, L, H, d] contiguous in the input dtype, lse [B, H, L] float32 (float64 for float64))."""
     check_all_like(q, {"k": k, "v": v})
-    _check_head_dim(q)
     check_rng_state(rng_state)
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
     B, L, H, D = q.shape
@@ -308,7 +302,6 @@ def intra_sample_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: 
                                     rng_state: torch.Tensor):
     """(grad_q, grad_k, grad_v), new contiguous [B, L, H, d] in the input dtype."""
     check_all_like(q, {"k": k, "v": v, "grad_out": grad_out, "out": out})
-    _check_head_dim(q)
     check_rng_state(rng_state)
     B, L, H, D = q.shape
     acc_t, acc_tl = acc_dtypes(q.dtype)
