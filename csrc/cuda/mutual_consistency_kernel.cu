@@ -133,36 +133,6 @@ __device__ __forceinline__ Acc block_sum(Acc v, Acc* smem) {
   return total;  // valid in thread 0
 }
 
-template <typename Acc>
-struct SquareSums {
-  Acc squares, cross;
-};
-
-// The first sweep over the S models at voxel `base`: ref = model 0's p,
-// U = sum_s u_s, W = sum_s w_s (u_s = p_s - ref, w_s = q_s - ref) and the
-// forward's sums of u^2 + w^2 and of u w (dead code in the backward).
-template <int kC, typename T, typename Acc>
-__device__ __forceinline__ SquareSums<Acc> model_sums(const Models<T>& models, int S, int64_t base, int C, int64_t N,
-                                                      Acc inv_t, Acc (&ref)[kC], Acc (&U)[kC], Acc (&W)[kC]) {
-  Acc p[kC], q[kC];
-  Acc squares = 0, cross = 0;
-  for (int s = 0; s < S; ++s) {
-    sharpen_voxel<kC, false>(models.in(s) + base, N, C, inv_t, p, q, static_cast<Acc*>(nullptr));
-#pragma unroll
-    for (int c = 0; c < kC; ++c) {
-      if (c < C) {
-        if (s == 0) ref[c] = p[c];
-        const Acc u = p[c] - ref[c], w = q[c] - ref[c];
-        U[c] = s == 0 ? u : U[c] + u;
-        W[c] = s == 0 ? w : W[c] + w;
-        squares += u * u + w * w;
-        cross += u * w;
-      }
-    }
-  }
-  return {squares, cross};
-}
-
 template <typename T, int kC, typename Acc = AccT<T>>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(Voxels<T> vx, Acc* __restrict__ partials) {
@@ -173,14 +143,29 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     for (int64_t n = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; n < N;
          n += static_cast<int64_t>(gridDim.x) * kThreads) {
-      Acc ref[kC], U[kC], W[kC];
-      const SquareSums<Acc> sums = model_sums<kC>(vx.models, S, b * C * N + n, C, N, vx.inv_t, ref, U, W);
+      const int64_t base = b * C * N + n;
+      Acc ref[kC], U[kC], W[kC], p[kC], q[kC];
+      Acc squares = 0, cross = 0;
+      for (int s = 0; s < S; ++s) {
+        sharpen_voxel<kC, false>(vx.models.in(s) + base, N, C, vx.inv_t, p, q, static_cast<Acc*>(nullptr));
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          if (c < C) {
+            if (s == 0) ref[c] = p[c];
+            const Acc u = p[c] - ref[c], w = q[c] - ref[c];
+            U[c] = s == 0 ? u : U[c] + u;
+            W[c] = s == 0 ? w : W[c] + w;
+            squares += u * u + w * w;
+            cross += u * w;
+          }
+        }
+      }
       Acc uw = 0;
 #pragma unroll
       for (int c = 0; c < kC; ++c) {
         if (c < C) uw += U[c] * W[c];
       }
-      acc += s1 * sums.squares - Acc(2) * (uw - sums.cross);
+      acc += s1 * squares - Acc(2) * (uw - cross);
     }
   }
   __shared__ Acc smem[kWarps];
@@ -208,9 +193,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t n = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; n < N;
          n += static_cast<int64_t>(gridDim.x) * kThreads) {
       const int64_t base = b * C * N + n;
-      Acc ref[kC], U[kC], W[kC];
-      model_sums<kC>(vx.models, S, base, C, N, vx.inv_t, ref, U, W);
-      Acc p[kC], q[kC], r[kC];
+      // Sweep 1: the forward's, without its sums (a helper shared with the forward cost this kernel registers).
+      Acc ref[kC], U[kC], W[kC], p[kC], q[kC], r[kC];
+      for (int s = 0; s < S; ++s) {
+        sharpen_voxel<kC, false>(vx.models.in(s) + base, N, C, vx.inv_t, p, q, static_cast<Acc*>(nullptr));
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          if (c < C) {
+            if (s == 0) ref[c] = p[c];
+            U[c] = s == 0 ? p[c] - ref[c] : U[c] + (p[c] - ref[c]);
+            W[c] = s == 0 ? q[c] - ref[c] : W[c] + (q[c] - ref[c]);
+          }
+        }
+      }
       for (int s = 0; s < S; ++s) {
         sharpen_voxel<kC, true>(vx.models.in(s) + base, N, C, vx.inv_t, p, q, r);
         Acc h_sum = 0;
