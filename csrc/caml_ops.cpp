@@ -1,6 +1,7 @@
 // Operator schemas of caml_ops. Kernels register per device in csrc/cpu and
-// csrc/cuda (TORCH_LIBRARY_IMPL); fake kernels and autograd are registered in
-// Python (caml_ops/*.py) with torch.library.
+// csrc/cuda (TORCH_LIBRARY_IMPL, csrc/register.h); fake kernels and autograd are
+// registered in Python (caml_ops/*.py) with torch.library (see docs/design.md,
+// "Dispatch").
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,6 +1,7 @@
 // Philox4x32-10 (Salmon et al., SC'11), the counter-based RNG behind the
 // attention dropout of every backend (C++, CUDA; caml_ops/triton/_common.py
-// and caml_ops/reference.py hold the same function).
+// and caml_ops/reference.py hold the same function; see docs/design.md,
+// "Dropout RNG (Philox)").
 //
 // Dropout spec, shared by all backends so that one seed gives one mask. The
 // attention probabilities are rows of n elements: cross-sample [L, H, B] rows
@@ -14,11 +15,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define CAML_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define CAML_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace caml_ops {
 
@@ -65,6 +62,22 @@ CAML_HOST_DEVICE Philox4 dropout_words(uint64_t seed, uint64_t counter) {
 // floor(p * 2^32) for p in [0, 1): elements whose word is below it are dropped.
 CAML_HOST_DEVICE uint32_t dropout_threshold(double dropout_p) {
   return static_cast<uint32_t>(dropout_p * 4294967296.0);
+}
+
+// The dropout of one call: rng_state's (seed, offset), the threshold and the
+// scale of kept elements. Off when dropout_p == 0: then no Philox call at all.
+struct Dropout {
+  bool on;
+  uint64_t seed, offset;
+  uint32_t threshold;  // dropout_threshold(dropout_p)
+  double inv_keep;     // 1 / (1 - dropout_p)
+
+  // Whether the element whose word is `word` is kept.
+  CAML_HOST_DEVICE bool keeps(uint32_t word) const { return word >= threshold; }
+};
+
+CAML_HOST_DEVICE Dropout make_dropout(double dropout_p, uint64_t seed, uint64_t offset) {
+  return Dropout{dropout_p > 0, seed, offset, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)};
 }
 
 }  // namespace caml_ops

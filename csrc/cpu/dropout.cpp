@@ -1,8 +1,8 @@
-// CPU kernel of dropout: out = x Z over the row-major elements of x,
-// Z = 1 / (1 - p) where kept and 0 where dropped, with csrc/philox.h's mask on
-// rows of 64 elements (element i: word i mod 4 of Philox(seed, offset + i / 4)),
-// drawn 128 words at a time by philox_vec.h. No mask is stored: the same call
-// on the gradient is the backward.
+// CPU kernel of dropout (see docs/design.md, "dropout"): out = x Z over the
+// row-major elements of x, Z = 1 / (1 - p) where kept and 0 where dropped, with
+// csrc/philox.h's mask on rows of 64 elements (element i: word i mod 4 of
+// Philox(seed, offset + i / 4)), drawn 128 words at a time by philox_vec.h. No
+// mask is stored: the same call on the gradient is the backward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,7 +10,8 @@
 
 #include <algorithm>
 
-#include "../attention_checks.h"
+#include "../checks.h"
+#include "../philox.h"
 #include "philox_vec.h"
 #include "vec_math.h"
 
@@ -18,31 +19,26 @@ namespace caml_ops {
 namespace {
 
 using at::Tensor;
-using vecmath::keep_scale;
-using vecmath::kLanes;
-using vecmath::load;
+using namespace vecmath;
 
 constexpr int64_t kRowLen = DropoutWords::kRowLen;             // elements per row of the mask
 constexpr int64_t kChunk = DropoutWords::kPairRows * kRowLen;  // elements per draw
 constexpr int64_t kGrainChunks = 256;                          // chunks per parallel task, at least
 
-Tensor dropout_cpu(const Tensor& x, double dropout_p, const Tensor& rng_state) {
+Tensor dropout(const Tensor& x, double dropout_p, const Tensor& rng_state) {
   constexpr const char* op = "dropout";
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got one on ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64 (half types are upcast by caml_ops), got ", x.scalar_type());
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  const RngState rng = read_rng_state(op, rng_state);
+  check_input(op, "x", x, kCpuKernel);
+  const Dropout drop = check_dropout(op, dropout_p, rng_state);
   const Tensor input = x.contiguous();
   Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
-  if (dropout_p == 0) return out.copy_(input);
+  if (!drop.on) return out.copy_(input);
   const int64_t n = input.numel();
-  const uint32_t threshold = dropout_threshold(dropout_p);
-  const DropoutWords draw(rng.seed, rng.offset, kRowLen);
+  const uint32_t threshold = drop.threshold;
+  const DropoutWords draw(drop.seed, drop.offset, kRowLen);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), op, [&] {
     const scalar_t* src = input.const_data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    const scalar_t kept = static_cast<scalar_t>(1 / (1 - dropout_p));
+    const scalar_t kept = static_cast<scalar_t>(drop.inv_keep);
     at::parallel_for(0, (n + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t c0, int64_t c1) {
       uint32_t words[kChunk];
       for (int64_t c = c0; c < c1; ++c) {
@@ -61,6 +57,6 @@ Tensor dropout_cpu(const Tensor& x, double dropout_p, const Tensor& rng_state) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(caml_ops, CPU, m) { m.impl("dropout", &dropout_cpu); }
+TORCH_LIBRARY_IMPL(caml_ops, CPU, m) { m.impl("dropout", &dropout); }
 
 }  // namespace caml_ops

@@ -1,5 +1,5 @@
-// CPU kernels of intra_sample_attention (DESIGN.md, "cross_sample_attention and
-// intra_sample_attention"): attention over the L positions of each (sample, head),
+// CPU kernels of intra_sample_attention (see docs/design.md,
+// "intra_sample_attention"): attention over the L positions of each (sample, head),
 // flash-style, so that memory stays O(L d): no L x L matrix, only per-thread
 // tiles of kBlock x kBlock logits that live in L1/L2.
 //
@@ -20,7 +20,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,8 +27,10 @@
 #include <tuple>
 #include <vector>
 
-#include "../attention_checks.h"
+#include "../checks.h"
 #include "../philox.h"
+#include "../register.h"
+#include "gemm.h"
 #include "philox_vec.h"
 #include "vec_math.h"
 
@@ -38,11 +39,9 @@ namespace {
 
 using at::Tensor;
 using at::vec::Vectorized;
-using vecmath::keep_scale;
-using vecmath::kLanes;
-using vecmath::load;
-using vecmath::rounded;
-using vecmath::vexp;
+using namespace vecmath;
+template <typename T>
+using Heads = HeadsView<const T>;  // q, k, v, grad_out, out
 
 // Query and key block sizes: a 64 x 64 float tile is 16 KiB.
 constexpr int64_t kBlock = 64;
@@ -55,107 +54,7 @@ constexpr int64_t kMinBackwardTasks = 32;
 // dK, dV stay in L2 while the query rows stream by).
 constexpr int64_t kGroup = 4;
 
-// ---------------------------------------------------------------- GEMM
-// C[M, N] (+)= A[M, K] @ B[K, N], A(m, l) = a[m * a_m + l * a_l] (any strides:
-// transposed tiles and strided [L, d] rows alike), B and C row-major with leading
-// dimensions ldb, ldc. The shapes here are small and per tile, where BLAS calls
-// are slow; a register-blocked kernel (6 rows x 2 vectors = 12 accumulators)
-// accumulates over K in order, by FMA.
-
-// The accumulators are native vectors in fully unrolled loops: otherwise GCC
-// keeps the arrays in memory and stores all of them on every step of the K loop.
-#if defined(CPU_CAPABILITY_AVX2)
-template <typename T>
-struct NativeVec;
-template <>
-struct NativeVec<float> {
-  using type = __m256;
-};
-template <>
-struct NativeVec<double> {
-  using type = __m256d;
-};
-template <typename T>
-using Native = typename NativeVec<T>::type;
-inline __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
-inline __m256d fma(__m256d a, __m256d b, __m256d c) { return _mm256_fmadd_pd(a, b, c); }
-#else
-template <typename T>
-using Native = Vectorized<T>;
-template <typename T>
-inline Vectorized<T> fma(const Vectorized<T>& a, const Vectorized<T>& b, const Vectorized<T>& c) {
-  return at::vec::fmadd(a, b, c);
-}
-#endif
-
-template <typename T, int R, bool kFull>
-inline void gemm_tile(int64_t K, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c, int64_t ldc,
-                      int64_t n, bool accumulate) {
-  using V = Vectorized<T>;
-  using N = Native<T>;
-  constexpr int64_t W = kLanes<T>;
-  const int64_t n0 = kFull ? W : std::min(n, W), n1 = kFull ? W : std::max<int64_t>(n - W, 0);
-  N acc0[R], acc1[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    acc0[r] = V(T(0));
-    acc1[r] = V(T(0));
-  }
-  for (int64_t l = 0; l < K; ++l) {
-    const T* bl = b + l * ldb;
-    const N b0 = kFull ? V::loadu(bl) : load(bl, n0);
-    const N b1 = kFull ? V::loadu(bl + W) : load(bl + W, n1);  // n1 == 0: zeros, no read
-    const T* al = a + l * a_l;
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const N av = V(al[r * a_m]);
-      acc0[r] = fma(av, b0, acc0[r]);
-      acc1[r] = fma(av, b1, acc1[r]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    T* cr = c + r * ldc;
-    V c0(acc0[r]), c1(acc1[r]);
-    if (accumulate) {
-      c0 += load(cr, n0);
-      if (n1 > 0) c1 += load(cr + W, n1);
-    }
-    c0.store(cr, n0);
-    if (n1 > 0) c1.store(cr + W, n1);
-  }
-}
-
-template <typename T, int R>
-inline void gemm_rows(int64_t K, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c, int64_t ldc,
-                      int64_t n, bool accumulate) {
-  if (n == 2 * kLanes<T>) {
-    gemm_tile<T, R, true>(K, a, a_m, a_l, b, ldb, c, ldc, n, accumulate);
-  } else {
-    gemm_tile<T, R, false>(K, a, a_m, a_l, b, ldb, c, ldc, n, accumulate);
-  }
-}
-
-template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c,
-          int64_t ldc, bool accumulate) {
-  constexpr int64_t R = 6, NB = 2 * kLanes<T>;
-  for (int64_t j = 0; j < N; j += NB) {
-    const int64_t n = std::min(NB, N - j);
-    int64_t i = 0;
-    for (; i + R <= M; i += R) gemm_rows<T, R>(K, a + i * a_m, a_m, a_l, b + j, ldb, c + i * ldc + j, ldc, n, accumulate);
-    const T* ai = a + i * a_m;
-    T* ci = c + i * ldc + j;
-    switch (M - i) {
-      case 5: gemm_rows<T, 5>(K, ai, a_m, a_l, b + j, ldb, ci, ldc, n, accumulate); break;
-      case 4: gemm_rows<T, 4>(K, ai, a_m, a_l, b + j, ldb, ci, ldc, n, accumulate); break;
-      case 3: gemm_rows<T, 3>(K, ai, a_m, a_l, b + j, ldb, ci, ldc, n, accumulate); break;
-      case 2: gemm_rows<T, 2>(K, ai, a_m, a_l, b + j, ldb, ci, ldc, n, accumulate); break;
-      case 1: gemm_rows<T, 1>(K, ai, a_m, a_l, b + j, ldb, ci, ldc, n, accumulate); break;
-      default: break;
-    }
-  }
-}
+// ---------------------------------------------------------------- operands
 
 // dst[c * ld + i] = src[i * stride + c] for i < rows, c < d: a block of strided
 // [L, d] rows, transposed into a tile (the B operand of the logits GEMMs).
@@ -166,34 +65,6 @@ void pack_transposed(const T* src, int64_t stride, int64_t rows, int64_t d, T* d
     for (int64_t c = 0; c < d; ++c) dst[c * ld + i] = row[c];
   }
 }
-
-// ---------------------------------------------------------------- dropout
-
-struct Dropout {
-  bool active;
-  uint64_t seed, offset;
-  uint32_t threshold;
-  double inv_keep;  // 1 / (1 - p)
-};
-
-// ---------------------------------------------------------------- operands
-
-// A [B, L, H, d] tensor read in place: element (b, l, h, c) at
-// data[b * sb + l * sl + h * sh + c] (the last dim made contiguous if it is not).
-template <typename T>
-struct Heads {
-  Tensor keep_alive;
-  const T* data;
-  int64_t sb, sl, sh;
-
-  explicit Heads(const Tensor& x) : keep_alive(x.stride(3) == 1 ? x : x.contiguous()) {
-    data = keep_alive.data_ptr<T>();
-    sb = keep_alive.stride(0);
-    sl = keep_alive.stride(1);
-    sh = keep_alive.stride(2);
-  }
-  const T* at(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
-};
 
 int64_t blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
 
@@ -213,13 +84,13 @@ void forward_block(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, int
   T* m = o + ld * d;              // [ld] running max of the scaled logits
   T* l = m + ld;                  // [ld] running sum of exp
   T* alpha = l + ld;              // [ld] rescale of this key block
-  const T* q = Q.at(b, h);
-  const T* k = K.at(b, h);
-  const T* v = Vh.at(b, h);
+  const T* q = Q.row(b, 0, h);
+  const T* k = K.row(b, 0, h);
+  const T* v = Vh.row(b, 0, h);
   const int64_t bh = b * H + h;
 
   // Locals: not reloaded after every store.
-  const bool dropout = drop.active;
+  const bool dropout = drop.on;
   const uint32_t threshold = drop.threshold;
   const T inv_keep = static_cast<T>(drop.inv_keep);
   pack_transposed(q + i0 * Q.sl, Q.sl, nq, d, qt, ld);
@@ -289,15 +160,15 @@ void row_dots(const Heads<T>& dO, const Heads<T>& O, int64_t B, int64_t H, int64
   constexpr int64_t W = kLanes<T>;
   at::parallel_for(0, B * H, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t bh = p0; bh < p1; ++bh) {
-      const T* g = dO.at(bh / H, bh % H);
-      const T* o = O.at(bh / H, bh % H);
+      const T* g = dO.row(bh / H, 0, bh % H);
+      const T* o = O.row(bh / H, 0, bh % H);
       for (int64_t i = 0; i < L; ++i) {
         V acc(T(0));
         for (int64_t c = 0; c < d; c += W) {
           const int64_t n = std::min(W, d - c);
           acc = at::vec::fmadd(load(g + i * dO.sl + c, n), load(o + i * O.sl + c, n), acc);
         }
-        D[bh * L + i] = static_cast<T>(vecmath::hsum(acc));
+        D[bh * L + i] = static_cast<T>(hsum(acc));
       }
     }
   });
@@ -322,14 +193,14 @@ void backward_chunk(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, co
   T* vt = kt + kGroup * d * ld;          // [kGroup, d, ld] V^T
   T* sp = vt + kGroup * d * ld;          // [kBlock queries, ld]: S, then P Z (dropped and rescaled)
   T* ds = sp + kBlock * ld;              // [kBlock queries, ld]: dO V^T, then scale dS
-  const T* q = Q.at(b, h);
-  const T* k = K.at(b, h);
-  const T* v = Vh.at(b, h);
-  const T* g = dO.at(b, h);
+  const T* q = Q.row(b, 0, h);
+  const T* k = K.row(b, 0, h);
+  const T* v = Vh.row(b, 0, h);
+  const T* g = dO.row(b, 0, h);
   const int64_t bh = b * H + h;
   const V vscale(scale);
   // Locals: not reloaded after every store.
-  const bool dropout = drop.active;
+  const bool dropout = drop.on;
   const uint32_t threshold = drop.threshold;
   const T inv_keep = static_cast<T>(drop.inv_keep);
   for (int64_t kg = kb0; kg < kb1; kg += kGroup) {
@@ -378,26 +249,20 @@ void backward_chunk(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, co
   }
 }
 
-// ---------------------------------------------------------------- checks
-
-constexpr AttentionKernel kKernel{c10::DeviceType::CPU, /*half_types=*/false};
-
-Dropout make_dropout(const AttentionProblem& pb) {
-  return {pb.dropout_p > 0, pb.seed, pb.offset, dropout_threshold(pb.dropout_p), 1.0 / (1.0 - pb.dropout_p)};
-}
-
 // ---------------------------------------------------------------- ops
 
 std::tuple<Tensor, Tensor> intra_sample_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                                           double scale, double dropout_p, const Tensor& rng_state) {
-  const AttentionProblem pb =
-      check_attention("intra_sample_attention_forward", kKernel, q, k, v, scale, dropout_p, rng_state);
-  const Dropout drop = make_dropout(pb);
+  const AttentionInputs in =
+      check_attention("intra_sample_attention_forward", kCpuKernel, q, k, v, scale, dropout_p, rng_state);
+  const AttentionProblem& pb = in.pb;
+  const Dropout& drop = pb.dropout;
   const int64_t B = pb.B, L = pb.L, H = pb.H, d = pb.d;
   Tensor out = at::empty({B, L, H, d}, q.options());
   Tensor lse = at::empty({B, H, L}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "intra_sample_attention_forward", [&] {
-    const Heads<scalar_t> Q(q), K(k), Vh(v);
+    const Heads<scalar_t> Q = heads_view<scalar_t>(in.q), K = heads_view<scalar_t>(in.k);
+    const Heads<scalar_t> Vh = heads_view<scalar_t>(in.v);
     scalar_t* po = out.data_ptr<scalar_t>();
     scalar_t* pl = lse.data_ptr<scalar_t>();
     const int64_t nqb = blocks(L);
@@ -418,14 +283,14 @@ std::tuple<Tensor, Tensor> intra_sample_attention_forward(const Tensor& q, const
 
 std::tuple<Tensor, Tensor, Tensor> intra_sample_attention_backward(const Tensor& grad_out, const Tensor& q,
                                                                    const Tensor& k, const Tensor& v, const Tensor& out,
-                                                                   const Tensor& lse_in, double scale,
-                                                                   double dropout_p, const Tensor& rng_state) {
-  const AttentionProblem pb =
-      check_attention_backward("intra_sample_attention_backward", kKernel, LseLayout::kBHL, grad_out, q, k, v, out,
-                               lse_in, scale, dropout_p, rng_state);
-  const Dropout drop = make_dropout(pb);
+                                                                   const Tensor& lse, double scale, double dropout_p,
+                                                                   const Tensor& rng_state) {
+  const AttentionBackwardInputs in =
+      check_attention_backward("intra_sample_attention_backward", kCpuKernel, LseLayout::kBHL, grad_out, q, k, v, out,
+                               lse, scale, dropout_p, rng_state);
+  const AttentionProblem& pb = in.pb;
+  const Dropout& drop = pb.dropout;
   const int64_t B = pb.B, L = pb.L, H = pb.H, d = pb.d;
-  const Tensor lse = lse_in.contiguous();
   const auto opts = q.options();
   Tensor grad_k = at::empty({B, L, H, d}, opts), grad_v = at::empty({B, L, H, d}, opts);
   const int64_t nkb = blocks(L);
@@ -439,11 +304,13 @@ std::tuple<Tensor, Tensor, Tensor> intra_sample_attention_backward(const Tensor&
   Tensor grad_q = at::zeros({B, L, H, d}, opts);
   Tensor partials = at::zeros({sh.chunks - 1, B, L, H, d}, opts);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "intra_sample_attention_backward", [&] {
-    const Heads<scalar_t> Q(q), K(k), Vh(v), dO(grad_out), O(out);
+    const Heads<scalar_t> Q = heads_view<scalar_t>(in.q), K = heads_view<scalar_t>(in.k);
+    const Heads<scalar_t> Vh = heads_view<scalar_t>(in.v), dO = heads_view<scalar_t>(in.grad_out);
+    const Heads<scalar_t> O = heads_view<scalar_t>(in.out);
     Tensor D = at::empty({B, H, L}, opts);
     row_dots(dO, O, B, H, L, d, D.data_ptr<scalar_t>());
     const scalar_t* pd = D.data_ptr<scalar_t>();
-    const scalar_t* pl = lse.data_ptr<scalar_t>();
+    const scalar_t* pl = in.lse.data_ptr<scalar_t>();
     scalar_t* pq = grad_q.data_ptr<scalar_t>();
     scalar_t* pp = partials.data_ptr<scalar_t>();
     scalar_t* pk = grad_k.data_ptr<scalar_t>();
@@ -469,9 +336,6 @@ std::tuple<Tensor, Tensor, Tensor> intra_sample_attention_backward(const Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(caml_ops, CPU, m) {
-  m.impl("intra_sample_attention_forward", &intra_sample_attention_forward);
-  m.impl("intra_sample_attention_backward", &intra_sample_attention_backward);
-}
+CAML_OPS_REGISTER_FORWARD_BACKWARD(CPU, intra_sample_attention)
 
 }  // namespace caml_ops

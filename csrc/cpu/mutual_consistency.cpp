@@ -1,4 +1,4 @@
-// CPU kernels of the mutual consistency loss (see DESIGN.md, mutual_consistency_loss).
+// CPU kernels of the mutual consistency loss (see docs/design.md, "mutual_consistency_loss").
 //
 // Per voxel and class c, for models s = 0..S-1 (M = numel of one logits tensor):
 //   p_s = softmax(x_s)_c,   q_s = sharpen(p_s) = sigmoid(z_s),   z_s = (log p_s - log(1 - p_s)) / T
@@ -30,26 +30,20 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "../checks.h"
+#include "../register.h"
 #include "vec_math.h"
 
 namespace caml_ops {
 namespace {
 
 using at::Tensor;
-using vecmath::head;
-using vecmath::hsum;
-using vecmath::kLanes;
-using vecmath::load;
-using vecmath::vexp;
-using vecmath::vlog;
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
+using namespace vecmath;
 
 constexpr int64_t kTileVectors = 32;  // a tile: 32 vectors of voxels of one sample
 // Below this, sum_{j != argmax} exp(x_j - max) is recomputed through the second largest logit.
@@ -127,33 +121,8 @@ struct Tiling {
   }
 };
 
-struct Shape {
-  int64_t S, B, C, N;
-};
-
-Shape check_logits(const std::vector<Tensor>& logits, double temperature, const char* op) {
-  TORCH_CHECK(logits.size() >= 2, op, ": logits must hold S >= 2 tensors [B, C, *spatial], got ", logits.size());
-  const Tensor& x0 = logits[0];
-  TORCH_CHECK(x0.dim() >= 2 && x0.size(1) >= 2, op, ": logits[0] must be [B, C, *spatial] with C >= 2, got ",
-              x0.sizes());
-  TORCH_CHECK(x0.scalar_type() == at::kFloat || x0.scalar_type() == at::kDouble, op,
-              ": logits must be float32 or float64 on CPU (half types are upcast by caml_ops), got ",
-              x0.scalar_type());
-  TORCH_CHECK(x0.numel() > 0, op, ": logits must not be empty, got shape ", x0.sizes());
-  for (size_t s = 0; s < logits.size(); ++s) {
-    const Tensor& x = logits[s];
-    TORCH_CHECK(x.device().is_cpu(), op, ": logits[", s, "] must be a CPU tensor, got ", x.device());
-    TORCH_CHECK(x.scalar_type() == x0.scalar_type(), op, ": logits[", s, "] has dtype ", x.scalar_type(),
-                " but logits[0] has ", x0.scalar_type());
-    TORCH_CHECK(x.sizes() == x0.sizes(), op, ": logits[", s, "] has shape ", x.sizes(), " but logits[0] has ",
-                x0.sizes());
-  }
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be > 0, got ", temperature);
-  return {static_cast<int64_t>(logits.size()), x0.size(0), x0.size(1), x0.numel() / (x0.size(0) * x0.size(1))};
-}
-
 template <typename T>
-double forward_sum(const std::vector<const T*>& x, const Shape& sh, double temperature) {
+double forward_sum(const std::vector<const T*>& x, const LogitsShape& sh, double temperature) {
   const int64_t S = sh.S, C = sh.C, N = sh.N;
   const Tiling<T> tiles(sh.B, N);
   std::vector<double> partial(tiles.count);
@@ -190,7 +159,7 @@ double forward_sum(const std::vector<const T*>& x, const Shape& sh, double tempe
 }
 
 template <typename T>
-void backward_grads(const std::vector<const T*>& x, const std::vector<T*>& g, const Shape& sh, double temperature,
+void backward_grads(const std::vector<const T*>& x, const std::vector<T*>& g, const LogitsShape& sh, double temperature,
                     double k_scale) {
   const int64_t S = sh.S, C = sh.C, N = sh.N;
   const Tiling<T> tiles(sh.B, N);
@@ -234,11 +203,11 @@ std::vector<Tensor> contiguous_all(const std::vector<Tensor>& logits) {
   return out;
 }
 
-Tensor mutual_consistency_loss_forward_cpu(at::TensorList logits_in, double temperature) {
-  const Shape sh = check_logits(logits_in.vec(), temperature, "mutual_consistency_loss_forward");
+Tensor mutual_consistency_loss_forward(at::TensorList logits_in, double temperature) {
+  const LogitsShape sh = check_logits("mutual_consistency_loss_forward", kCpuKernel, logits_in, temperature);
   const std::vector<Tensor> logits = contiguous_all(logits_in.vec());
   const double M = static_cast<double>(logits[0].numel());
-  return AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "mutual_consistency_loss_forward_cpu", [&] {
+  return AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "mutual_consistency_loss_forward", [&] {
     std::vector<const scalar_t*> x;
     for (const Tensor& t : logits) x.push_back(t.const_data_ptr<scalar_t>());
     const double loss = forward_sum<scalar_t>(x, sh, temperature) / M;
@@ -246,8 +215,8 @@ Tensor mutual_consistency_loss_forward_cpu(at::TensorList logits_in, double temp
   });
 }
 
-std::vector<Tensor> mutual_consistency_loss_backward_cpu(const Tensor& grad, at::TensorList logits_in, double temperature) {
-  const Shape sh = check_logits(logits_in.vec(), temperature, "mutual_consistency_loss_backward");
+std::vector<Tensor> mutual_consistency_loss_backward(const Tensor& grad, at::TensorList logits_in, double temperature) {
+  const LogitsShape sh = check_logits("mutual_consistency_loss_backward", kCpuKernel, logits_in, temperature);
   const std::vector<Tensor> logits = contiguous_all(logits_in.vec());
   TORCH_CHECK(grad.numel() == 1 && grad.is_floating_point(),
               "mutual_consistency_loss_backward: grad must be a 0-dim floating tensor (the loss's gradient), got shape ",
@@ -255,7 +224,7 @@ std::vector<Tensor> mutual_consistency_loss_backward_cpu(const Tensor& grad, at:
   const double k = 2.0 * grad.item<double>() / static_cast<double>(logits[0].numel());
   std::vector<Tensor> grads;
   for (const Tensor& x : logits) grads.push_back(at::empty_like(x));
-  AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "mutual_consistency_loss_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits[0].scalar_type(), "mutual_consistency_loss_backward", [&] {
     std::vector<const scalar_t*> x;
     std::vector<scalar_t*> g;
     for (size_t s = 0; s < logits.size(); ++s) {
@@ -269,9 +238,6 @@ std::vector<Tensor> mutual_consistency_loss_backward_cpu(const Tensor& grad, at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(caml_ops, CPU, m) {
-  m.impl("mutual_consistency_loss_forward", &mutual_consistency_loss_forward_cpu);
-  m.impl("mutual_consistency_loss_backward", &mutual_consistency_loss_backward_cpu);
-}
+CAML_OPS_REGISTER_FORWARD_BACKWARD(CPU, mutual_consistency_loss)
 
 }  // namespace caml_ops

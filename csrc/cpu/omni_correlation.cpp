@@ -1,9 +1,9 @@
-// CPU kernels of the omni-correlation ops (see DESIGN.md, omni_correlation_loss
-// and omni_correlation).
+// CPU kernels of the omni-correlation ops (see docs/design.md,
+// "omni_correlation_loss" and "omni_correlation").
 //
 // Rows are processed in tiles: a tile's logits S = feat[tile] @ memory^T / t
 // ([tile, K], a per-thread buffer that stays in cache) come from a
-// register-blocked GEMM, the softmax statistics and dS are computed in place
+// register-blocked GEMM (gemm.h), the softmax statistics and dS are computed in place
 // with at::vec, and the backward GEMMs (dS @ memory, dS^T @ feat) reuse the
 // same GEMM. The loss ops never hold more than one tile of the N x K matrices
 // per thread.
@@ -16,15 +16,16 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <cfloat>
 #include <cmath>
 #include <limits>
 #include <tuple>
 #include <vector>
 
+#include "../checks.h"
+#include "../register.h"
+#include "gemm.h"
 #include "vec_math.h"
 
 namespace caml_ops {
@@ -32,15 +33,7 @@ namespace {
 
 using at::Tensor;
 using at::vec::Vectorized;
-
-// exp and log: the AVX2 polynomials shared with the other CPU kernels.
-using vecmath::exp_shift_inplace;
-using vecmath::head;
-using vecmath::hsum;
-using vecmath::kLanes;
-using vecmath::load;
-using vecmath::vexp;
-using vecmath::vlog;
+using namespace vecmath;  // exp and log: the AVX2 polynomials shared with the other CPU kernels
 
 template <typename T>
 T row_max(const T* s, int64_t K) {
@@ -98,7 +91,7 @@ struct LossRow {
 
 // Loss statistics of one row from its scaled logits sv, sa.
 template <typename T>
-LossRow<T> occ_forward_row(const T* sv, const T* sa, int64_t K, T eps) {
+LossRow<T> loss_forward_row(const T* sv, const T* sa, int64_t K, T eps) {
   const T mv = row_max(sv, K), ma = row_max(sa, K);
   if (eps == T(0)) {
     // l = lse_v - sum_j q_j s_v_j = log Zv - sum_j q_j (s_v_j - mv); R = 1.
@@ -116,7 +109,7 @@ LossRow<T> occ_forward_row(const T* sv, const T* sa, int64_t K, T eps) {
     return {std::log(double(Zv)) - hsum(dot) / double(Za), 1.0, make_lse(mv, Zv), make_lse(ma, Za)};
   }
   const Lse<T> lv = make_lse(mv, sum_exp(sv, K, mv)), la = make_lse(ma, sum_exp(sa, K, ma));
-  // p, q and q * (p / (p + eps)) exactly as occ_backward_row recomputes them, so that
+  // p, q and q * (p / (p + eps)) exactly as loss_backward_row recomputes them, so that
   // dl/ds_v = p R - q p / (p + eps) cancels to the last bit where a row's p is one-hot.
   const Vectorized<T> vhv(lv.hi), vlv(lv.lo), vha(la.hi), vla(la.lo), veps(eps);
   Vectorized<T> acc_log(T(0)), acc_r(T(0));
@@ -133,7 +126,7 @@ LossRow<T> occ_forward_row(const T* sv, const T* sa, int64_t K, T eps) {
 
 // dS of one loss row, in place of its scaled logits sv, sa.
 template <typename T>
-void occ_backward_row(T* sv, T* sa, int64_t K, T g, T loss, Lse<T> lse_v, Lse<T> lse_a, T r_sum, T eps) {
+void loss_backward_row(T* sv, T* sa, int64_t K, T g, T loss, Lse<T> lse_v, Lse<T> lse_a, T r_sum, T eps) {
   const Vectorized<T> vg(g), vl(loss), vhv(lse_v.hi), vlv(lse_v.lo), vha(lse_a.hi), vla(lse_a.lo), vr(r_sum),
       veps(eps);
   for (int64_t k = 0; k < K; k += kLanes<T>) {
@@ -182,77 +175,6 @@ void softmax_backward_row(const T* g, const T* p, T* ds, int64_t K) {
   }
 }
 
-// ---------------------------------------------------------------- GEMM
-// The GEMMs here are thin (one dimension is D, typically 16 to 128) and per
-// tile, where BLAS calls are slow; a register-blocked kernel does them:
-// C[m, j] (+)= alpha * sum_l A(m, l) B[l, j], A(m, l) = a[m * a_m + l * a_l]
-// (so A may be a transposed view), B and C row-major.
-
-// One block of R rows x (NV vectors of columns); kFull: all NV * lanes
-// columns valid, else only the first n.
-template <typename T, int R, int NV, bool kFull>
-inline void gemm_block(int64_t L, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c,
-                       int64_t ldc, int64_t n, T alpha, bool accumulate) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = kLanes<T>;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V(T(0));
-  for (int64_t l = 0; l < L; ++l) {
-    V bv[NV];
-    for (int v = 0; v < NV; ++v) {
-      bv[v] = kFull ? V::loadu(b + l * ldb + v * W) : load(b + l * ldb + v * W, std::clamp<int64_t>(n - v * W, 0, W));
-    }
-    for (int r = 0; r < R; ++r) {
-      const V av(a[r * a_m + l * a_l]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
-    }
-  }
-  const V valpha(alpha);
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) {
-      const int64_t cnt = kFull ? W : std::clamp<int64_t>(n - v * W, 0, W);
-      if (cnt == 0) continue;
-      T* out = c + r * ldc + v * W;
-      V res = acc[r][v] * valpha;
-      if (accumulate) res += load(out, cnt);
-      res.store(out, cnt);
-    }
-  }
-}
-
-template <typename T, int R>
-inline void gemm_rows(int64_t L, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c, int64_t ldc,
-                      int64_t n, T alpha, bool accumulate) {
-  if (n == 2 * kLanes<T>) {
-    gemm_block<T, R, 2, true>(L, a, a_m, a_l, b, ldb, c, ldc, n, alpha, accumulate);
-  } else {
-    gemm_block<T, R, 2, false>(L, a, a_m, a_l, b, ldb, c, ldc, n, alpha, accumulate);
-  }
-}
-
-// C[M, Ncol] (+)= alpha * A[M, L] @ B[L, Ncol].
-template <typename T>
-void gemm(int64_t M, int64_t Ncol, int64_t L, const T* a, int64_t a_m, int64_t a_l, const T* b, int64_t ldb, T* c,
-          int64_t ldc, T alpha, bool accumulate) {
-  constexpr int64_t R = 6, NB = 2 * kLanes<T>;  // 12 accumulators + 2 B vectors + 1 broadcast: 15 registers
-  for (int64_t j = 0; j < Ncol; j += NB) {
-    const int64_t n = std::min(NB, Ncol - j);
-    int64_t i = 0;
-    for (; i + R <= M; i += R) gemm_rows<T, R>(L, a + i * a_m, a_m, a_l, b + j, ldb, c + i * ldc + j, ldc, n, alpha, accumulate);
-    const T* ai = a + i * a_m;
-    T* ci = c + i * ldc + j;
-    switch (M - i) {
-      case 5: gemm_rows<T, 5>(L, ai, a_m, a_l, b + j, ldb, ci, ldc, n, alpha, accumulate); break;
-      case 4: gemm_rows<T, 4>(L, ai, a_m, a_l, b + j, ldb, ci, ldc, n, alpha, accumulate); break;
-      case 3: gemm_rows<T, 3>(L, ai, a_m, a_l, b + j, ldb, ci, ldc, n, alpha, accumulate); break;
-      case 2: gemm_rows<T, 2>(L, ai, a_m, a_l, b + j, ldb, ci, ldc, n, alpha, accumulate); break;
-      case 1: gemm_rows<T, 1>(L, ai, a_m, a_l, b + j, ldb, ci, ldc, n, alpha, accumulate); break;
-      default: break;
-    }
-  }
-}
-
 // ---------------------------------------------------------------- tiling
 
 constexpr int64_t kTileBytes = 64 * 1024;             // one [tile, K] buffer: stays in L2
@@ -268,7 +190,7 @@ struct Tiling {
 // so that the partials stay below kPartialBytes.
 Tiling make_tiling(int64_t N, int64_t K, int64_t elem_size, int64_t partial_bytes = 0) {
   Tiling t;
-  t.tile = std::clamp<int64_t>(kTileBytes / (K * elem_size), 6, 256) / 6 * 6;  // whole GEMM row blocks
+  t.tile = std::clamp<int64_t>(kTileBytes / (K * elem_size), kGemmRows, 256) / kGemmRows * kGemmRows;  // whole GEMM blocks
   const int64_t tiles = (N + t.tile - 1) / t.tile;
   int64_t chunks = std::min(tiles, kMaxChunks);
   if (partial_bytes > 0) chunks = std::min(chunks, std::max<int64_t>(1, kPartialBytes / partial_bytes));
@@ -302,7 +224,7 @@ void for_each_tile(int64_t N, const Tiling& t, int64_t ws_size, const Fn& fn) {
 // PyTorch's.
 template <typename T>
 void tile_logits(const T* feat, const T* mem_t, T* s, int64_t rows, int64_t K, int64_t D, T t) {
-  gemm<T>(rows, K, D, feat, D, 1, mem_t, K, s, K, T(1), false);
+  gemm<T>(rows, K, D, feat, D, 1, mem_t, K, s, K, false);
   const Vectorized<T> vt(t);
   for (int64_t i = 0; i < rows * K; i += kLanes<T>) {
     const int64_t n = std::min(kLanes<T>, rows * K - i);
@@ -310,83 +232,107 @@ void tile_logits(const T* feat, const T* mem_t, T* s, int64_t rows, int64_t K, i
   }
 }
 
+template <typename T>
+struct LossLogits {
+  T* sv;
+  T* sa;
+};
+
+// The scaled logits of loss rows [r0, r0 + rows): sv of feat_v (fv) and sa of
+// feat_a (fa), [rows, K] each, in ws [2, tile, K]; the backward's are the
+// forward's, bit for bit.
+template <typename T>
+LossLogits<T> loss_tile_logits(const T* fv, const T* fa, const T* mem_t, T* ws, int64_t tile, int64_t r0,
+                               int64_t rows, int64_t K, int64_t D, T t) {
+  T* sv = ws;
+  T* sa = ws + tile * K;
+  tile_logits(fv + r0 * D, mem_t, sv, rows, K, D, t);
+  tile_logits(fa + r0 * D, mem_t, sa, rows, K, D, t);
+  return {sv, sa};
+}
+
 // Backward GEMMs of a tile from its dS [rows, K]: grad_feat[rows] = dS @ mem_s
 // (mem_s = memory / t) and, when partial is given, partial += dS^T @ feat / t.
 template <typename T>
 void tile_backward_gemms(const T* ds, const T* feat, const T* mem_s, T* grad_feat, T* partial, int64_t rows,
                          int64_t K, int64_t D, T inv_t) {
-  gemm<T>(rows, D, K, ds, K, 1, mem_s, D, grad_feat, D, T(1), false);
-  if (partial != nullptr) gemm<T>(K, D, rows, ds, 1, K, feat, D, partial, D, inv_t, true);
+  gemm<T>(rows, D, K, ds, K, 1, mem_s, D, grad_feat, D, false);
+  if (partial != nullptr) gemm<T>(K, D, rows, ds, 1, K, feat, D, partial, D, true, inv_t);
 }
 
-// grad_memory from the chunk partials, summed in chunk order.
-Tensor reduce_partials(const Tensor& partials, const Tensor& memory) {
-  if (!partials.defined() || partials.size(0) == 0) return at::zeros_like(memory, at::MemoryFormat::Contiguous);
-  Tensor out = partials[0].clone();
-  for (int64_t c = 1; c < partials.size(0); ++c) out.add_(partials[c]);
-  return out;
-}
+// A backward's tiling and, with memory_grad, one zeroed grad_memory partial
+// [K, D] per chunk (make_tiling caps the chunks so that the partials fit in
+// kPartialBytes).
+template <typename T>
+struct BackwardTiling {
+  Tiling tiles;
+  Tensor partials;  // [chunks, K, D]; undefined without memory_grad
+  T* data = nullptr;
+  int64_t partial_size;
+
+  BackwardTiling(int64_t N, int64_t K, int64_t D, bool memory_grad, const at::TensorOptions& opts)
+      : tiles(make_tiling(N, K, sizeof(T), memory_grad ? K * D * int64_t(sizeof(T)) : 0)), partial_size(K * D) {
+    if (!memory_grad) return;
+    partials = at::zeros({tiles.chunks, K, D}, opts);
+    data = partials.data_ptr<T>();
+  }
+
+  // Chunk c's partial; nullptr without memory_grad.
+  T* partial(int64_t c) const { return data != nullptr ? data + c * partial_size : nullptr; }
+
+  // grad_memory: the partials summed in chunk order (zeros without memory_grad).
+  Tensor grad_memory(const Tensor& memory) const {
+    if (!partials.defined() || partials.size(0) == 0) return at::zeros_like(memory, at::MemoryFormat::Contiguous);
+    Tensor out = partials[0].clone();
+    for (int64_t c = 1; c < partials.size(0); ++c) out.add_(partials[c]);
+    return out;
+  }
+};
 
 // ---------------------------------------------------------------- checks
 
-void check_cpu_float(const Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor for the caml_ops CPU kernel, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
-              " must be float32 or float64 (half types are upcast by caml_ops), got ", x.scalar_type());
-}
-
 // feat [N, D] and memory [K, D], same dtype, K > 0, temperature > 0.
-void check_features(const Tensor& feat, const char* feat_name, const Tensor& memory, double temperature) {
-  check_cpu_float(feat, feat_name);
-  check_cpu_float(memory, "memory");
-  TORCH_CHECK(feat.dim() == 2, feat_name, " must be [N, D], got shape ", feat.sizes());
-  TORCH_CHECK(memory.dim() == 2, "memory must be [K, D], got shape ", memory.sizes());
-  TORCH_CHECK(memory.size(0) > 0, "memory is empty (K = 0): the memory bank needs at least one embedding");
-  TORCH_CHECK(feat.size(1) == memory.size(1), feat_name, " has D = ", feat.size(1), " but memory has D = ",
-              memory.size(1), "; they must match");
-  TORCH_CHECK(feat.scalar_type() == memory.scalar_type(), feat_name, " (", feat.scalar_type(),
+void check_features(const char* op, const Tensor& feat, const char* feat_name, const Tensor& memory,
+                    double temperature) {
+  check_input(op, feat_name, feat, kCpuKernel);
+  check_input(op, "memory", memory, kCpuKernel);
+  TORCH_CHECK(feat.dim() == 2, op, ": ", feat_name, " must be [N, D], got shape ", feat.sizes());
+  TORCH_CHECK(memory.dim() == 2, op, ": memory must be [K, D], got shape ", memory.sizes());
+  TORCH_CHECK(memory.size(0) > 0, op, ": memory is empty (K = 0): the memory bank needs at least one embedding");
+  TORCH_CHECK(feat.size(1) == memory.size(1), op, ": ", feat_name, " has D = ", feat.size(1),
+              " but memory has D = ", memory.size(1), "; they must match");
+  TORCH_CHECK(feat.scalar_type() == memory.scalar_type(), op, ": ", feat_name, " (", feat.scalar_type(),
               ") and memory (", memory.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ",
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be finite and > 0, got ",
               temperature);
 }
 
-void check_loss_inputs(const Tensor& feat_v, const Tensor& feat_a, const Tensor& memory, double temperature,
-                       double eps) {
-  check_features(feat_v, "feat_v", memory, temperature);
-  check_features(feat_a, "feat_a", memory, temperature);
-  TORCH_CHECK(feat_a.sizes() == feat_v.sizes(), "feat_a must have the shape of feat_v ", feat_v.sizes(), ", got ",
-              feat_a.sizes());
-  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+void check_loss_inputs(const char* op, const Tensor& feat_v, const Tensor& feat_a, const Tensor& memory,
+                       double temperature, double eps) {
+  check_features(op, feat_v, "feat_v", memory, temperature);
+  check_features(op, feat_a, "feat_a", memory, temperature);
+  TORCH_CHECK(feat_a.sizes() == feat_v.sizes(), op, ": feat_a must have the shape of feat_v ", feat_v.sizes(),
+              ", got ", feat_a.sizes());
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
 }
 
-// A per-row tensor, [N] (grad_rows or a saved statistic) or with pair = true [N, 2]
-// (a log-sum-exp as hi, lo), as contiguous `dtype`.
-Tensor row_vector(const Tensor& x, const char* name, int64_t N, at::ScalarType dtype, bool pair = false) {
-  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
-  if (pair) {
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == N && x.size(1) == 2, name, " must be [N, 2] = [", N,
-                ", 2] (log-sum-exp as hi, lo), got shape ", x.sizes());
-  } else {
-    TORCH_CHECK(x.dim() == 1 && x.size(0) == N, name, " must be [N] = [", N, "], got shape ", x.sizes());
-  }
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating point, got ", x.scalar_type());
-  return x.to(dtype).contiguous();
-}
-
-// An [N, K] tensor (grad_out or probs of omni_correlation), as contiguous `dtype`.
-Tensor matrix_nk(const Tensor& x, const char* name, int64_t N, int64_t K, at::ScalarType dtype) {
-  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == N && x.size(1) == K, name, " must be [N, K] = [", N, ", ", K,
-              "], got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating point, got ", x.scalar_type());
+// A saved or incoming floating tensor of the backward (a CPU tensor of the
+// given shape), as contiguous `dtype`.
+Tensor backward_input(const char* op, const Tensor& x, const char* name, at::IntArrayRef shape, const char* form,
+                      at::ScalarType dtype) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.sizes() == shape, op, ": ", name, " must be ", form, " = ", shape, ", got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": ", name, " must be floating point, got ",
+              x.scalar_type());
   return x.to(dtype).contiguous();
 }
 
 // ---------------------------------------------------------------- ops
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> omni_correlation_loss_forward(const Tensor& feat_v_in, const Tensor& feat_a_in,
-                                                            const Tensor& memory, double temperature, double eps) {
-  check_loss_inputs(feat_v_in, feat_a_in, memory, temperature, eps);
+std::tuple<Tensor, Tensor, Tensor, Tensor> omni_correlation_loss_forward(const Tensor& feat_v_in,
+                                                                         const Tensor& feat_a_in, const Tensor& memory,
+                                                                         double temperature, double eps) {
+  check_loss_inputs("omni_correlation_loss_forward", feat_v_in, feat_a_in, memory, temperature, eps);
   const Tensor feat_v = feat_v_in.contiguous(), feat_a = feat_a_in.contiguous();
   const Tensor mem_t = memory.t().contiguous();  // [D, K]
   const int64_t N = feat_v.size(0), K = memory.size(0), D = memory.size(1);
@@ -404,13 +350,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> omni_correlation_loss_forward(const T
     scalar_t* out_r = r_sum.data_ptr<scalar_t>();
     const auto temp = scalar_t(temperature);
     for_each_tile<scalar_t>(N, t, 2 * t.tile * K, [&](int64_t, int64_t r0, int64_t rows, scalar_t* ws) {
-      scalar_t* sv = ws;
-      scalar_t* sa = ws + t.tile * K;
-      tile_logits(fv + r0 * D, mt, sv, rows, K, D, temp);
-      tile_logits(fa + r0 * D, mt, sa, rows, K, D, temp);
+      const auto [sv, sa] = loss_tile_logits(fv, fa, mt, ws, t.tile, r0, rows, K, D, temp);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
-        const LossRow<scalar_t> row = occ_forward_row<scalar_t>(sv + i * K, sa + i * K, K, scalar_t(eps));
+        const LossRow<scalar_t> row = loss_forward_row<scalar_t>(sv + i * K, sa + i * K, K, scalar_t(eps));
         out_l[r] = row.loss;
         out_r[r] = row.r_sum;
         out_lv[2 * r] = row.lse_v.hi;
@@ -424,28 +367,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> omni_correlation_loss_forward(const T
 }
 
 std::tuple<Tensor, Tensor, Tensor> omni_correlation_loss_backward(const Tensor& grad_rows, const Tensor& feat_v_in,
-                                                     const Tensor& feat_a_in, const Tensor& memory,
-                                                     const Tensor& loss_rows, const Tensor& lse_v_in,
-                                                     const Tensor& lse_a_in, const Tensor& r_sum_in,
-                                                     double temperature, double eps, bool memory_grad) {
-  check_loss_inputs(feat_v_in, feat_a_in, memory, temperature, eps);
+                                                                  const Tensor& feat_a_in, const Tensor& memory,
+                                                                  const Tensor& loss_rows, const Tensor& lse_v_in,
+                                                                  const Tensor& lse_a_in, const Tensor& r_sum_in,
+                                                                  double temperature, double eps, bool memory_grad) {
+  constexpr const char* op = "omni_correlation_loss_backward";
+  check_loss_inputs(op, feat_v_in, feat_a_in, memory, temperature, eps);
   const Tensor feat_v = feat_v_in.contiguous(), feat_a = feat_a_in.contiguous();
   const int64_t N = feat_v.size(0), K = memory.size(0), D = memory.size(1);
   const auto dtype = feat_v.scalar_type();
-  const Tensor g = row_vector(grad_rows, "grad_rows", N, dtype);
-  const Tensor loss = row_vector(loss_rows, "loss_rows", N, dtype);
-  const Tensor lse_v = row_vector(lse_v_in, "lse_v", N, dtype, true);
-  const Tensor lse_a = row_vector(lse_a_in, "lse_a", N, dtype, true);
-  const Tensor r_sum = row_vector(r_sum_in, "r_sum", N, dtype);
+  const Tensor g = backward_input(op, grad_rows, "grad_rows", {N}, "[N]", dtype);
+  const Tensor loss = backward_input(op, loss_rows, "loss_rows", {N}, "[N]", dtype);
+  const Tensor lse_v = backward_input(op, lse_v_in, "lse_v", {N, 2}, "[N, 2] (log-sum-exp as hi, lo)", dtype);
+  const Tensor lse_a = backward_input(op, lse_a_in, "lse_a", {N, 2}, "[N, 2] (log-sum-exp as hi, lo)", dtype);
+  const Tensor r_sum = backward_input(op, r_sum_in, "r_sum", {N}, "[N]", dtype);
   const Tensor mem_s = memory.div(temperature).contiguous();  // [K, D]
   const Tensor mem_t = memory.t().contiguous();               // [D, K]
   const auto opts = feat_v.options();
-  Tensor grad_v = at::empty({N, D}, opts), grad_a = at::empty({N, D}, opts);
-  Tensor partials;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "omni_correlation_loss_backward", [&] {
-    const Tiling t = make_tiling(N, K, sizeof(scalar_t), memory_grad ? K * D * int64_t(sizeof(scalar_t)) : 0);
-    if (memory_grad) partials = at::zeros({t.chunks, K, D}, opts);
-    scalar_t* part = memory_grad ? partials.data_ptr<scalar_t>() : nullptr;
+  Tensor grad_v = at::empty({N, D}, opts), grad_a = at::empty({N, D}, opts), grad_memory;
+  AT_DISPATCH_FLOATING_TYPES(dtype, op, [&] {
+    const BackwardTiling<scalar_t> bt(N, K, D, memory_grad, opts);
+    const Tiling& t = bt.tiles;
     const scalar_t* fv = feat_v.data_ptr<scalar_t>();
     const scalar_t* fa = feat_a.data_ptr<scalar_t>();
     const scalar_t* ms = mem_s.data_ptr<scalar_t>();
@@ -460,26 +402,22 @@ std::tuple<Tensor, Tensor, Tensor> omni_correlation_loss_backward(const Tensor& 
     const auto temp = scalar_t(temperature);
     const auto inv_t = scalar_t(1.0 / temperature);
     for_each_tile<scalar_t>(N, t, 2 * t.tile * K, [&](int64_t chunk, int64_t r0, int64_t rows, scalar_t* ws) {
-      scalar_t* sv = ws;
-      scalar_t* sa = ws + t.tile * K;
-      // The forward's tile_logits: bit-identical logits.
-      tile_logits(fv + r0 * D, mt, sv, rows, K, D, temp);
-      tile_logits(fa + r0 * D, mt, sa, rows, K, D, temp);
+      const auto [sv, sa] = loss_tile_logits(fv, fa, mt, ws, t.tile, r0, rows, K, D, temp);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
-        occ_backward_row<scalar_t>(sv + i * K, sa + i * K, K, pg[r], pl[r], {plv[2 * r], plv[2 * r + 1]},
-                                   {pla[2 * r], pla[2 * r + 1]}, pr[r], scalar_t(eps));
+        loss_backward_row<scalar_t>(sv + i * K, sa + i * K, K, pg[r], pl[r], {plv[2 * r], plv[2 * r + 1]},
+                                    {pla[2 * r], pla[2 * r + 1]}, pr[r], scalar_t(eps));
       }
-      scalar_t* chunk_part = part != nullptr ? part + chunk * K * D : nullptr;
-      tile_backward_gemms(sv, fv + r0 * D, ms, gv + r0 * D, chunk_part, rows, K, D, inv_t);
-      tile_backward_gemms(sa, fa + r0 * D, ms, ga + r0 * D, chunk_part, rows, K, D, inv_t);
+      tile_backward_gemms(sv, fv + r0 * D, ms, gv + r0 * D, bt.partial(chunk), rows, K, D, inv_t);
+      tile_backward_gemms(sa, fa + r0 * D, ms, ga + r0 * D, bt.partial(chunk), rows, K, D, inv_t);
     });
+    grad_memory = bt.grad_memory(memory);
   });
-  return {grad_v, grad_a, reduce_partials(partials, memory)};
+  return {grad_v, grad_a, grad_memory};
 }
 
 Tensor omni_correlation_forward(const Tensor& feat_in, const Tensor& memory, double temperature) {
-  check_features(feat_in, "feat", memory, temperature);
+  check_features("omni_correlation_forward", feat_in, "feat", memory, temperature);
   const Tensor feat = feat_in.contiguous();
   const Tensor mem_t = memory.t().contiguous();
   const int64_t N = feat.size(0), K = memory.size(0), D = memory.size(1);
@@ -501,42 +439,35 @@ Tensor omni_correlation_forward(const Tensor& feat_in, const Tensor& memory, dou
 std::tuple<Tensor, Tensor> omni_correlation_backward(const Tensor& grad_out_in, const Tensor& probs_in,
                                                      const Tensor& feat_in, const Tensor& memory,
                                                      double temperature, bool memory_grad) {
-  check_features(feat_in, "feat", memory, temperature);
+  constexpr const char* op = "omni_correlation_backward";
+  check_features(op, feat_in, "feat", memory, temperature);
   const int64_t N = feat_in.size(0), K = memory.size(0), D = memory.size(1);
   const auto dtype = feat_in.scalar_type();
-  const Tensor grad_out = matrix_nk(grad_out_in, "grad_out", N, K, dtype);
-  const Tensor probs = matrix_nk(probs_in, "probs", N, K, dtype);
+  const Tensor grad_out = backward_input(op, grad_out_in, "grad_out", {N, K}, "[N, K]", dtype);
+  const Tensor probs = backward_input(op, probs_in, "probs", {N, K}, "[N, K]", dtype);
   const Tensor feat = feat_in.contiguous();
   const Tensor mem_s = memory.div(temperature).contiguous();
-  const auto opts = feat.options();
-  Tensor grad_feat = at::empty({N, D}, opts);
-  Tensor partials;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "omni_correlation_backward", [&] {
-    const Tiling t = make_tiling(N, K, sizeof(scalar_t), memory_grad ? K * D * int64_t(sizeof(scalar_t)) : 0);
-    if (memory_grad) partials = at::zeros({t.chunks, K, D}, opts);
-    scalar_t* part = memory_grad ? partials.data_ptr<scalar_t>() : nullptr;
+  Tensor grad_feat = at::empty({N, D}, feat.options()), grad_memory;
+  AT_DISPATCH_FLOATING_TYPES(dtype, op, [&] {
+    const BackwardTiling<scalar_t> bt(N, K, D, memory_grad, feat.options());
     const scalar_t* pgo = grad_out.data_ptr<scalar_t>();
     const scalar_t* pp = probs.data_ptr<scalar_t>();
     const scalar_t* f = feat.data_ptr<scalar_t>();
     const scalar_t* ms = mem_s.data_ptr<scalar_t>();
     scalar_t* gf = grad_feat.data_ptr<scalar_t>();
     const auto inv_t = scalar_t(1.0 / temperature);
-    for_each_tile<scalar_t>(N, t, t.tile * K, [&](int64_t chunk, int64_t r0, int64_t rows, scalar_t* ds) {
+    for_each_tile<scalar_t>(N, bt.tiles, bt.tiles.tile * K, [&](int64_t chunk, int64_t r0, int64_t rows, scalar_t* ds) {
       for (int64_t i = 0; i < rows; ++i) softmax_backward_row(pgo + (r0 + i) * K, pp + (r0 + i) * K, ds + i * K, K);
-      tile_backward_gemms(ds, f + r0 * D, ms, gf + r0 * D, part != nullptr ? part + chunk * K * D : nullptr, rows, K,
-                          D, inv_t);
+      tile_backward_gemms(ds, f + r0 * D, ms, gf + r0 * D, bt.partial(chunk), rows, K, D, inv_t);
     });
+    grad_memory = bt.grad_memory(memory);
   });
-  return {grad_feat, reduce_partials(partials, memory)};
+  return {grad_feat, grad_memory};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(caml_ops, CPU, m) {
-  m.impl("omni_correlation_loss_forward", &omni_correlation_loss_forward);
-  m.impl("omni_correlation_loss_backward", &omni_correlation_loss_backward);
-  m.impl("omni_correlation_forward", &omni_correlation_forward);
-  m.impl("omni_correlation_backward", &omni_correlation_backward);
-}
+CAML_OPS_REGISTER_FORWARD_BACKWARD(CPU, omni_correlation_loss)
+CAML_OPS_REGISTER_FORWARD_BACKWARD(CPU, omni_correlation)
 
 }  // namespace caml_ops

@@ -17,6 +17,8 @@ namespace caml_ops {
 namespace vecmath {
 
 using at::vec::Vectorized;
+template <typename T>
+using Vec = Vectorized<T>;
 
 template <typename T>
 constexpr int64_t kLanes = Vectorized<T>::size();

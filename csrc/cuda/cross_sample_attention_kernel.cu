@@ -1,4 +1,4 @@
-// CUDA kernels of cross-sample attention (see DESIGN.md, cross_sample_attention):
+// CUDA kernels of cross-sample attention (see docs/design.md, "cross_sample_attention"):
 // for every position l and head h (a pair p = l*H + h), softmax attention over
 // the B samples:
 //   S = scale q k^T, lse_i = logsumexp_j S_ij, P = softmax(S), Z = keep / (1 - p),
@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../layout.h"
 #include "../philox.h"
 #include "acc_type.cuh"
 #include "cross_sample_attention_kernel.h"
@@ -40,26 +41,10 @@ constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Elements per vector access: 8 bytes for 16-bit types, 16 for float32, 32 for float64.
 constexpr int kV = 4;
-// d <= kWarp * kV takes one vector per lane and row, up to kCsaMaxHeadDim two.
-static_assert(kCsaMaxHeadDim == 2 * kWarp * kV, "kCsaMaxHeadDim: at most 2 vectors per lane");
+// d <= kWarp * kV takes one vector per lane and row, up to kCrossSampleAttentionMaxHeadDim two.
+static_assert(kCrossSampleAttentionMaxHeadDim == 2 * kWarp * kV, "at most 2 vectors per lane");
 // Blocks of the grid-stride loop over pairs.
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
-
-template <typename T>
-__device__ __forceinline__ T from_acc(AccT<T> v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 // kV elements at p (aligned to their size) through 8- or 16-byte accesses.
 template <typename T>
@@ -161,12 +146,6 @@ __device__ __forceinline__ unsigned long long group_or(unsigned long long x, int
   return x;
 }
 
-struct Dropout {
-  uint64_t seed, offset;
-  uint32_t threshold;
-  bool on;
-};
-
 // Keep bits of pair p's B x B dropout mask for rows i0 + r (r < kR) and columns
 // j0 + c (c < kC): bit r * kC + c. All ones without dropout. The lanes share
 // the tile's Philox calls, one per row and group of 4 columns (csrc/philox.h);
@@ -186,20 +165,18 @@ __device__ __forceinline__ unsigned long long keep_bits(const Dropout& dr, int64
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       const int c = 4 * g + w - j0;
-      if (c >= 0 && c < kC && j0 + c < B && words.x[w] >= dr.threshold) mine |= 1ull << (r * kC + c);
+      if (c >= 0 && c < kC && j0 + c < B && dr.keeps(words.x[w])) mine |= 1ull << (r * kC + c);
     }
   }
   return group_or(mine, G);
 }
 
+// An operand [B, L, H, d] of dtype T.
 template <typename T>
-struct Rows {
-  const T* data;
-  int64_t sb, sl, sh;
-};
+using Rows = HeadsView<const T>;
 
 template <typename T>
-Rows<T> rows_of(const CsaTensor& x) {
+Rows<T> rows_of(HeadsView<const void> x) {
   return Rows<T>{static_cast<const T*>(x.data), x.sb, x.sl, x.sh};
 }
 
@@ -212,17 +189,18 @@ struct Params {
   Dropout dropout;
 };
 
-// Runs f(p, active) for the pairs of this lane's group, p = the group's index +
-// k * (groups in the grid); the trip count is the same for all lanes of a warp
-// (the shuffles need the whole warp), active = p < pairs.
-template <typename F>
-__device__ __forceinline__ void for_each_pair(int64_t pairs, int G, F&& f) {
-  const int64_t groups_per_block = kThreads / G;
+// Runs f(p, l, h, active) for the pairs p = l * H + h of this lane's group,
+// p = the group's index + k * (groups in the grid); the trip count is the same
+// for all lanes of a warp (the shuffles need the whole warp), active = p < pairs.
+template <typename Acc, typename F>
+__device__ __forceinline__ void for_each_pair(const Params<Acc>& pm, F&& f) {
+  const int64_t groups_per_block = kThreads / pm.G;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * groups_per_block;
-  const int64_t warp_first = blockIdx.x * groups_per_block + (threadIdx.x / kWarp) * (kWarp / G);
-  for (int64_t base = warp_first; base < pairs; base += stride) {
-    const int64_t p = base + (threadIdx.x % kWarp) / G;
-    f(p, p < pairs);
+  const int64_t warp_first = blockIdx.x * groups_per_block + (threadIdx.x / kWarp) * (kWarp / pm.G);
+  for (int64_t base = warp_first; base < pm.pairs; base += stride) {
+    const int64_t p = base + (threadIdx.x % kWarp) / pm.G;
+    const int64_t l = p / pm.H;
+    f(p, l, p - l * pm.H, p < pm.pairs);
   }
 }
 
@@ -276,11 +254,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kE = kNC * kV;
   const int B = pm.B;
   const RowLayout lay{pm.d, static_cast<int>(threadIdx.x) & (pm.G - 1), pm.G, pm.vec};
-  for_each_pair(pm.pairs, pm.G, [&](int64_t p, bool active) {
-    const int64_t l = p / pm.H, h = p - l * pm.H;
-    const T* qp = q.data + l * q.sl + h * q.sh;
-    const T* kp = k.data + l * k.sl + h * k.sh;
-    const T* vp = v.data + l * v.sl + h * v.sh;
+  for_each_pair(pm, [&](int64_t p, int64_t l, int64_t h, bool active) {
+    const T *qp = q.row(0, l, h), *kp = k.row(0, l, h), *vp = v.row(0, l, h);
     for (int i0 = 0; i0 < B; i0 += kI) {
       Acc qr[kI][kE], o[kI][kE] = {}, m[kI], sum[kI];
       load_rows<kI, kNC>(qp, q.sb, i0, B, lay, active, qr);
@@ -343,12 +318,8 @@ __global__ void __launch_bounds__(kThreads)
   const int B = pm.B;
   const bool one_tile = B <= kI;
   const RowLayout lay{pm.d, static_cast<int>(threadIdx.x) & (pm.G - 1), pm.G, pm.vec};
-  for_each_pair(pm.pairs, pm.G, [&](int64_t p, bool active) {
-    const int64_t l = p / pm.H, h = p - l * pm.H;
-    const T* gop = go.data + l * go.sl + h * go.sh;
-    const T* qp = q.data + l * q.sl + h * q.sh;
-    const T* kp = k.data + l * k.sl + h * k.sh;
-    const T* vp = v.data + l * v.sl + h * v.sh;
+  for_each_pair(pm, [&](int64_t p, int64_t l, int64_t h, bool active) {
+    const T *gop = go.row(0, l, h), *qp = q.row(0, l, h), *kp = k.row(0, l, h), *vp = v.row(0, l, h);
     // dS and P Z of the tile (i0, j0) from the lane's rows; D from dlt, or computed here for one tile.
     auto tile_grads = [&](const Acc(&qr)[kI][kE], const Acc(&dor)[kI][kE], const Acc(&kr)[kI][kE],
                           const Acc(&vr)[kI][kE], int i0, int j0, const Acc(&lse_r)[kI], Acc(&dlt)[kI],
@@ -394,7 +365,7 @@ __global__ void __launch_bounds__(kThreads)
     };
 
     if (!one_tile) {  // D = rowsum(dO O) for sweeps 1 and 2
-      const T* op = o.data + l * o.sl + h * o.sh;
+      const T* op = o.row(0, l, h);
       for (int i0 = 0; i0 < B; i0 += kI) {
         Acc dor[kI][kE], orow[kI][kE];
         load_rows<kI, kNC>(gop, go.sb, i0, B, lay, active, dor);
@@ -467,14 +438,13 @@ bool aligned(const void* ptr, int64_t elem_bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % (kV * elem_bytes) == 0;
 }
 
-bool vec_ok(const CsaTensor& x, int64_t elem_bytes) {
+bool vec_ok(HeadsView<const void> x, int64_t elem_bytes) {
   return aligned(x.data, elem_bytes) && x.sb % kV == 0 && x.sl % kV == 0 && x.sh % kV == 0;
 }
 
 template <typename T>
-Params<AccT<T>> params_of(const CsaProblem& pb, const Split& sp, bool vec) {
+Params<AccT<T>> params_of(const AttentionProblem& pb, const Split& sp, bool vec) {
   using Acc = AccT<T>;
-  const bool on = pb.dropout_p > 0;
   return Params<Acc>{pb.H,
                      pb.d,
                      pb.L * pb.H,
@@ -482,8 +452,8 @@ Params<AccT<T>> params_of(const CsaProblem& pb, const Split& sp, bool vec) {
                      sp.G,
                      vec && pb.d % kV == 0,
                      static_cast<Acc>(pb.scale),
-                     static_cast<Acc>(1.0 / (1.0 - pb.dropout_p)),
-                     Dropout{pb.seed, pb.offset, on ? dropout_threshold(pb.dropout_p) : 0u, on}};
+                     static_cast<Acc>(pb.dropout.inv_keep),
+                     pb.dropout};
 }
 
 unsigned blocks_for(int64_t pairs, int G) {
@@ -503,15 +473,15 @@ int tile_for(int64_t B, int max) {
   while (tile < B && tile < max) tile <<= 1;
   return tile;
 }
-int acc_size(CsaDtype dtype) { return dtype == CsaDtype::kFloat64 ? 8 : 4; }
+int acc_size(Dtype dtype) { return dtype == Dtype::kFloat64 ? 8 : 4; }
 
 template <int N>
 using IntC = std::integral_constant<int, N>;
 
-// Calls f(T{}, IntC<tile>{}, IntC<nc>{}) with the dtype.
+// Calls f(T{}, IntC<tile>{}, IntC<nc>{}) with the input type T of dtype.
 template <typename F>
-void dispatch(CsaDtype dtype, int tile, int nc, F&& f) {
-  auto with_sizes = [&](auto type_tag) {
+void dispatch(Dtype dtype, int tile, int nc, F&& f) {
+  dispatch_dtype(dtype, [&](auto type_tag) {
     auto with_nc = [&](auto tile_tag) {
       if (nc == 1) {
         f(type_tag, tile_tag, IntC<1>{});
@@ -526,31 +496,18 @@ void dispatch(CsaDtype dtype, int tile, int nc, F&& f) {
     } else {
       with_nc(IntC<8>{});
     }
-  };
-  switch (dtype) {
-    case CsaDtype::kFloat32:
-      with_sizes(float{});
-      break;
-    case CsaDtype::kFloat64:
-      with_sizes(double{});
-      break;
-    case CsaDtype::kFloat16:
-      with_sizes(__half{});
-      break;
-    case CsaDtype::kBFloat16:
-      with_sizes(__nv_bfloat16{});
-      break;
-  }
+  });
 }
 
 }  // namespace
 
-void csa_forward(const CsaProblem& pb, CsaTensor q, CsaTensor k, CsaTensor v, void* out, void* lse,
-                 cudaStream_t stream) {
+void cross_sample_attention_forward(Dtype dtype, const AttentionProblem& pb, HeadsView<const void> q,
+                                    HeadsView<const void> k, HeadsView<const void> v, void* out, void* lse,
+                                    cudaStream_t stream) {
   if (pb.L * pb.H == 0) return;
   const Split sp = split_of(pb.d);
-  const int tile = tile_for(pb.B, max_tile(kForwardCap, sp.nc, acc_size(pb.dtype)));
-  dispatch(pb.dtype, tile, sp.nc, [&](auto type_tag, auto tile_tag, auto nc_tag) {
+  const int tile = tile_for(pb.B, max_tile(kForwardCap, sp.nc, acc_size(dtype)));
+  dispatch(dtype, tile, sp.nc, [&](auto type_tag, auto tile_tag, auto nc_tag) {
     using T = decltype(type_tag);
     constexpr int kI = decltype(tile_tag)::value, kNC = decltype(nc_tag)::value;
     if constexpr (kI <= max_tile(kForwardCap, kNC, sizeof(AccT<T>))) {  // the tiles tile_for picks
@@ -563,12 +520,14 @@ void csa_forward(const CsaProblem& pb, CsaTensor q, CsaTensor k, CsaTensor v, vo
   });
 }
 
-void csa_backward(const CsaProblem& pb, CsaTensor grad_out, CsaTensor q, CsaTensor k, CsaTensor v, CsaTensor out,
-                  const void* lse, void* delta, void* grad_q, void* grad_k, void* grad_v, cudaStream_t stream) {
+void cross_sample_attention_backward(Dtype dtype, const AttentionProblem& pb, HeadsView<const void> grad_out,
+                                     HeadsView<const void> q, HeadsView<const void> k, HeadsView<const void> v,
+                                     HeadsView<const void> out, const void* lse, void* delta, void* grad_q,
+                                     void* grad_k, void* grad_v, cudaStream_t stream) {
   if (pb.L * pb.H == 0) return;
   const Split sp = split_of(pb.d);
-  const int tile = tile_for(pb.B, max_tile(kBackwardCap, sp.nc, acc_size(pb.dtype)));
-  dispatch(pb.dtype, tile, sp.nc, [&](auto type_tag, auto tile_tag, auto nc_tag) {
+  const int tile = tile_for(pb.B, max_tile(kBackwardCap, sp.nc, acc_size(dtype)));
+  dispatch(dtype, tile, sp.nc, [&](auto type_tag, auto tile_tag, auto nc_tag) {
     using T = decltype(type_tag);
     using Acc = AccT<T>;
     constexpr int kI = decltype(tile_tag)::value, kNC = decltype(nc_tag)::value;

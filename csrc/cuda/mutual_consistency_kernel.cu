@@ -1,4 +1,4 @@
-// CUDA kernels of the mutual consistency loss (see DESIGN.md, mutual_consistency_loss).
+// CUDA kernels of the mutual consistency loss (see docs/design.md, "mutual_consistency_loss").
 //
 // The math, step by step, is that of csrc/cpu/mutual_consistency.cpp (see its
 // header comment): softmax from e_j = exp(x_j - max), sharpening as a sigmoid of
@@ -34,32 +34,24 @@ constexpr int64_t kMaxBlocks = 2048;
 // Below this, sum_{j != argmax} exp(x_j - max) is recomputed through the second largest logit.
 constexpr float kTiny = 0x1p-100f;
 
-template <typename T>
-__device__ __forceinline__ T from_acc(AccT<T> v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Accurate (not the fast intrinsics') exp and log of the accumulation type.
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-
-// The S models' tensors: pointers by value, or a device table when S > kMcInlineModels.
+// The S models' tensors: pointers by value, or a device table when S > kMutualConsistencyInlineModels.
 template <typename T>
 struct Models {
-  const T* x[kMcInlineModels];
-  T* g[kMcInlineModels];
+  const T* x[kMutualConsistencyInlineModels];
+  T* g[kMutualConsistencyInlineModels];
   const T* const* x_table;
   T* const* g_table;
   __device__ __forceinline__ const T* in(int s) const { return x_table != nullptr ? x_table[s] : x[s]; }
   __device__ __forceinline__ T* out(int s) const { return g_table != nullptr ? g_table[s] : g[s]; }
+};
+
+// What both kernels take: the models, their sizes and 1 / temperature.
+template <typename T, typename Acc = AccT<T>>
+struct Voxels {
+  Models<T> models;
+  int S, C;
+  int64_t B, N;
+  Acc inv_t;
 };
 
 // Softmax and sharpening of one model's C <= kC classes at one voxel (class c at
@@ -143,7 +135,9 @@ __device__ __forceinline__ Acc block_sum(Acc v, Acc* smem) {
 
 template <typename T, int kC, typename Acc = AccT<T>>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(Models<T> models, int S, int64_t B, int C, int64_t N, Acc inv_t, Acc* __restrict__ partials) {
+    forward_kernel(Voxels<T> vx, Acc* __restrict__ partials) {
+  const int S = vx.S, C = vx.C;
+  const int64_t B = vx.B, N = vx.N;
   const Acc s1 = static_cast<Acc>(S - 1);
   Acc acc = 0;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
@@ -153,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
       Acc ref[kC], U[kC], W[kC], p[kC], q[kC];
       Acc squares = 0, cross = 0;
       for (int s = 0; s < S; ++s) {
-        sharpen_voxel<kC, false>(models.in(s) + base, N, C, inv_t, p, q, static_cast<Acc*>(nullptr));
+        sharpen_voxel<kC, false>(vx.models.in(s) + base, N, C, vx.inv_t, p, q, static_cast<Acc*>(nullptr));
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
           if (c < C) {
@@ -191,16 +185,18 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int kC, typename Acc = AccT<T>>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(Models<T> models, int S, int64_t B, int C, int64_t N, Acc inv_t, const Acc* __restrict__ grad,
-                    Acc two_over_m) {
+    backward_kernel(Voxels<T> vx, const Acc* __restrict__ grad, Acc two_over_m) {
+  const int S = vx.S, C = vx.C;
+  const int64_t B = vx.B, N = vx.N;
   const Acc s1 = static_cast<Acc>(S - 1), k = grad[0] * two_over_m;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     for (int64_t n = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; n < N;
          n += static_cast<int64_t>(gridDim.x) * kThreads) {
       const int64_t base = b * C * N + n;
+      // Sweep 1: the forward's, without its sums (a helper shared with the forward cost this kernel registers).
       Acc ref[kC], U[kC], W[kC], p[kC], q[kC], r[kC];
       for (int s = 0; s < S; ++s) {
-        sharpen_voxel<kC, false>(models.in(s) + base, N, C, inv_t, p, q, static_cast<Acc*>(nullptr));
+        sharpen_voxel<kC, false>(vx.models.in(s) + base, N, C, vx.inv_t, p, q, static_cast<Acc*>(nullptr));
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
           if (c < C) {
@@ -211,7 +207,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       for (int s = 0; s < S; ++s) {
-        sharpen_voxel<kC, true>(models.in(s) + base, N, C, inv_t, p, q, r);
+        sharpen_voxel<kC, true>(vx.models.in(s) + base, N, C, vx.inv_t, p, q, r);
         Acc h_sum = 0;
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
@@ -222,7 +218,7 @@ __global__ void __launch_bounds__(kThreads)
             h_sum += q[c];
           }
         }
-        T* g = models.out(s) + base;
+        T* g = vx.models.out(s) + base;
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
           if (c < C) g[c * N] = from_acc<T>(q[c] - p[c] * h_sum);
@@ -232,7 +228,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-dim3 grid_for(const McProblem& pb) {
+dim3 grid_for(const MutualConsistencyLossProblem& pb) {
   const int64_t gy = pb.B < 65535 ? pb.B : 65535;
   const int64_t per_sample = (pb.N + kThreads - 1) / kThreads;
   int64_t gx = kMaxBlocks / gy;
@@ -240,9 +236,11 @@ dim3 grid_for(const McProblem& pb) {
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
+// grads, grads_table: nullptr for the forward.
 template <typename T>
-Models<T> models_of(const McProblem& pb, void* const* grads, void* const* grads_table) {
-  Models<T> m{};
+Voxels<T> voxels_of(const MutualConsistencyLossProblem& pb, void* const* grads, void* const* grads_table) {
+  Voxels<T> vx{};
+  Models<T>& m = vx.models;
   if (pb.logits_table != nullptr) {
     m.x_table = reinterpret_cast<const T* const*>(pb.logits_table);
     m.g_table = reinterpret_cast<T* const*>(grads_table);
@@ -252,12 +250,17 @@ Models<T> models_of(const McProblem& pb, void* const* grads, void* const* grads_
       if (grads != nullptr) m.g[s] = static_cast<T*>(grads[s]);
     }
   }
-  return m;
+  vx.S = static_cast<int>(pb.S);
+  vx.C = static_cast<int>(pb.C);
+  vx.B = pb.B;
+  vx.N = pb.N;
+  vx.inv_t = static_cast<AccT<T>>(1.0 / pb.temperature);
+  return vx;
 }
 
 // Calls f(T{}, std::integral_constant<int, kC>{}) with the dtype and the smallest class bound kC >= C.
 template <typename F>
-void dispatch(const McProblem& pb, F&& f) {
+void dispatch(const MutualConsistencyLossProblem& pb, F&& f) {
   auto with_c = [&](auto type_tag) {
     if (pb.C <= 2) {
       f(type_tag, std::integral_constant<int, 2>{});
@@ -268,65 +271,47 @@ void dispatch(const McProblem& pb, F&& f) {
     } else if (pb.C <= 16) {
       f(type_tag, std::integral_constant<int, 16>{});
     } else {
-      f(type_tag, std::integral_constant<int, kMcMaxClasses>{});
+      f(type_tag, std::integral_constant<int, kMutualConsistencyMaxClasses>{});
     }
   };
-  switch (pb.dtype) {
-    case McDtype::kFloat32:
-      with_c(float{});
-      break;
-    case McDtype::kFloat16:
-      with_c(__half{});
-      break;
-    case McDtype::kBFloat16:
-      with_c(__nv_bfloat16{});
-      break;
-    case McDtype::kFloat64:
-      with_c(double{});
-      break;
-  }
+  dispatch_dtype(pb.dtype, with_c);
 }
 
 }  // namespace
 
-int64_t mc_forward_partials(const McProblem& pb) {
+int64_t mutual_consistency_loss_partials(const MutualConsistencyLossProblem& pb) {
   const dim3 grid = grid_for(pb);
   return static_cast<int64_t>(grid.x) * grid.y;
 }
 
-void mc_forward(const McProblem& pb, void* partials, void* loss, cudaStream_t stream) {
+void mutual_consistency_loss_forward(const MutualConsistencyLossProblem& pb, void* partials, void* loss,
+                                     cudaStream_t stream) {
   const dim3 grid = grid_for(pb);
   const double inv_m = 1.0 / (static_cast<double>(pb.B) * pb.C * pb.N);
   dispatch(pb, [&](auto type_tag, auto c_bound) {
     using T = decltype(type_tag);
-    using Acc = AccT<T>;
-    constexpr int kC = decltype(c_bound)::value;
-    forward_kernel<T, kC><<<grid, kThreads, 0, stream>>>(models_of<T>(pb, nullptr, nullptr), static_cast<int>(pb.S),
-                                                         pb.B, static_cast<int>(pb.C), pb.N,
-                                                         static_cast<Acc>(1.0 / pb.temperature),
-                                                         static_cast<Acc*>(partials));
+    forward_kernel<T, decltype(c_bound)::value>
+        <<<grid, kThreads, 0, stream>>>(voxels_of<T>(pb, nullptr, nullptr), static_cast<AccT<T>*>(partials));
   });
-  if (pb.dtype == McDtype::kFloat64) {
-    finalize_kernel<double><<<1, kThreads, 0, stream>>>(static_cast<const double*>(partials), mc_forward_partials(pb),
-                                                        inv_m, static_cast<double*>(loss));
+  const int64_t count = mutual_consistency_loss_partials(pb);
+  if (pb.dtype == Dtype::kFloat64) {
+    finalize_kernel<double><<<1, kThreads, 0, stream>>>(static_cast<const double*>(partials), count, inv_m,
+                                                        static_cast<double*>(loss));
   } else {
-    finalize_kernel<float><<<1, kThreads, 0, stream>>>(static_cast<const float*>(partials), mc_forward_partials(pb),
-                                                       inv_m, static_cast<float*>(loss));
+    finalize_kernel<float><<<1, kThreads, 0, stream>>>(static_cast<const float*>(partials), count, inv_m,
+                                                       static_cast<float*>(loss));
   }
 }
 
-void mc_backward(const McProblem& pb, const void* grad, void* const* grads, void* const* grads_table,
-                 cudaStream_t stream) {
+void mutual_consistency_loss_backward(const MutualConsistencyLossProblem& pb, const void* grad, void* const* grads,
+                                      void* const* grads_table, cudaStream_t stream) {
   const dim3 grid = grid_for(pb);
   const double two_over_m = 2.0 / (static_cast<double>(pb.B) * pb.C * pb.N);
   dispatch(pb, [&](auto type_tag, auto c_bound) {
     using T = decltype(type_tag);
     using Acc = AccT<T>;
-    constexpr int kC = decltype(c_bound)::value;
-    backward_kernel<T, kC><<<grid, kThreads, 0, stream>>>(models_of<T>(pb, grads, grads_table),
-                                                          static_cast<int>(pb.S), pb.B, static_cast<int>(pb.C), pb.N,
-                                                          static_cast<Acc>(1.0 / pb.temperature),
-                                                          static_cast<const Acc*>(grad), static_cast<Acc>(two_over_m));
+    backward_kernel<T, decltype(c_bound)::value><<<grid, kThreads, 0, stream>>>(
+        voxels_of<T>(pb, grads, grads_table), static_cast<const Acc*>(grad), static_cast<Acc>(two_over_m));
   });
 }
 
