@@ -122,38 +122,38 @@ def config_from_args(args: argparse.Namespace, saved=None, where: Optional[str] 
     return cfg
 
 
-def ops_backend_for_run(backend: str, device: torch.device, announce: bool = True) -> str:
-    """The caml_ops backend a run with ``--ops-backend`` uses on ``device``; raises UsageError if it cannot
-    run every op of the run (else the first step would fail).
+def select_ops_backend(backend: str, device: torch.device, announce: bool = True) -> str:
+    """Makes ``--ops-backend`` the process's caml_ops backend; returns the backend the run passes to the ops.
+    Raises UsageError if it cannot run every op of the run on ``device`` (else the first step would fail).
 
     ``cuda`` means the CUDA kernels where an op has them and Triton for the others: on a CUDA device that
-    is what ``auto`` picks once the CUDA kernels are built, so the run checks them and then uses ``auto``."""
+    is what ``auto`` picks once the CUDA kernels are built, so the run checks exactly that and uses ``auto``."""
     if backend not in caml_ops.BACKENDS:
         raise UsageError(f"--ops-backend is an unknown ops backend (choose from {', '.join(caml_ops.BACKENDS)}), "
                          f"got {backend!r}")
+    run_backend = "auto" if backend == "cuda" else backend
+    caml_ops.set_backend(run_backend)
     with_cuda = [op for op in OPS if backend == "cuda" and "cuda" in fused_backends(op)]
     try:
         for op in with_cuda + [op for op in OPS if op not in with_cuda]:  # the CUDA kernels' errors first
             wanted = ("cuda" if op in with_cuda else "triton") if backend == "cuda" else backend
             chosen = resolve_backend(op, wanted, device)
-            if backend == "cuda" and resolve_backend(op, "auto", device) != chosen:
-                raise ValueError(f"{op} would not run its {chosen} kernels under 'auto'")
+            if resolve_backend(op, run_backend, device) != chosen:  # e.g. CAML_OPS_BACKEND says otherwise
+                raise ValueError(f"{op} would not run its {chosen} kernels under {run_backend!r}")
     except (ValueError, RuntimeError) as err:
         raise UsageError(f"--ops-backend {backend}: {err}") from None
-    if backend != "cuda":
-        return backend
-    rest = [op for op in OPS if op not in with_cuda]
-    if announce:
+    if backend == "cuda" and announce:
+        rest = [op for op in OPS if op not in with_cuda]
         print(f"--ops-backend cuda: CUDA kernels for {', '.join(with_cuda)}; Triton for {', '.join(rest)} "
               "(no CUDA kernels)", flush=True)
-    return "auto"
+    return run_backend
 
 
 def train(cfg: TrainConfig, out: str, resume: bool = False, evaluate: bool = True) -> Optional[dict]:
     """Trains in this process's part of the run (and evaluates on rank 0); returns the metrics on rank 0."""
     processes = ProcessGroup(cfg.device)
     try:
-        ops_backend = ops_backend_for_run(cfg.ops_backend, processes.device, announce=processes.main)
+        ops_backend = select_ops_backend(cfg.ops_backend, processes.device, announce=processes.main)
         return Trainer(cfg, out, processes, ops_backend, resume).run(evaluate)
     finally:
         processes.close()

@@ -13,7 +13,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-import caml_ops
 
 from .checkpoint import load_checkpoint, remove_stale_temporaries, rng_state, save_atomic, set_rng_state
 from .cli import UsageError, one_line
@@ -66,7 +65,7 @@ class Trainer:
     ``split.json`` and opens the logs. :meth:`step` trains on one batch, :meth:`validate` and
     :meth:`checkpoint` run at their intervals, :meth:`finish` writes the plots and the final metrics;
     :meth:`run` does it all. ``ops_backend`` is the caml_ops backend of the fused ops
-    (:func:`caml.train.ops_backend_for_run` makes it from ``cfg.ops_backend``).
+    (:func:`caml.train.select_ops_backend` makes it from ``cfg.ops_backend``).
     """
 
     def __init__(self, cfg: TrainConfig, out: str, processes: ProcessGroup, ops_backend: str = "auto",
@@ -74,7 +73,6 @@ class Trainer:
         self.cfg, self.out, self.processes, self.device = cfg, out, processes, processes.device
         self.checkpoint_path = os.path.join(out, "checkpoints", "last.pt")
         processes.set_threads(cfg.threads)
-        caml_ops.set_backend(ops_backend)
         if processes.main:
             remove_stale_temporaries(self.checkpoint_path)
         saved = self._read_checkpoint() if resume else None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._backend import check_backend_name
-from ._checks import check_choice, check_dropout_p, check_eps, check_positive_int, check_positive_ints, check_temperature
+from ._checks import check_choice, check_dropout_p, check_eps, check_positive_ints, check_temperature
 from .attention import cross_sample_attention, intra_sample_attention
 from .dropout import dropout as fused_dropout
 from .mutual_consistency import mutual_consistency_loss

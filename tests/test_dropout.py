@@ -11,7 +11,7 @@ from caml_ops import reference
 from caml_ops._op import OPS
 
 from .helpers import (assert_close_to_reference, assert_within_2x_torch_error, fixed_seed, fresh_seed,
-                      is_interpreted, requires_cuda, runnable_backends)
+                      requires_cuda, runnable_backends)
 
 CASES = runnable_backends("dropout")
 # Awkward sizes: not multiples of 4, 64 or the Triton block; 0-D and empty.

@@ -8,7 +8,6 @@ import re
 import pytest
 import torch
 
-import caml_ops
 from caml_ops import _backend, _op, attention, mutual_consistency
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,6 +70,7 @@ def _attention_args(d: int, device=CPU):
 def gpu_backends(monkeypatch):
     """Dispatch as on a machine with the CUDA kernels and Triton (nothing runs)."""
     monkeypatch.delenv("CAML_OPS_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_selected", "auto")
     monkeypatch.setattr(_backend, "HAS_EXTENSION", True)
     monkeypatch.setattr(_backend, "EXTENSION_HAS_CUDA", True)
     monkeypatch.setattr(_backend, "HAS_TRITON", True)

@@ -142,18 +142,19 @@ def test_ddp_two_cpu_processes(tmp_path, cache):
 def test_ops_backend_cuda_means_cuda_kernels_where_they_exist_and_triton_for_the_rest(monkeypatch, capsys):
     from caml_ops import _backend
     from caml.cli import UsageError
-    from caml.train import ops_backend_for_run
+    from caml.train import select_ops_backend
 
     monkeypatch.delenv("CAML_OPS_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_selected", "auto")
     for flag in ("HAS_EXTENSION", "EXTENSION_HAS_CUDA", "HAS_TRITON"):
         monkeypatch.setattr(_backend, flag, True)
-    assert ops_backend_for_run("cuda", torch.device("cuda", 0)) == "auto"
+    assert select_ops_backend("cuda", torch.device("cuda", 0)) == "auto"
     said = capsys.readouterr().out.strip().splitlines()
     assert said == ["--ops-backend cuda: CUDA kernels for mutual_consistency_loss, cross_sample_attention; "
                     "Triton for omni_correlation_loss, intra_sample_attention, dropout (no CUDA kernels)"]
     monkeypatch.setattr(_backend, "EXTENSION_HAS_CUDA", False)
     with pytest.raises(UsageError, match="--ops-backend cuda: backend 'cuda' needs caml_ops._C built with CUDA"):
-        ops_backend_for_run("cuda", torch.device("cuda", 0))
+        select_ops_backend("cuda", torch.device("cuda", 0))
     with pytest.raises(UsageError, match="--ops-backend cuda: backend 'cuda' runs on CUDA tensors"):
-        ops_backend_for_run("cuda", torch.device("cpu"))
-    assert ops_backend_for_run("reference", torch.device("cpu")) == "reference"
+        select_ops_backend("cuda", torch.device("cpu"))
+    assert select_ops_backend("reference", torch.device("cpu")) == "reference"
