@@ -1,5 +1,5 @@
-"""The official CAML computations, written as the seed's code computes them
-(DESIGN.md, last section), so benchmarks run them side by side with ours."""
+"""The official CAML computations, written as the official train_caml.py computes them
+(docs/design.md, "The official code"), so benchmarks run them side by side with ours."""
 from __future__ import annotations
 
 import numpy as np
