@@ -74,18 +74,19 @@ EXTENSION_HAS_CUDA = False
 
 
 def declare(op: str, kernels: tuple[Kernel, ...], kernel_ops: tuple[str, ...]) -> None:
-    """Declare `op`'s kernels; `kernel_ops` ("caml_ops::<name>") must be in caml_ops._C if it has C++ ones."""
+    """Declare `op`'s kernels; its `kernel_ops` (names in torch.ops.caml_ops) must be in caml_ops._C if it
+    has C++ ones."""
     global _KERNEL_OPS, _CUDA_KERNEL_OPS, _EXTENSION_PROBLEM, HAS_EXTENSION, EXTENSION_HAS_CUDA
     _KERNELS[op] = kernels
     backends = fused_backends(op)
     if "cpu" in backends or "cuda" in backends:
-        _KERNEL_OPS += tuple(name.split("::")[1] for name in kernel_ops)
+        _KERNEL_OPS += kernel_ops
         _EXTENSION_PROBLEM = _load_extension()
         HAS_EXTENSION = _EXTENSION_PROBLEM is None
     if "cuda" in backends:
         _CUDA_KERNEL_OPS += kernel_ops
     EXTENSION_HAS_CUDA = HAS_EXTENSION and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") for name in _CUDA_KERNEL_OPS
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"caml_ops::{name}", "CUDA") for name in _CUDA_KERNEL_OPS
     ) and bool(_CUDA_KERNEL_OPS)
 
 

@@ -136,7 +136,7 @@ OPS: dict[str, Op] = {}
 
 def define(spec: OpSpec) -> Op:
     """Register `spec`'s variants and declare its kernels to the dispatcher."""
-    _backend.declare(spec.name, spec.kernels, tuple(f"caml_ops::{n}" for n in spec.kernel_op_names()))
+    _backend.declare(spec.name, spec.kernels, spec.kernel_op_names())
     OPS[spec.name] = Op(spec)
     return OPS[spec.name]
 
