@@ -30,7 +30,7 @@ _BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, float dropout_p,"
     " Tensor rng_state) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)"
 )
-# Head dims the kernels hold in registers: kCsaMaxHeadDim (csrc/cuda/cross_sample_attention_kernel.h) and
+# Head dims the kernels hold in registers: kCrossSampleAttentionMaxHeadDim (csrc/cuda/cross_sample_attention_kernel.h) and
 # the Triton intra-sample tiles (caml_ops/triton/intra_sample_attention.py).
 CUDA_CROSS_SAMPLE_MAX_HEAD_DIM = 256
 TRITON_INTRA_SAMPLE_MAX_HEAD_DIM = 128

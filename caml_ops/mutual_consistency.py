@@ -16,7 +16,8 @@ from ._backend import Kernel
 from ._checks import check_floating, check_same, check_temperature
 from ._op import OpSpec, contiguous_like, define, stats_dtype
 
-# The CUDA kernels keep a row of C classes in registers: C <= kMcMaxClasses (csrc/cuda/mutual_consistency_kernel.h).
+# The CUDA kernels keep a row of C classes in registers: C <= kMutualConsistencyMaxClasses
+# (csrc/cuda/mutual_consistency_kernel.h).
 CUDA_MAX_CLASSES = 32
 
 

@@ -46,8 +46,8 @@ def test_every_cpp_op_is_declared():
 
 
 @pytest.mark.parametrize("declared,header,constant", [
-    (attention.CUDA_CROSS_SAMPLE_MAX_HEAD_DIM, "csrc/cuda/cross_sample_attention_kernel.h", "kCsaMaxHeadDim"),
-    (mutual_consistency.CUDA_MAX_CLASSES, "csrc/cuda/mutual_consistency_kernel.h", "kMcMaxClasses"),
+    (attention.CUDA_CROSS_SAMPLE_MAX_HEAD_DIM, "csrc/cuda/cross_sample_attention_kernel.h", "kCrossSampleAttentionMaxHeadDim"),
+    (mutual_consistency.CUDA_MAX_CLASSES, "csrc/cuda/mutual_consistency_kernel.h", "kMutualConsistencyMaxClasses"),
 ])
 def test_declared_cuda_limits_are_the_kernels(declared, header, constant):
     match = re.search(rf"{constant}\s*=\s*(\d+)", (ROOT / header).read_text())
