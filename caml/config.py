@@ -19,6 +19,10 @@ from typing import Optional
 
 from .rampup import official_rampup_length
 
+# The choices of the switches between our behaviour and the official one (caml.losses checks them too).
+MEMORY_RESHAPES = ("permuted", "official")
+OCC_EMBEDDINGS = ("raw", "normalized")
+
 __all__ = ["TrainConfig", "TRAIN_FLAGS", "PRESETS", "preset_config", "default_cache_dir"]
 
 
@@ -51,6 +55,9 @@ class TrainConfig:
     num_filtered: int = 12800
     memory_cap: Optional[int] = None
     ce_weight: float = 0.0  # the official loss has no cross-entropy term
+    memory_reshape: str = "permuted"  # "official": the official scrambling of sub-model a's memory features
+    occ_embedding: str = "raw"  # the official OCC on raw features; "normalized": cosine similarity / temperature
+    dropout: bool = True  # the official training model's Dropout3d(0.5) (bottlenecks, decoders' last features)
     eval_strides: tuple[int, int, int] = (18, 18, 4)
     eval_every: int = 200
     eval_start: int = 800
@@ -117,6 +124,9 @@ class TrainConfig:
             fail("seed", "must be < 2**32")
         if self.method not in ("caml", "supervised"):
             fail("method", "is an unknown method (choose from caml, supervised)")
+        for name, choices in (("memory_reshape", MEMORY_RESHAPES), ("occ_embedding", OCC_EMBEDDINGS)):
+            if getattr(self, name) not in choices:
+                fail(name, f"is unknown (choose from {', '.join(choices)})")
         if self.preset not in PRESETS:
             fail("preset", f"is an unknown preset (choose from {', '.join(PRESETS)})")
         if any(s < 16 or s % 16 for s in self.patch_size):
@@ -136,7 +146,8 @@ def _is_int(value) -> bool:
 # The settings of python -m caml.train's flags (--name-with-dashes); the others come from the preset.
 TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "labeled", "max_iters", "batch_size", "labeled_bs",
                "patch_size", "n_filters", "lr", "memory_num", "num_filtered", "memory_cap", "eval_every",
-               "checkpoint_every", "num_workers", "device", "seed", "threads", "ops_backend")
+               "checkpoint_every", "num_workers", "device", "seed", "threads", "ops_backend", "memory_reshape",
+               "occ_embedding", "dropout")
 _OPTIONAL = {f.name for f in dataclasses.fields(TrainConfig) if f.type.startswith("Optional[")}
 _KINDS = {f.name: f.type[len("Optional["):-1] if f.name in _OPTIONAL else f.type  # the annotations, as text
           for f in dataclasses.fields(TrainConfig)}
