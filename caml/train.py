@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="features of the OCC loss: raw (default, official: dot products / temperature) or "
                    "normalized (L2-normalised: cosine similarity / temperature)")
     p.add_argument("--dropout", choices=("on", "off"), default=None,
-                   help="the official Dropout3d(0.5) of the V-Nets in training (default: the preset's, on)")
+                   help="the official Dropout3d(0.5) of the V-Nets in training (default: the preset's: off for "
+                   "small, on for la and tiny)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-eval", action="store_true", help="skip the final test-split evaluation")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")

@@ -116,7 +116,7 @@ def test_bad_input_gives_one_line(tmp_path, capsys, cache):
 
 def test_the_official_behaviours_are_a_flag_away():
     default = config_from_args(build_parser().parse_args([]))
-    assert (default.memory_reshape, default.occ_embedding) == ("permuted", "raw")
+    assert (default.memory_reshape, default.occ_embedding, default.dropout) == ("permuted", "raw", False)
     assert preset_config("tiny").dropout and preset_config("la").dropout  # the official model's dropout
     official = config_from_args(build_parser().parse_args(
         ["--memory-reshape", "official", "--occ-embedding", "normalized", "--dropout", "on"]))
