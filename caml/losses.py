@@ -15,12 +15,18 @@ Per step, on a batch whose first ``labeled_bs`` samples are labeled::
   (:mod:`caml.rampup`), ``lambda_o``
   likewise with ``consistency_o``; ``t`` is the 1-based iteration.
 
+Two switches of ``LossWeights`` select the official behaviour where ours differs or improves on it:
+``memory_reshape="official"`` scrambles sub-model a's labeled embedding as the official
+``.view(-1, C)`` does, ``occ_embedding="normalized"`` takes the OCC loss on L2-normalised features
+(cosine similarity / temperature; the official features are raw).
+
 The memory bank is refreshed each step (before sampling) with the labeled voxels both sub-models
 predict correctly, projected by the model's projection heads with running BatchNorm statistics
 (``CAML3d.project(..., running_stats=True)``), averaged over the two sub-models.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -30,10 +36,14 @@ from torch import Tensor, nn
 
 import caml_ops
 
+from .config import MEMORY_RESHAPES, OCC_EMBEDDINGS
 from .memory import MemoryBank
 from .rampup import sigmoid_rampup
 
-__all__ = ["dice_loss", "filter_consistent", "LossWeights", "CAMLObjective"]
+__all__ = ["dice_loss", "filter_consistent", "occ_saturation", "LossWeights", "CAMLObjective"]
+
+SATURATION_ROWS = 1024  # rows per sub-model that occ_saturation looks at (evenly spaced)
+SATURATED = 0.99
 
 
 def dice_loss(probs: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
@@ -71,6 +81,17 @@ def filter_consistent(prob_v: Tensor, pred_v: Tensor, pred_a: Tensor, num_filter
     return mask, torch.cat(rows), torch.cat(classes)
 
 
+@torch.no_grad()
+def occ_saturation(features: Sequence[Tensor], memory: Tensor, temperature: float, backend: str = "auto") -> Tensor:
+    """The fraction of rows of ``features`` (each [N, D]; at most ``SATURATION_ROWS`` evenly spaced rows
+    of each) whose correlation softmax over ``memory`` has a top probability above 0.99: how close the
+    OCC loss is to one-hot correlations (whose gradient vanishes). A 0-dim tensor on the features' device."""
+    step = max(1, math.ceil(features[0].shape[0] / SATURATION_ROWS))
+    rows = torch.cat([f.detach()[::step] for f in features])
+    corr = caml_ops.omni_correlation(rows, memory, temperature=temperature, backend=backend)
+    return (corr.amax(dim=1) > SATURATED).float().mean()
+
+
 @dataclass
 class LossWeights:
     """Weights and hyper-parameters of the objective (defaults: the official ones, 8 labels)."""
@@ -86,6 +107,8 @@ class LossWeights:
     memory_num: int = 256
     num_filtered: int = 12800
     ce_weight: float = 0.0
+    memory_reshape: str = "permuted"  # "official": sub-model a's labeled embedding scrambled as official
+    occ_embedding: str = "raw"  # "normalized": OCC on L2-normalised features (cosine similarity / temperature)
 
     def ramp(self, iteration: int) -> float:
         return sigmoid_rampup(iteration // self.rampup_interval, self.rampup_length)
@@ -125,6 +148,10 @@ class CAMLObjective(nn.Module):
             raise ValueError(f"method must be 'caml' or 'supervised', got {method!r}")
         if method == "caml" and memory is None:
             raise ValueError("method 'caml' needs a memory bank")
+        if weights.memory_reshape not in MEMORY_RESHAPES:
+            raise ValueError(f"memory_reshape must be one of {MEMORY_RESHAPES}, got {weights.memory_reshape!r}")
+        if weights.occ_embedding not in OCC_EMBEDDINGS:
+            raise ValueError(f"occ_embedding must be one of {OCC_EMBEDDINGS}, got {weights.occ_embedding!r}")
         self.model, self.memory, self.labeled_bs = model, memory, labeled_bs
         self.weights, self.method, self.backend = weights, method, backend
         self.autocast_dtype = autocast_dtype
@@ -148,11 +175,13 @@ class CAMLObjective(nn.Module):
         if self.method == "caml":
             loss_c = caml_ops.mutual_consistency_loss(logits, temperature=w.temperature, backend=self.backend)
             self._update_memory(probs, embedding_v, embedding_a, label_l, case_ids)
-            loss_o = self._occ(probs, embedding_v, embedding_a, volume.device)
+            loss_o, saturation = self._occ(probs, embedding_v, embedding_a, volume.device)
             ramp = w.ramp(iteration)
             lambda_c, lambda_o = w.consistency * ramp, w.consistency_o * ramp
             loss = loss + lambda_c * loss_c + lambda_o * loss_o
             parts.update(loss_c=loss_c, loss_o=loss_o, lambda_c=torch.tensor(lambda_c), lambda_o=torch.tensor(lambda_o))
+            if saturation is not None:
+                parts["occ_saturation"] = saturation
         parts["loss"] = loss
         return loss, {k: v.detach().float() for k, v in parts.items()}
 
@@ -165,33 +194,41 @@ class CAMLObjective(nn.Module):
 
     @torch.no_grad()
     def _update_memory(self, probs, embedding_v, embedding_a, label_l, case_ids) -> None:
-        lb = self.labeled_bs
+        lb, channels = self.labeled_bs, embedding_a.shape[1]
         correct = (probs[0][:lb].argmax(1) == label_l) & (probs[1][:lb].argmax(1) == label_l)
         features, labels = [], []
         for i in range(lb):
             mask = correct[i].flatten()
             with self._autocast(label_l.device):  # official: projected with running BatchNorm statistics
                 proj_v = self.model.project(_voxels(embedding_v[i: i + 1])[0][mask], "v", running_stats=True)
-                proj_a = self.model.project(_voxels(embedding_a[i: i + 1])[0][mask], "a", running_stats=True)
+                # Official: sub-model a's embedding is read by .view(-1, C) without the permute, so row n
+                # is C consecutive elements of the channel-first buffer, not voxel n (docs/design.md).
+                rows_a = (_voxels(embedding_a[i: i + 1])[0] if self.weights.memory_reshape == "permuted"
+                          else embedding_a[i].reshape(-1, channels))
+                proj_a = self.model.project(rows_a[mask], "a", running_stats=True)
             features.append((_full(proj_v) + _full(proj_a)) / 2)
             labels.append(label_l[i].flatten()[mask])
         ids = case_ids[:lb] if not isinstance(case_ids, Tensor) else case_ids[:lb].tolist()
         self.memory.update(ids, features, labels)
 
-    def _occ(self, probs, embedding_v, embedding_a, device) -> Tensor:
+    def _occ(self, probs, embedding_v, embedding_a, device) -> tuple[Tensor, Optional[Tensor]]:
+        """``(loss_o, occ_saturation)``; the saturation is None when there is no OCC term."""
         w, lb = self.weights, self.labeled_bs
         memory, _ = self.memory.sample(w.memory_num)
         prob_v, pred_v = probs[0][lb:].max(dim=1)
         pred_a = probs[1][lb:].argmax(dim=1)
         mask, rows, _ = filter_consistent(prob_v, pred_v, pred_a, w.num_filtered, probs[0].shape[1])
         if memory.shape[0] == 0 or rows.numel() == 0:
-            return torch.zeros((), device=device)
+            return torch.zeros((), device=device), None
         voxel_mask = mask.flatten()
         with self._autocast(device):
             # Official: the heads (train mode) see every consistent voxel; the filter picks rows after.
             feat_v = self.model.predict(_voxels(embedding_v[lb:]).flatten(0, 1)[voxel_mask], "v")
             feat_a = self.model.predict(_voxels(embedding_a[lb:]).flatten(0, 1)[voxel_mask], "a")
         feat_v, feat_a = _full(feat_v[rows]), _full(feat_a[rows])
-        return caml_ops.omni_correlation_loss(
-            feat_v, feat_a, memory.to(feat_v.dtype),
-            temperature=w.occ_temperature, eps=w.occ_eps, backend=self.backend)
+        memory = memory.to(feat_v.dtype)
+        if w.occ_embedding == "normalized":  # gradients flow through the normalisation of the features
+            feat_v, feat_a, memory = (F.normalize(x, dim=1) for x in (feat_v, feat_a, memory))
+        loss = caml_ops.omni_correlation_loss(feat_v, feat_a, memory, temperature=w.occ_temperature,
+                                              eps=w.occ_eps, backend=self.backend)
+        return loss, occ_saturation((feat_v, feat_a), memory, w.occ_temperature, self.backend)

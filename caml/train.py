@@ -29,7 +29,7 @@ from caml_ops._backend import fused_backends, resolve as resolve_backend
 
 from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_patch_size_flag, check_out_folder,
                   print_metrics, run)
-from .config import PRESETS, TRAIN_FLAGS, TrainConfig, preset_config
+from .config import MEMORY_RESHAPES, OCC_EMBEDDINGS, PRESETS, TRAIN_FLAGS, TrainConfig, preset_config
 from .distributed import ProcessGroup
 from .runlog import read_json
 from .trainer import Trainer
@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--ops-backend", default=None, help=f"caml_ops backend: {', '.join(caml_ops.BACKENDS)}")
+    p.add_argument("--memory-reshape", choices=MEMORY_RESHAPES, default=None,
+                   help="how sub-model a's labeled embedding becomes memory-bank rows: permuted (default: per "
+                   "voxel, as sub-model v's) or official (the official .view(-1, C) without the permute, which "
+                   "scrambles half of every memory feature; for like-for-like reproduction)")
+    p.add_argument("--occ-embedding", choices=OCC_EMBEDDINGS, default=None,
+                   help="features of the OCC loss: raw (default, official: dot products / temperature) or "
+                   "normalized (L2-normalised: cosine similarity / temperature)")
+    p.add_argument("--dropout", choices=("on", "off"), default=None,
+                   help="the official Dropout3d(0.5) of the V-Nets in training (default: the preset's: off for "
+                   "small, on for la and tiny)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-eval", action="store_true", help="skip the final test-split evaluation")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
@@ -86,6 +96,8 @@ def _given(args: argparse.Namespace) -> dict:
             given[name] = os.path.abspath(os.path.expanduser(given[name]))
     if "patch_size" in given:
         given["patch_size"] = tuple(given["patch_size"])
+    if "dropout" in given:
+        given["dropout"] = given["dropout"] == "on"
     if args.no_amp:
         given["amp"] = False
     return given

@@ -30,7 +30,8 @@ from .runlog import CSVLog, TensorBoard, plot_losses, plot_overlays, plot_valida
 
 __all__ = ["Trainer", "TRAIN_FIELDS", "VAL_FIELDS"]
 
-TRAIN_FIELDS = ["iteration", "epoch", "loss", "loss_s", "loss_c", "loss_o", "lambda_c", "lambda_o", "lr", "seconds"]
+TRAIN_FIELDS = ["iteration", "epoch", "loss", "loss_s", "loss_c", "loss_o", "lambda_c", "lambda_o", "lr", "seconds",
+                "occ_saturation"]
 VAL_FIELDS = ["iteration", "dice"]
 LOSSES = ("loss", "loss_s", "loss_c", "loss_o")  # plotted and shown on the progress bar
 NUM_CLASSES = 2
@@ -47,7 +48,8 @@ def _loss_weights(cfg: TrainConfig) -> LossWeights:
     return LossWeights(lamda=cfg.lamda, consistency=cfg.consistency, consistency_o=cfg.consistency_o,
                        rampup_length=cfg.resolved_rampup(), rampup_interval=cfg.rampup_interval,
                        temperature=cfg.temperature, memory_num=cfg.memory_num, num_filtered=cfg.num_filtered,
-                       ce_weight=cfg.ce_weight)
+                       ce_weight=cfg.ce_weight, memory_reshape=cfg.memory_reshape,
+                       occ_embedding=cfg.occ_embedding)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -80,7 +82,8 @@ class Trainer:
         _seed_globals(cfg.seed + processes.rank)
         self.data_root = self._data_root()
         self.source, self.batches = self._open_data(resume)
-        self.model = CAML3d(1, NUM_CLASSES, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim).to(self.device)
+        self.model = CAML3d(1, NUM_CLASSES, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
+                            has_dropout=cfg.dropout).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.memory = None

@@ -1,13 +1,17 @@
 """caml.losses: Dice, ramp-up, confidence filtering and the CAML objective against straightforward
 re-statements of the official train_caml.py computations."""
 import copy
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from caml.losses import CAMLObjective, LossWeights, dice_loss, filter_consistent
+import torch.nn.functional as F
+
+import caml_ops.reference
+from caml.losses import SATURATION_ROWS, CAMLObjective, LossWeights, dice_loss, filter_consistent, occ_saturation
 from caml.rampup import official_rampup_length, sigmoid_rampup
 from caml.memory import MemoryBank
 from caml.models import CAML3d
@@ -99,8 +103,9 @@ def _batch():
     return x, y
 
 
-def _official_loss(model, x, y, case_ids, iteration, bank):
-    w = WEIGHTS
+def _official_loss(model, x, y, case_ids, iteration, bank, w=WEIGHTS):
+    """The official step; ``w.memory_reshape == "permuted"`` reads sub-model a's labeled embedding per
+    voxel (ours), ``w.occ_embedding == "normalized"`` L2-normalises the OCC features and memory."""
     outputs_v, outputs_a, embedding_v, embedding_a = model(x)
     loss_s = 0
     y_ori, y_pseudo = [], []
@@ -116,9 +121,15 @@ def _official_loss(model, x, y, case_ids, iteration, bank):
     correct = (soft_v[:LB].argmax(1) == y[:LB]) & (soft_a[:LB].argmax(1) == y[:LB])
     lab_v, lab_a = embedding_v[:LB].permute(0, 2, 3, 4, 1), embedding_a[:LB].permute(0, 2, 3, 4, 1)
     model.eval()
-    proj_v, proj_a = model.projection_head1(lab_v.reshape(-1, 2)), model.projection_head2(lab_a.reshape(-1, 2))
+    proj_v = model.projection_head1(lab_v.reshape(-1, 2))
+    if w.memory_reshape == "official":  # train_caml.py's lines, verbatim but for the names
+        b, h, w_, d, labeled_features_dim = lab_v.shape
+        proj_a = model.projection_head2(embedding_a[:LB].view(-1, labeled_features_dim))
+        proj_a = proj_a.view(b, h, w_, d, -1)
+    else:
+        proj_a = model.projection_head2(lab_a.reshape(-1, 2)).view(*lab_a.shape[:-1], -1)
     model.train()
-    proj_v, proj_a = proj_v.view(*lab_v.shape[:-1], -1), proj_a.view(*lab_a.shape[:-1], -1)
+    proj_v = proj_v.view(*lab_v.shape[:-1], -1)
     bank.update(case_ids, [(proj_v[i][correct[i]] + proj_a[i][correct[i]]) / 2 for i in range(LB)],
                 [y[i][correct[i]] for i in range(LB)])
     memory, _ = bank.sample(w.memory_num)
@@ -131,6 +142,8 @@ def _official_loss(model, x, y, case_ids, iteration, bank):
     un_a = embedding_a[LB:].permute(0, 2, 3, 4, 1)[consist]
     feat_v = model.prediction_head1(model.projection_head1(un_v))
     feat_a = model.prediction_head2(model.projection_head2(un_a))
+    if w.occ_embedding == "normalized":
+        feat_v, feat_a, memory = F.normalize(feat_v, dim=1), F.normalize(feat_a, dim=1), F.normalize(memory, dim=1)
     corr_v, corr_a = [], []
     for c in range(2):
         idx = torch.nonzero(labels == c).squeeze(1)
@@ -150,13 +163,30 @@ def _official_loss(model, x, y, case_ids, iteration, bank):
 
 @pytest.mark.parametrize("iteration", [1, 3])
 def test_objective_matches_the_official_computation(iteration):
+    _check_against_official(iteration, WEIGHTS, "reference")
+
+
+@pytest.mark.parametrize("memory_reshape, occ_embedding", [("official", "raw"), ("permuted", "normalized"),
+                                                           ("official", "normalized")])
+def test_the_switches_match_the_official_lines(memory_reshape, occ_embedding):
+    """The official reshape against train_caml.py's lines; normalised OCC through the fused CPU kernel
+    against the reference loss on normalised features (losses, every gradient and the memory bank)."""
+    w = dataclasses.replace(WEIGHTS, memory_reshape=memory_reshape, occ_embedding=occ_embedding)
+    bank = _check_against_official(3, w, "cpu")
+    ours = _check_against_official(3, dataclasses.replace(w, memory_reshape="permuted"), "cpu")
+    scrambled = not torch.equal(bank.case_entries(1)[0], ours.case_entries(1)[0])
+    assert scrambled == (memory_reshape == "official")
+
+
+def _check_against_official(iteration, w, backend):
+    """Our objective against _official_loss: the loss parts, the model's gradients and the bank (returned)."""
     x, y = _batch()
     model = _model().train()
     reference_model = copy.deepcopy(model)
     bank, reference_bank = (MemoryBank(4, 2, 8, seed=3, dtype=torch.float64) for _ in range(2))
-    objective = CAMLObjective(model, bank, LB, WEIGHTS, backend="reference")
+    objective = CAMLObjective(model, bank, LB, w, backend=backend)
     loss, parts = objective(x, y, [1, 3], iteration)
-    ref_loss, ref_parts = _official_loss(reference_model, x, y, [1, 3], iteration, reference_bank)
+    ref_loss, ref_parts = _official_loss(reference_model, x, y, [1, 3], iteration, reference_bank, w)
     assert float(parts["loss_o"]) > 0  # the OCC term is exercised
     for key in ("loss_s", "loss_c", "loss_o"):
         torch.testing.assert_close(parts[key].double(), ref_parts[key].detach().double(), rtol=1e-5, atol=1e-6,
@@ -168,7 +198,42 @@ def test_objective_matches_the_official_computation(iteration):
         if q.grad is not None:
             torch.testing.assert_close(p.grad.double(), q.grad.double(), rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"grad of {name}: {m}")
+    for case in (1, 3):
+        torch.testing.assert_close(bank.case_entries(case), reference_bank.case_entries(case))
     torch.testing.assert_close(bank.sample(8)[0], reference_bank.sample(8)[0])
+    return bank
+
+
+def test_normalized_occ_is_the_reference_loss_of_the_normalised_features():
+    torch.manual_seed(4)
+    feat_v, feat_a = (torch.randn(40, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    memory = torch.randn(16, 8, dtype=torch.float64)
+    grads = []
+    for loss_fn in (caml_ops.omni_correlation_loss, caml_ops.reference.omni_correlation_loss):
+        normalised = [F.normalize(t, dim=1) for t in (feat_v, feat_a, memory)]
+        loss = loss_fn(*normalised, temperature=0.1, eps=1e-8)
+        grads.append((loss, *torch.autograd.grad(loss, (feat_v, feat_a))))
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference)
+    assert float(grads[0][1].abs().sum()) > 0
+
+
+def test_occ_saturation_counts_rows_with_a_top_correlation_above_099():
+    memory = torch.eye(2)
+    saturated, spread = torch.tensor([[10.0, 0.0], [0.0, 10.0]]), torch.tensor([[0.1, 0.0], [0.3, 0.3]])
+    assert float(occ_saturation([saturated, spread], memory, 0.1)) == 0.5  # softmax (100, 0): 1; (1, 0): 0.73
+    assert float(occ_saturation([spread], memory, 0.1)) == 0.0
+    assert float(occ_saturation([saturated], memory, 10.0)) == 0.0  # softmax (1, 0) at t = 10: 0.73
+    # Beyond SATURATION_ROWS rows, evenly spaced ones: every second of 2 x SATURATION_ROWS here.
+    alternating = torch.cat([saturated[:1], spread[:1]]).repeat(SATURATION_ROWS, 1)
+    assert float(occ_saturation([alternating], memory, 0.1)) == 1.0
+
+
+def test_objective_logs_occ_saturation():
+    x, y = _batch()
+    _, parts = CAMLObjective(_model().train(), MemoryBank(4, 2, 8, seed=3, dtype=torch.float64), LB, WEIGHTS,
+                             backend="reference")(x, y, [1, 3], 3)
+    assert 0 <= float(parts["occ_saturation"]) <= 1
 
 
 def test_supervised_method_is_the_supervised_term_only():

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from caml.train import main
+from caml.config import TrainConfig, preset_config
+from caml.train import build_parser, config_from_args, main
 
 from .training_fixtures import ROOT, TINY, _env, cache  # noqa: F401  (fixtures)
 
@@ -32,6 +33,7 @@ def test_a_tiny_run_writes_the_run_folder(tmp_path):
     rows = _log(out)
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(float(r[k]))) for r in rows for k in ("loss", "loss_s", "loss_c", "loss_o"))
+    assert all(0 <= float(r["occ_saturation"]) <= 1 for r in rows)
     checkpoint = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
     assert checkpoint["iteration"] == 3 and checkpoint["memory"]["counts"].sum() > 0
     metrics = json.load(open(os.path.join(out, "metrics.json")))
@@ -99,6 +101,7 @@ def test_bad_input_gives_one_line(tmp_path, capsys, cache):
     assert "needs --data" in _one_line_error(capsys, ["--preset", "la"])
     assert "nothing to resume" in _one_line_error(capsys, ["--resume", "--out", str(tmp_path / "none")])
     assert "invalid int" in _one_line_error(capsys, ["--max-iters", "many"])
+    assert "--memory-reshape: invalid choice" in _one_line_error(capsys, ["--memory-reshape", "view"])
 
     # a corrupt h5 file in a copy of the tiny dataset
     import shutil
@@ -109,6 +112,20 @@ def test_bad_input_gives_one_line(tmp_path, capsys, cache):
     (data / "2018LA_Seg_Training Set" / case / "mri_norm2.h5").write_bytes(b"not an h5 file")
     line = _one_line_error(capsys, TINY + ["--data", str(data), "--out", str(tmp_path / "d")])
     assert case in line and "h5" in line
+
+
+def test_the_official_behaviours_are_a_flag_away():
+    default = config_from_args(build_parser().parse_args([]))
+    assert (default.memory_reshape, default.occ_embedding, default.dropout) == ("permuted", "raw", False)
+    assert preset_config("tiny").dropout and preset_config("la").dropout  # the official model's dropout
+    official = config_from_args(build_parser().parse_args(
+        ["--memory-reshape", "official", "--occ-embedding", "normalized", "--dropout", "on"]))
+    assert (official.memory_reshape, official.occ_embedding, official.dropout) == ("official", "normalized", True)
+    saved = {k: v for k, v in preset_config("small").to_json().items()
+             if k not in ("memory_reshape", "occ_embedding", "dropout")}  # a config saved before the switches
+    assert TrainConfig.from_json(saved, "config.json").memory_reshape == "permuted"
+    with pytest.raises(ValueError, match="field occ_embedding is unknown"):
+        TrainConfig.from_json({**saved, "occ_embedding": "cosine"}, "config.json")
 
 
 def test_cli_module_exit_status(tmp_path, cache):
