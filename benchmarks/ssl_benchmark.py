@@ -21,14 +21,13 @@ the runs show whatever they show:
   run that crashed, or a test Dice under 0.5).
 
 Runs go to ``--out`` (default ``runs/ssl-benchmark``), one folder per arm and seed; a finished run
-(its ``metrics.json``) is reused, so an interrupted benchmark continues where it stopped. The
+(its ``benchmark.json``) is reused, so an interrupted benchmark continues where it stopped. The
 summary is ``<out>/summary.json`` and the table printed last. ``--seeds``, ``--jobs`` (parallel runs,
 one thread each) and ``--arms`` scale it; about 30 minutes on a 2-core CPU with the defaults.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -78,19 +77,18 @@ def _train_dice(cfg, out: str) -> float:
     import torch
 
     from caml.data.source import open_source
-    from caml.inference import sliding_window_predict
+    from caml.inference import predict_foreground
     from caml.metrics import dice
     from caml.models import CAML3d
-    from caml.runlog import read_json
 
     model = CAML3d.from_checkpoint(os.path.join(out, "checkpoints", "last.pt")).eval()
-    source = open_source(read_json(os.path.join(out, "config.json"))["data_root"])
+    source = open_source(cfg.data)
     scores = []
     for case in source.train_cases[: cfg.labeled]:
         image, label = source.load(case)
-        labels = sliding_window_predict(image, model, cfg.patch_size, cfg.eval_strides, cfg.eval_batch,
-                                        torch.device("cpu"))[1]
-        scores.append(dice(labels.numpy() > 0, label > 0))
+        pred = predict_foreground(model, image, cfg.patch_size, cfg.eval_strides, cfg.eval_batch,
+                                  torch.device("cpu"), amp=False)[1]
+        scores.append(dice(pred, label > 0))
     return float(np.mean(scores))
 
 
@@ -104,6 +102,7 @@ def run_one(arm: str, seed: int, root: str) -> dict:
     try:
         import torch
 
+        from caml.runlog import write_json
         from caml.train import train
 
         torch.set_num_threads(1)
@@ -114,10 +113,7 @@ def run_one(arm: str, seed: int, root: str) -> dict:
     except Exception as err:  # a crashed run is a failure of its arm, reported, not a crash of the benchmark
         traceback.print_exc()
         return {"arm": arm, "seed": seed, "ok": False, "error": f"{type(err).__name__}: {err}"}
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, result_path)
+    write_json(result_path, result)
     return result
 
 
@@ -196,6 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     args = p.parse_args(argv)
     from caml.data.synthetic import ensure_synthetic_la
+    from caml.runlog import write_json
 
     os.makedirs(args.out, exist_ok=True)
     ensure_synthetic_la(os.path.join(args.out, "data"), **DATA)  # the benchmark's own data, not the user's cache
@@ -203,9 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(run_one, *zip(*tasks), [args.out] * len(tasks)))
     summary = summarise(results, args.arms, args.seeds)
-    with open(os.path.join(args.out, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(args.out, "summary.json.tmp"), os.path.join(args.out, "summary.json"))
+    write_json(os.path.join(args.out, "summary.json"), summary)
     print(table(summary))
     return 0
 
