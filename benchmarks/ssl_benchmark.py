@@ -77,7 +77,7 @@ def _train_dice(cfg, out: str) -> float:
     import torch
 
     from caml.data.source import open_source
-    from caml.inference import predict_foreground
+    from caml.inference import predict_classes
     from caml.metrics import dice
     from caml.models import CAML3d
 
@@ -86,7 +86,7 @@ def _train_dice(cfg, out: str) -> float:
     scores = []
     for case in source.train_cases[: cfg.labeled]:
         image, label = source.load(case)
-        pred = predict_foreground(model, image, cfg.patch_size, cfg.eval_strides, cfg.eval_batch,
+        pred = predict_classes(model, image, cfg.patch_size, cfg.eval_strides, cfg.eval_batch,
                                   torch.device("cpu"), amp=False)[1]
         scores.append(dice(pred, label > 0))
     return float(np.mean(scores))

@@ -35,6 +35,7 @@ class TrainConfig:
     split: Optional[str] = None  # MSD folder: a split file; None: a seeded split (split_seed) of the labeled cases
     split_seed: int = 0
     synthetic: dict = field(default_factory=dict)  # cases, seed, test_cases, min_shape, max_shape
+    num_classes: Optional[int] = None  # background included; None: the labels dataset.json declares, else 2
     labeled: int = 8
     max_train_cases: Optional[int] = None  # first N cases of train.list (official max_samples: 80)
     patch_size: tuple[int, int, int] = (112, 112, 80)  # W, H, D: the training crop and the evaluation's window
@@ -55,7 +56,7 @@ class TrainConfig:
     memory_num: int = 256
     num_filtered: int = 12800
     memory_cap: Optional[int] = None
-    ce_weight: float = 0.0  # the official loss has no cross-entropy term
+    ce_weight: float = 0.0  # the official loss has no cross-entropy term (a weight > 0 adds one)
     memory_reshape: str = "permuted"  # "official": the official scrambling of sub-model a's memory features
     occ_embedding: str = "raw"  # the official OCC on raw features; "normalized": cosine similarity / temperature
     dropout: bool = True  # the official training model's Dropout3d(0.5) (bottlenecks, decoders' last features)
@@ -148,11 +149,11 @@ def _is_int(value) -> bool:
 TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "labeled", "max_iters", "batch_size", "labeled_bs",
                "patch_size", "n_filters", "lr", "memory_num", "num_filtered", "memory_cap", "eval_every",
                "checkpoint_every", "num_workers", "device", "seed", "threads", "ops_backend", "memory_reshape",
-               "occ_embedding", "dropout")
+               "occ_embedding", "dropout", "num_classes", "ce_weight")
 _OPTIONAL = {f.name for f in dataclasses.fields(TrainConfig) if f.type.startswith("Optional[")}
 _KINDS = {f.name: f.type[len("Optional["):-1] if f.name in _OPTIONAL else f.type  # the annotations, as text
           for f in dataclasses.fields(TrainConfig)}
-_AT_LEAST = {"split_seed": 0, "labeled": 1, "max_train_cases": 1, "batch_size": 2, "labeled_bs": 1, "n_filters": 1,
+_AT_LEAST = {"split_seed": 0, "num_classes": 2, "labeled": 1, "max_train_cases": 1, "batch_size": 2, "labeled_bs": 1, "n_filters": 1,
              "feat_dim": 1, "weight_decay": 0, "max_iters": 1, "lamda": 0, "consistency": 0, "consistency_o": 0,
              "rampup_length": 0, "rampup_interval": 1, "memory_num": 2, "num_filtered": 1, "memory_cap": 1,
              "ce_weight": 0, "eval_every": 1, "eval_start": 0, "eval_batch": 1, "checkpoint_every": 1, "seed": 0,

@@ -1,17 +1,22 @@
 """Evaluate a checkpoint on a dataset's test cases: ``python -m caml.evaluate --checkpoint FILE --data DIR --out DIR``.
 
 The checkpoint is ours (``checkpoints/last.pt`` of ``caml.train``: model sizes, patch and strides from
-its config, the test cases from its recorded split) or an official CAML one (a raw state_dict: sizes
-from the weights, the official patch 112 x 112 x 80 and strides 18 / 18 / 4). Every test case is
-predicted by sliding windows (decoder 1, as the official test), optionally reduced to its largest
-connected component (``--largest-component``, the official ``post_process``), and scored: Dice,
-Jaccard, 95HD and ASD (in the header's spacing for NIfTI data, in voxels for the LA h5 layout, as the
-official numbers). The checkpoint is evaluated as given: no model selection on the test cases.
+its config, the test cases from its recorded split, the label values from its recorded labels) or an
+official CAML one (a raw state_dict: sizes and classes from the weights, the label values those the
+data folder's dataset.json declares, else 0 .. C-1, the official patch 112 x 112 x 80 and strides
+18 / 18 / 4). Every test case is predicted by sliding windows (decoder 1, as the official test),
+optionally reduced to its largest connected component (``--largest-component``, the official
+``post_process``; per class for several classes), and scored: Dice, Jaccard, 95HD and ASD (in the
+header's spacing for NIfTI data, in voxels for the LA h5 layout, as the official numbers); with
+several classes per foreground class and their mean (``caml.metrics.SegmentationMetrics``). The
+checkpoint is evaluated as given: no model selection on the test cases.
 
-``--out`` receives ``metrics.csv`` (per case, then the mean), ``metrics.json``, ``predictions/<case>.nii.gz``
-(uint8 labels in the image's geometry where known), ``probabilities/<case>.nii.gz`` (with ``--save-probs``:
-the foreground probability) and ``overlays/<case>.png``. Everything is written to a temporary folder and
-moved into place at the end, so a failed run leaves no partial results.
+``--out`` receives ``metrics.csv`` (per case, then the mean; with several classes a row per case and
+class, ``mean`` the mean over the foreground classes), ``metrics.json``, ``predictions/<case>.nii.gz``
+(the data's label values, uint8, in the image's geometry where known), ``probabilities/<case>.nii.gz``
+(with ``--save-probs``: the foreground probability; with several classes every class's, last axis)
+and ``overlays/<case>.png``. Everything is written to a temporary folder and moved into place at
+the end, so a failed run leaves no partial results.
 """
 from __future__ import annotations
 
@@ -30,9 +35,10 @@ from .checkpoint import load_checkpoint
 from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_patch_size_flag, check_out_folder,
                   device_from_flag, int_at_least, one_line, print_metrics, run)
 from .config import TrainConfig
+from .data.labels import DATASET_JSON, LabelSet, declared_labels
 from .data.msd import require_nibabel, write_nifti
 from .data.source import open_source
-from .inference import OFFICIAL_ROI_SIZE, OFFICIAL_STRIDES, largest_component, predict_foreground
+from .inference import OFFICIAL_ROI_SIZE, OFFICIAL_STRIDES, largest_components, predict_classes
 from .metrics import METRICS, SegmentationMetrics
 from .models import CAML3d
 from .runlog import plot_overlays, read_json, write_json
@@ -42,6 +48,7 @@ __all__ = ["main", "build_parser", "load_model", "evaluate"]
 PROG = "python -m caml.evaluate"
 OUTPUTS = ("metrics.csv", "metrics.json", "predictions", "probabilities", "overlays")
 CSV_FIELDS = ("case",) + METRICS
+CLASS_CSV_FIELDS = ("case", "class") + METRICS  # several classes: a row per case and class
 
 
 def build_parser():
@@ -64,7 +71,8 @@ def build_parser():
 
 def load_model(path: str) -> tuple[CAML3d, dict]:
     """The model of a checkpoint (ours or official) and what it says about itself: ``kind``,
-    ``patch_size``, ``strides``, ``iteration``, ``max_iters``, ``split``, ``split_seed``."""
+    ``patch_size``, ``strides``, ``iteration``, ``max_iters``, ``split``, ``split_seed``, ``labels``
+    (the recorded :class:`LabelSet`; None for an official checkpoint)."""
     obj = load_checkpoint(path)
     ours = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
     try:
@@ -73,15 +81,31 @@ def load_model(path: str) -> tuple[CAML3d, dict]:
         raise ValueError(f"checkpoint {path} does not fit CAML3d: {one_line(err, 300)}") from None
     if not ours:
         return model, {"kind": "official", "patch_size": OFFICIAL_ROI_SIZE, "strides": OFFICIAL_STRIDES,
-                       "iteration": None, "max_iters": None, "split": None, "split_seed": 0}
+                       "iteration": None, "max_iters": None, "split": None, "split_seed": 0, "labels": None}
     cfg = TrainConfig.from_json(obj["config"], f"checkpoint {path}: config")
     split = obj.get("split")
     run_split = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "split.json")
     if split is None and os.path.isfile(run_split):
         split = read_json(run_split)
+    labels = LabelSet.from_json(obj["labels"]) if "labels" in obj else None  # older checkpoints: binary 0 / 1
     return model, {"kind": "caml.train", "patch_size": tuple(cfg.patch_size), "strides": tuple(cfg.eval_strides),
                    "iteration": obj.get("iteration"), "max_iters": cfg.max_iters, "split": split,
-                   "split_seed": cfg.split_seed}
+                   "split_seed": cfg.split_seed, "labels": labels}
+
+
+def checkpoint_labels(model: CAML3d, info: dict, data: str, path: str) -> LabelSet:
+    """The label values the checkpoint predicts: the recorded ones, else those ``data`` declares, else
+    0 .. C-1 for the model's C classes; a ValueError naming both when they disagree with the data's."""
+    num_classes = model.decoder1.out_conv.out_channels
+    declared = declared_labels(data)
+    labels = info["labels"] or declared or LabelSet.contiguous(num_classes)
+    if labels.num_classes != num_classes:
+        raise ValueError(f"checkpoint {path} predicts {num_classes} classes, but {labels.num_classes} labels "
+                         f"{list(labels.values)} are {'recorded with it' if info['labels'] else declared.origin}")
+    if declared is not None and declared.values != labels.values:
+        raise ValueError(f"checkpoint {path} predicts the label values {list(labels.values)}, but "
+                         f"{os.path.join(data, DATASET_JSON)} declares {list(declared.values)}")
+    return labels
 
 
 def _protocol(info: dict) -> str:
@@ -125,10 +149,16 @@ def _fmt(value: float) -> str:
 def _write_csv(path: str, summary: dict) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_FIELDS)
-        for case, m in summary["cases"].items():
-            writer.writerow([case] + [_fmt(m[k]) for k in CSV_FIELDS[1:]])
-        writer.writerow(["mean"] + [_fmt(summary[k]) for k in CSV_FIELDS[1:]])
+        if "classes" not in summary:
+            writer.writerow(CSV_FIELDS)
+            for case, m in summary["cases"].items():
+                writer.writerow([case] + [_fmt(m[k]) for k in METRICS])
+            writer.writerow(["mean"] + [_fmt(summary[k]) for k in METRICS])
+            return
+        writer.writerow(CLASS_CSV_FIELDS)
+        for case, m in [*summary["cases"].items(), ("mean", summary)]:
+            for name, values in [*m["classes"].items(), ("mean", m)]:
+                writer.writerow([case, name] + [_fmt(values[k]) for k in METRICS])
 
 
 def evaluate(args) -> dict:
@@ -139,7 +169,8 @@ def evaluate(args) -> dict:
     if os.path.isfile(os.path.join(out, "config.json")) and os.path.isdir(os.path.join(out, "checkpoints")):
         raise UsageError(f"--out {out} is a run folder of caml.train (its metrics.json would be replaced); "
                          f"choose another, e.g. {os.path.join(out, 'eval')}")
-    model, info = load_model(os.path.abspath(args.checkpoint))
+    checkpoint = os.path.abspath(args.checkpoint)
+    model, info = load_model(checkpoint)
     patch = tuple(args.patch_size) if args.patch_size else info["patch_size"]
     strides = tuple(args.strides) if args.strides else info["strides"]
     if any(s < 16 or s % 16 for s in patch):
@@ -147,7 +178,8 @@ def evaluate(args) -> dict:
     data = os.path.abspath(args.data)
     split_file = os.path.abspath(args.split) if args.split else None
     recorded = info["split"] if info["split"] is not None and info["split"].get("layout") == "msd" else None
-    source = open_source(data, split_file, info["split_seed"], recorded)
+    labels = checkpoint_labels(model, info, data, checkpoint)
+    source = open_source(data, split_file, info["split_seed"], recorded, labels.num_classes)
     source.check(source.test_cases)
     protocol, origin = _protocol(info), _test_origin(source, info, split_file)
     print(f"{len(source.test_cases)} test cases from {origin}; {protocol}", flush=True)
@@ -159,22 +191,23 @@ def evaluate(args) -> dict:
         for name in ("predictions", "overlays") + (("probabilities",) if args.save_probs else ()):
             os.makedirs(os.path.join(tmp, name))
         model.to(device).eval()
-        scores = SegmentationMetrics()
+        binary = labels.num_classes == 2
+        scores = SegmentationMetrics(classes=None if binary else labels.foreground)
         for case in source.test_cases:
-            image, label = source.load(case)
+            image, gt = source.load(case)
             spacing, affine = source.geometry(case)
-            probs, pred = predict_foreground(model, image, patch, strides, args.sw_batch_size, device, args.amp)
+            probs, pred = predict_classes(model, image, patch, strides, args.sw_batch_size, device, args.amp)
             if args.largest_component:
-                pred = largest_component(pred)
-            gt = label > 0
+                pred = largest_components(pred)
             dice = scores(case, pred, gt, spacing)["dice"]
-            write_nifti(os.path.join(tmp, "predictions", f"{case}.nii.gz"), pred.astype(np.uint8), affine, spacing)
+            write_nifti(os.path.join(tmp, "predictions", f"{case}.nii.gz"), labels.to_values(pred), affine, spacing)
             if args.save_probs:
                 probs = probs.cpu().numpy()
                 probs = probs[1] if probs.shape[0] == 2 else np.moveaxis(probs, 0, -1)
                 write_nifti(os.path.join(tmp, "probabilities", f"{case}.nii.gz"), probs.astype(np.float32), affine,
                             spacing)
-            plot_overlays([(case, image, gt, pred, dice)], os.path.join(tmp, "overlays", f"{case}.png"))
+            plot_overlays([(case, image, gt, pred, dice)], os.path.join(tmp, "overlays", f"{case}.png"),
+                          labels.num_classes)
         summary = scores.aggregate()
         _write_csv(os.path.join(tmp, "metrics.csv"), summary)
         metrics = {**summary, "protocol": protocol, "test_cases_from": origin,
@@ -182,6 +215,8 @@ def evaluate(args) -> dict:
                    "iteration": info["iteration"], "data": data, "layout": source.layout,
                    "largest_component": args.largest_component, "patch_size": list(patch), "strides": list(strides),
                    "distance_units": "voxels" if source.layout == "la_h5" else "header spacing (mm)"}
+        if not binary:
+            metrics["labels"] = labels.to_json()
         write_json(os.path.join(tmp, "metrics.json"), metrics)
         _publish(tmp, out)
     except BaseException:

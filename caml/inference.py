@@ -5,7 +5,7 @@ patch; along each axis the windows start at ``min(i * stride, size - patch)`` fo
 ``i in range(ceil((size - patch) / stride) + 1)``; the softmax scores of overlapping
 windows are averaged; the result is cropped back to the input size. Windows go to the
 predictor ``sw_batch_size`` at a time, and scores accumulate on the predictor's device.
-``predict_foreground`` is how ``caml.train`` and ``caml.evaluate`` predict a test case with a model.
+``predict_classes`` is how ``caml.train`` and ``caml.evaluate`` predict a test case with a model.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OFFICIAL_ROI_SIZE", "OFFICIAL_STRIDES", "window_starts", "sliding_window_predict", "predict_foreground",
-           "largest_component"]
+__all__ = ["OFFICIAL_ROI_SIZE", "OFFICIAL_STRIDES", "window_starts", "sliding_window_predict", "predict_classes",
+           "largest_component", "largest_components"]
 
 OFFICIAL_ROI_SIZE = (112, 112, 80)
 OFFICIAL_STRIDES = (18, 18, 4)
@@ -108,13 +108,13 @@ def sliding_window_predict(
     return probs, probs.argmax(dim=0)
 
 
-def predict_foreground(model: torch.nn.Module, image: np.ndarray, roi_size: Sequence[int], strides: Sequence[int],
-                       sw_batch_size: int, device: torch.device, amp: bool) -> tuple[torch.Tensor, np.ndarray]:
+def predict_classes(model: torch.nn.Module, image: np.ndarray, roi_size: Sequence[int], strides: Sequence[int],
+                    sw_batch_size: int, device: torch.device, amp: bool) -> tuple[torch.Tensor, np.ndarray]:
     """:func:`sliding_window_predict` of a model (in eval mode), under bf16 autocast on CUDA with ``amp``:
-    ``(probs [num_classes, W, H, D] on the device, foreground mask [W, H, D] numpy bool)``."""
+    ``(probs [num_classes, W, H, D] on the device, classes [W, H, D] numpy uint8)`` (binary: 1 is foreground)."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         probs, labels = sliding_window_predict(image, model, roi_size, strides, sw_batch_size, device)
-    return probs, labels.cpu().numpy() > 0
+    return probs, labels.to(torch.uint8).cpu().numpy()
 
 
 def largest_component(mask) -> np.ndarray:
@@ -129,3 +129,12 @@ def largest_component(mask) -> np.ndarray:
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     return components == int(sizes.argmax())
+
+
+def largest_components(classes: np.ndarray) -> np.ndarray:
+    """A class map with each foreground class reduced to its largest connected component (the other
+    voxels of the class become background); for two classes, :func:`largest_component`."""
+    kept = np.zeros_like(classes)
+    for c in np.unique(classes[classes > 0]):
+        kept[largest_component(classes == c)] = c
+    return kept

@@ -30,6 +30,10 @@ flattering; ``nan`` keeps such cases out of the distance means instead.
 
 ``SegmentationMetrics`` gathers the per-case metrics of a set of cases and summarises them, as
 MONAI's metric classes go with its functions: call it once per case, ``aggregate()`` at the end.
+Given class names it scores label maps of several classes: each foreground class ``c`` as the
+binary pair ``(pred == c, gt == c)``, a case's metric is the mean over the foreground classes
+(distances: over those whose value is not nan), and the summary has, per class, the mean over
+cases and, per metric, the mean of those class means (as multi-class papers report them).
 """
 from __future__ import annotations
 
@@ -46,10 +50,14 @@ __all__ = ["METRICS", "dice", "jaccard", "hd95", "asd", "surface_distances", "ca
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
 
+def _as_array(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def _as_bool_array(mask) -> np.ndarray:
-    if hasattr(mask, "detach"):  # torch.Tensor, without importing torch here
-        mask = mask.detach().cpu().numpy()
-    return np.asarray(mask).astype(bool, copy=False)
+    return _as_array(mask).astype(bool, copy=False)
 
 
 def _pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
@@ -154,25 +162,53 @@ def _mean(values: list[float]) -> float:
 class SegmentationMetrics:
     """The metrics of every case scored so far, and their summary.
 
-    ``distances=False`` scores Dice alone (cheap: the validation during training).
+    ``distances=False`` scores Dice alone (cheap: the validation during training). ``classes``: the
+    names of the foreground classes 1 .. C-1 of multi-class label maps (None: binary masks, any
+    nonzero voxel foreground).
     """
 
-    def __init__(self, distances: bool = True):
+    def __init__(self, distances: bool = True, classes: Optional[Sequence[str]] = None):
         self.distances = distances
-        self.cases: dict[str, dict[str, float]] = {}
+        self.names = METRICS if distances else ("dice",)
+        self.classes = None if classes is None else list(classes)
+        self.cases: dict[str, dict] = {}
 
-    def __call__(self, case: str, pred, gt, spacing: Spacing = None) -> dict[str, float]:
-        """Scores one case (kept under its name) and returns its metrics."""
-        values = case_metrics(pred, gt, spacing) if self.distances else {"dice": dice(pred, gt)}
+    def _binary(self, pred, gt, spacing: Spacing) -> dict[str, float]:
+        return case_metrics(pred, gt, spacing) if self.distances else {"dice": dice(pred, gt)}
+
+    def __call__(self, case: str, pred, gt, spacing: Spacing = None) -> dict:
+        """Scores one case (kept under its name) and returns its metrics (multi-class: the means over
+        the foreground classes and ``"classes": {name: {<metric>: value}}``)."""
+        if self.classes is None:
+            values = self._binary(pred, gt, spacing)
+        else:
+            pred, gt = _as_array(pred), _as_array(gt)
+            per_class = {name: self._binary(pred == c, gt == c, spacing) for c, name in enumerate(self.classes, 1)}
+            values = {**_means(per_class.values(), self.names), "classes": per_class}
         self.cases[case] = values
         return values
 
     def aggregate(self) -> dict:
         """``{<metric>: mean, "cases": {case: {<metric>: value}}, "num_cases"}``; with distances also
-        ``"distance_nan_cases"``, the cases with an empty mask, which the distance means leave out."""
-        names = METRICS if self.distances else ("dice",)
-        summary = {name: _mean([v[name] for v in self.cases.values()]) for name in names}
+        ``"distance_nan_cases"``, the cases with an empty mask (multi-class: of any class), which the
+        distance means leave out; multi-class also ``"classes": {name: {<metric>: mean over cases}}``,
+        and ``<metric>`` is the mean over those."""
+        if self.classes is None:
+            summary = _means(self.cases.values(), self.names)
+        else:
+            per_class = {name: _means([v["classes"][name] for v in self.cases.values()], self.names)
+                         for name in self.classes}
+            summary = {**_means(per_class.values(), self.names), "classes": per_class}
         summary.update(cases=dict(self.cases), num_cases=len(self.cases))
         if self.distances:
-            summary["distance_nan_cases"] = [case for case, v in self.cases.items() if math.isnan(v["hd95"])]
+            summary["distance_nan_cases"] = [case for case, v in self.cases.items() if _has_nan_distance(v)]
         return summary
+
+
+def _means(rows, names: Sequence[str]) -> dict[str, float]:
+    rows = list(rows)
+    return {name: _mean([row[name] for row in rows]) for name in names}
+
+
+def _has_nan_distance(values: dict) -> bool:
+    return any(math.isnan(v["hd95"]) for v in values.get("classes", {"": values}).values())

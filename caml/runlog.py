@@ -173,23 +173,38 @@ def plot_validation(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _contour_styles(num_classes: int) -> list[tuple[int, object, object, str]]:
+    """``(class, ground-truth colour, prediction colour, prediction line style)`` per foreground class:
+    binary ground truth lime and prediction red; several classes one colour each, the ground truth
+    solid and the prediction dashed."""
+    if num_classes == 2:
+        return [(1, "lime", "red", "solid")]
+    colours = _pyplot().get_cmap("tab10")
+    return [(c, colours((c - 1) % 10), colours((c - 1) % 10), "dashed") for c in range(1, num_classes)]
+
+
 def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, Optional[float]]],
-                  path: str) -> None:
-    """One row per case ``(name, image, gt, pred, dice)``: the axial (last-axis) slice with the most
-    ground truth, then the middle slices along the other two axes; ground truth contour green,
-    prediction red."""
+                  path: str, num_classes: int = 2) -> None:
+    """One row per case ``(name, image, gt, pred, dice)`` (``gt`` and ``pred``: class maps): the axial
+    (last-axis) slice with the most ground truth, then the middle slices along the other two axes; the
+    contours of each foreground class (:func:`_contour_styles`)."""
     if not cases:
         return
     plt = _pyplot()
+    styles = _contour_styles(num_classes)
     fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
     for row, (name, image, gt, pred, dice) in zip(axes, cases):
-        z = int(np.argmax(gt.reshape(-1, gt.shape[-1]).sum(0))) if gt.any() else gt.shape[-1] // 2
+        foreground = gt > 0
+        z = (int(np.argmax(foreground.reshape(-1, gt.shape[-1]).sum(0))) if foreground.any()
+             else gt.shape[-1] // 2)
         cuts = [(np.s_[:, :, z], f"z={z}"), (np.s_[image.shape[0] // 2], "x mid"), (np.s_[:, image.shape[1] // 2], "y mid")]
         for ax, (cut, label) in zip(row, cuts):
             ax.imshow(image[cut].T, cmap="gray", origin="lower")
-            for mask, color in ((gt, "lime"), (pred, "red")):
-                if mask[cut].any() and not mask[cut].all():
-                    ax.contour(mask[cut].T.astype(float), levels=[0.5], colors=color, linewidths=1)
+            for c, gt_colour, pred_colour, pred_line in styles:
+                for mask, colour, line in ((gt == c, gt_colour, "solid"), (pred == c, pred_colour, pred_line)):
+                    if mask[cut].any() and not mask[cut].all():
+                        ax.contour(mask[cut].T.astype(float), levels=[0.5], colors=[colour], linewidths=1,
+                                   linestyles=line)
             ax.set_title(f"{name} {label}" + (f"  Dice {dice:.3f}" if dice is not None and label.startswith("z") else ""),
                          fontsize=8)
             ax.axis("off")

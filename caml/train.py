@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="MSD folder: JSON split file {\"train\": [...], \"test\": [...]} "
                    "(default: a seeded split of the labeled cases; recorded in the run folder as split.json)")
     p.add_argument("--split-seed", type=int, default=None, help="MSD folder: seed of the train/test split (default 0)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes, background included (default: the labels "
+                   "the data folder's dataset.json declares, else 2; without dataset.json the label values are "
+                   "0 .. N-1)")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<method>)")
     p.add_argument("--labeled", type=int, default=None, help="labeled cases: the first N of train.list (MSD: of the "
                    "split's labeled training cases; the others join the unlabeled pool)")
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_patch_size_flag(p)
     p.add_argument("--n-filters", type=int, default=None, help="V-Net base width (official 16)")
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--ce-weight", type=float, default=None, help="weight of a cross-entropy term added to the "
+                   "supervised Dice loss (default 0: none, as the official loss)")
     p.add_argument("--memory-num", type=int, default=None, help="memory-bank samples per class and step")
     p.add_argument("--num-filtered", type=int, default=None, help="unlabeled voxels per class in the OCC loss")
     p.add_argument("--memory-cap", type=int, default=None, help="cap on stored memory-bank voxels per case")

@@ -21,7 +21,7 @@ from .data.batches import TrainBatches
 from .data.source import open_source
 from .data.synthetic import ensure_synthetic_la
 from .distributed import ProcessGroup
-from .inference import predict_foreground
+from .inference import predict_classes
 from .losses import CAMLObjective, LossWeights
 from .memory import MemoryBank
 from .metrics import SegmentationMetrics
@@ -34,7 +34,6 @@ TRAIN_FIELDS = ["iteration", "epoch", "loss", "loss_s", "loss_c", "loss_o", "lam
                 "occ_saturation"]
 VAL_FIELDS = ["iteration", "dice"]
 LOSSES = ("loss", "loss_s", "loss_c", "loss_o")  # plotted and shown on the progress bar
-NUM_CLASSES = 2
 OVERLAY_CASES = 4
 
 
@@ -82,14 +81,15 @@ class Trainer:
         _seed_globals(cfg.seed + processes.rank)
         self.data_root = self._data_root()
         self.source, self.batches = self._open_data(resume)
-        self.model = CAML3d(1, NUM_CLASSES, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
+        self.labels = self.source.label_set
+        self.model = CAML3d(1, self.labels.num_classes, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
                             has_dropout=cfg.dropout).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.memory = None
         if cfg.method == "caml":
-            self.memory = MemoryBank(cfg.labeled, NUM_CLASSES, cfg.feat_dim, self.device, max_per_case=cfg.memory_cap,
-                                     seed=cfg.seed)
+            self.memory = MemoryBank(cfg.labeled, self.labels.num_classes, cfg.feat_dim, self.device,
+                                     max_per_case=cfg.memory_cap, seed=cfg.seed)
         amp_dtype = torch.bfloat16 if cfg.amp and self.device.type == "cuda" else None
         self.objective = CAMLObjective(self.model, self.memory, cfg.labeled_bs, _loss_weights(cfg), cfg.method,
                                        ops_backend, amp_dtype)
@@ -139,7 +139,7 @@ class Trainer:
         recorded = read_json(split_path) if resume and os.path.isfile(split_path) else None
         try:
             source = open_source(self.data_root, self.cfg.split if recorded is None else None, self.cfg.split_seed,
-                                 recorded)
+                                 recorded, self.cfg.num_classes)
             batches = TrainBatches(self.cfg, source, self.processes.rank)
             if self.processes.main:
                 source.check(source.test_cases)
@@ -149,8 +149,9 @@ class Trainer:
 
     def _open_run_folder(self, resume: bool) -> None:
         out = self.out
-        write_json(os.path.join(out, "config.json"),
-                   {**self.cfg.to_json(), "data_root": self.data_root, "world_size": self.processes.world})
+        write_json(os.path.join(out, "config.json"), {**self.cfg.to_json(), "data_root": self.data_root,
+                                                      "world_size": self.processes.world,
+                                                      "labels": self.labels.to_json()})
         write_json(os.path.join(out, "split.json"), self.source.split_record())
         if not resume:  # a new run replaces the folder's earlier one (its checkpoint could not be resumed)
             for name in ("train_log.csv", "val_log.csv", os.path.join("checkpoints", "last.pt")):
@@ -197,7 +198,7 @@ class Trainer:
         """The test cases' mean Dice, logged (rank 0; the other ranks wait for it and get None)."""
         dice = None
         if self.processes.main:
-            dice = self._evaluate(SegmentationMetrics(distances=False))[0]["dice"]
+            dice = self._evaluate(self._metrics(distances=False))[0]["dice"]
             self.val_log.append({"iteration": self.iteration, "dice": dice})
             self.board.scalars({"dice": dice}, self.iteration, "val/")
         self.processes.barrier()
@@ -211,7 +212,7 @@ class Trainer:
                          "optimizer": self.optimizer.state_dict(),
                          "memory": self.memory.state_dict() if self.memory is not None else None, "rng": states,
                          "config": self.cfg.to_json(), "world_size": self.processes.world,
-                         "split": self.source.split_record()}, self.checkpoint_path)
+                         "split": self.source.split_record(), "labels": self.labels.to_json()}, self.checkpoint_path)
         self.processes.barrier()
 
     def finish(self, evaluate: bool = True) -> Optional[dict]:
@@ -222,13 +223,13 @@ class Trainer:
         if self.processes.main:
             plot_losses(self.train_log.rows(), list(LOSSES), os.path.join(self.out, "losses.png"))
             if evaluate:
-                summary, overlays = self._evaluate(SegmentationMetrics())
+                summary, overlays = self._evaluate(self._metrics())
                 metrics = {**summary, "iteration": self.iteration, "method": self.cfg.method,
                            "preset": self.cfg.preset, "train_seconds_this_session": round(train_seconds, 1)}
                 write_json(os.path.join(self.out, "metrics.json"), metrics)
                 self.val_log.append({"iteration": self.iteration, "dice": metrics["dice"]})
                 self.board.scalars({"dice": metrics["dice"]}, self.iteration, "val/")
-                plot_overlays(overlays, os.path.join(self.out, "overlays.png"))
+                plot_overlays(overlays, os.path.join(self.out, "overlays.png"), self.labels.num_classes)
             plot_validation(self.val_log.rows(), os.path.join(self.out, "val_dice.png"))
             self.board.close()
         self.processes.barrier()
@@ -258,6 +259,10 @@ class Trainer:
         bar.close()
         return self.finish(evaluate)
 
+    def _metrics(self, distances: bool = True) -> SegmentationMetrics:
+        """Binary: the foreground's metrics; several classes: each foreground class's and their means."""
+        return SegmentationMetrics(distances, None if self.labels.num_classes == 2 else self.labels.foreground)
+
     def _evaluate(self, metrics: SegmentationMetrics) -> tuple[dict, list]:
         """The test cases predicted by sliding windows and scored by ``metrics``: its summary, and the
         first cases' ``(case, image, gt, pred, dice)`` for the overlays."""
@@ -266,10 +271,9 @@ class Trainer:
         overlays = []
         for case in self.source.test_cases:
             image, label = self.source.load(case)
-            pred = predict_foreground(self.model, image, cfg.patch_size, cfg.eval_strides, cfg.eval_batch,
-                                      self.device, cfg.amp)[1]
-            gt = label > 0
-            dice = metrics(case, pred, gt, self.source.geometry(case)[0])["dice"]
+            pred = predict_classes(self.model, image, cfg.patch_size, cfg.eval_strides, cfg.eval_batch,
+                                   self.device, cfg.amp)[1]
+            dice = metrics(case, pred, label, self.source.geometry(case)[0])["dice"]
             if len(overlays) < OVERLAY_CASES:
-                overlays.append((case, image, gt, pred, dice))
+                overlays.append((case, image, label, pred, dice))
         return metrics.aggregate(), overlays

@@ -60,7 +60,7 @@ def test_folder_labeled_and_unlabeled_pool(msd, tmp_path):
     save(root / "labelsTr" / "case.nii.gz", np.zeros((4, 4, 4), np.uint8))
     (root / "imagesTr" / "._case_0000.nii.gz").write_bytes(b"resource fork")
     folder = MSDFolder(str(root))
-    assert folder.labeled == ["case"] and folder.unlabeled == [] and folder.allowed_labels == {0, 1}
+    assert folder.labeled == ["case"] and folder.unlabeled == [] and folder.label_set.values == (0, 1)
 
 
 def test_folder_bad_input(tmp_path):
@@ -96,7 +96,7 @@ def test_folder_bad_input(tmp_path):
     with pytest.raises(ValueError, match="binary"):
         MSDFolder(str(root))
     (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "atrium": 1}}))  # nnU-Net v2 form
-    assert MSDFolder(str(root)).allowed_labels == {0, 1}
+    assert MSDFolder(str(root)).label_set.values == (0, 1)
 
 
 def test_seeded_split():

@@ -5,7 +5,8 @@
         image: float32 [W, H, D] (normalised MRI), label: uint8 [W, H, D] (0 background, 1 atrium)
 
 Case names are names, never paths (they become file names of the outputs). Image voxels must be
-finite and labels 0 / 1; other label values are refused unless mapped explicitly (``label_values``).
+finite and labels 0 / 1; other label values are refused unless given explicitly (``label_values``,
+the values in class order: e.g. (0, 255) maps 255 to class 1, (0, 1, 2, 3) reads four classes).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..cli import one_line
-from .checks import check_finite, unexpected_values
+from .checks import check_finite
+from .labels import label_classes
 
 __all__ = ["CASES_DIR", "H5_NAME", "LABEL_VALUES", "check_case_name", "read_case_list", "case_path", "load_case",
            "check_label", "write_case", "LAHeartH5"]
@@ -55,18 +57,14 @@ def case_path(root: str, case: str) -> str:
     return os.path.join(root, CASES_DIR, case, H5_NAME)
 
 
-def check_label(path: str, label: np.ndarray, label_values: tuple = LABEL_VALUES) -> np.ndarray:
-    """The label as uint8 0 / 1 (foreground: ``label_values[1]``); a ValueError naming the file for
-    any value that is neither ``label_values`` (e.g. 0 / 255, which would train with no foreground)."""
-    unexpected = unexpected_values(label, label_values)
-    if unexpected:
-        raise ValueError(f"h5 file {path}: unexpected label values {unexpected} (expected {label_values[0]} "
-                         f"background and {label_values[1]} foreground)")
-    return (label == label_values[1]).astype(np.uint8)
+def check_label(path: str, label: np.ndarray, label_values: tuple = LABEL_VALUES, origin: str = "") -> np.ndarray:
+    """The label's classes as uint8 (class i: ``label_values[i]``); a ValueError naming the file for any
+    other value (e.g. 0 / 255 read as 0 / 1, which would train with no foreground)."""
+    return label_classes(label, label_values, f"h5 file {path}", origin)
 
 
 def load_case(path: str, label_values: tuple = LABEL_VALUES) -> tuple[np.ndarray, np.ndarray]:
-    """(image float32 [W, H, D], label uint8 0 / 1 [W, H, D]) of one h5 file; one-line errors naming the
+    """(image float32 [W, H, D], label uint8 classes [W, H, D]) of one h5 file; one-line errors naming the
     file (unreadable, shapes, non-finite image voxels, label values other than ``label_values``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"case file not found: {path}")

@@ -1,8 +1,11 @@
 """A folder of NIfTI volumes in the Medical Segmentation Decathlon layout::
 
     <root>/imagesTr/<case>.nii.gz      images (``.nii`` too; an nnU-Net channel suffix ``_0000`` is dropped)
-    <root>/labelsTr/<case>.nii.gz      labels of the labeled cases (0 background, 1 foreground)
-    <root>/dataset.json                optional: its ``labels`` declare the allowed label values
+    <root>/labelsTr/<case>.nii.gz      labels of the labeled cases (0 background, 1 foreground, ...)
+    <root>/dataset.json                optional: its ``labels`` declare the label values and class names
+
+Without declared labels the values are 0 .. N-1 for ``num_classes`` N (default 2: binary); see
+:mod:`caml.data.labels` for how label values map to classes.
 
 Images with no label file form the unlabeled pool. Hidden files (the ``._*`` files of macOS
 archives, which the Decathlon tarballs contain) are ignored. Images are z-score normalised per
@@ -11,18 +14,18 @@ prediction exactly; ``spacing`` is the header's voxel size (the units of the sur
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 import numpy as np
 
 from ..cli import one_line
-from .checks import check_finite, unexpected_values
+from .checks import check_finite
+from .labels import dataset_labels
 
 __all__ = ["IMAGES_DIR", "LABELS_DIR", "is_msd_folder", "require_nibabel", "read_nifti", "write_nifti", "zscore", "MSDFolder"]
 
-IMAGES_DIR, LABELS_DIR, DATASET_JSON = "imagesTr", "labelsTr", "dataset.json"
+IMAGES_DIR, LABELS_DIR = "imagesTr", "labelsTr"
 SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_SUFFIX = "_0000"
 
@@ -118,33 +121,16 @@ def _scan(folder: str) -> dict[str, str]:
     return files
 
 
-def _allowed_labels(root: str) -> tuple[set, Optional[dict]]:
-    path = os.path.join(root, DATASET_JSON)
-    if not os.path.isfile(path):
-        return {0, 1}, None
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-        labels = meta.get("labels", {"0": "background", "1": "foreground"})
-        # MSD: {"0": "background", "1": "left atrium"}; nnU-Net v2: {"background": 0, "left atrium": 1}
-        values = {int(k) for k in labels} if all(str(k).isdigit() for k in labels) else {int(v) for v in labels.values()}
-    except (OSError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"cannot read {path}: {one_line(err, 200)}") from err
-    if len(values) > 2:
-        raise ValueError(f"{path} declares {len(values)} labels {sorted(values)}; caml trains binary segmentation "
-                         f"(background 0 and one foreground)")
-    return values, meta
-
-
 class MSDFolder:
-    """The cases of an MSD folder: ``labeled`` and ``unlabeled`` case names (sorted)."""
+    """The cases of an MSD folder: ``labeled`` and ``unlabeled`` case names (sorted), and ``label_set``
+    (:func:`caml.data.labels.dataset_labels` of the folder and ``num_classes``)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, num_classes: Optional[int] = None):
         self.root = root
         images_dir, labels_dir = os.path.join(root, IMAGES_DIR), os.path.join(root, LABELS_DIR)
         if not os.path.isdir(images_dir):
             raise FileNotFoundError(f"MSD folder {root} has no {IMAGES_DIR}/")
-        self.allowed_labels, self.meta = _allowed_labels(root)
+        self.label_set = dataset_labels(root, num_classes)
         images = {(n[: -len(CHANNEL_SUFFIX)] if n.endswith(CHANNEL_SUFFIX) else n): p for n, p in _scan(images_dir).items()}
         if not images:
             raise ValueError(f"{images_dir} holds no NIfTI images (*.nii.gz)")
@@ -171,14 +157,10 @@ class MSDFolder:
         label = read_nifti(path)[0]
         if label.shape != tuple(shape):
             raise ValueError(f"label file {path}: shape {label.shape} differs from its image's {tuple(shape)}")
-        unexpected = unexpected_values(label, self.allowed_labels)
-        if unexpected:
-            raise ValueError(f"label file {path}: unexpected values {unexpected[:5]} (allowed: "
-                             f"{sorted(self.allowed_labels)})")
-        return (label > 0).astype(np.uint8)
+        return self.label_set.to_classes(label, f"label file {path}")
 
     def load(self, case: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """(z-scored image float32, label uint8 0/1 or None for an unlabeled case)."""
+        """(z-scored image float32, label uint8 classes or None for an unlabeled case)."""
         image = read_nifti(self.images[case])[0]
         check_finite(image, f"NIfTI file {self.images[case]}")
         label = self._label(case, image.shape) if case in self.labels else None

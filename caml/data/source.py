@@ -6,7 +6,8 @@
   seeded split (``make_split``) or a split file; images with no label are unlabeled training cases.
 
 A source's ``train_cases`` lists its labeled training cases first (``labeled_train`` of them), then
-the unlabeled ones; ``split_record()`` is what a run folder records (``split.json``) so that
+the unlabeled ones; its ``label_set`` (:mod:`caml.data.labels`) says which label values its files hold
+and the class each one is (``load`` returns class indices); ``split_record()`` is what a run folder records (``split.json``) so that
 ``caml.evaluate`` scores the same test cases. A split file is JSON ``{"train": [...], "test": [...]}``
 (a run folder's ``split.json`` is one).
 """
@@ -21,7 +22,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..cli import one_line
-from .la_h5 import CASES_DIR, LABEL_VALUES, case_path, check_label, load_case, read_case_list
+from .la_h5 import CASES_DIR, case_path, check_label, load_case, read_case_list
+from .labels import dataset_labels
 from .msd import MSDFolder, is_msd_folder
 
 __all__ = ["TEST_FRACTION", "open_source", "make_split", "read_split_file", "LASource", "MSDSource", "CaseDataset"]
@@ -32,9 +34,9 @@ TEST_FRACTION = 0.2
 class LASource:
     layout = "la_h5"
 
-    def __init__(self, root: str, label_values: tuple = LABEL_VALUES):
-        """``label_values``: (background, foreground) of the files' labels, mapped to 0 / 1."""
-        self.root, self.label_values = root, label_values
+    def __init__(self, root: str, num_classes: Optional[int] = None):
+        """The label values: declared in ``<root>/dataset.json``, else 0 .. ``num_classes`` - 1 (default 0 / 1)."""
+        self.root, self.label_set = root, dataset_labels(root, num_classes)
         self.train_cases = read_case_list(root, "train")
         self.test_cases = read_case_list(root, "test")
         self.labeled_train = len(self.train_cases)
@@ -57,10 +59,10 @@ class LASource:
             if len(shapes[0]) != 3 or shapes[0] != shapes[1]:
                 raise ValueError(f"h5 file {path}: image and label must be 3D of one shape, "
                                  f"got {shapes[0]} and {shapes[1]}")
-            check_label(path, label, self.label_values)
+            check_label(path, label, self.label_set.values, self.label_set.origin)
 
     def load(self, case: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        return load_case(case_path(self.root, case), self.label_values)
+        return load_case(case_path(self.root, case), self.label_set.values)
 
     def geometry(self, case: str) -> tuple[Optional[tuple], Optional[np.ndarray]]:
         """(spacing, affine): unknown in the h5 layout, so metrics are in voxels as the official LA numbers."""
@@ -113,9 +115,10 @@ class MSDSource:
     layout = "msd"
 
     def __init__(self, root: str, split_file: Optional[str] = None, split_seed: int = 0,
-                 recorded: Optional[dict] = None):
+                 recorded: Optional[dict] = None, num_classes: Optional[int] = None):
         """The split: ``split_file`` if given, else ``recorded`` (a run's split record), else seeded."""
-        self.root, self.folder = root, MSDFolder(root)
+        self.root, self.folder = root, MSDFolder(root, num_classes)
+        self.label_set = self.folder.label_set
         labeled = self.folder.labeled
         if split_file is not None:
             split = read_split_file(split_file, labeled)
@@ -144,23 +147,24 @@ class MSDSource:
 
 
 def open_source(root: str, split_file: Optional[str] = None, split_seed: int = 0,
-                recorded: Optional[dict] = None):
+                recorded: Optional[dict] = None, num_classes: Optional[int] = None):
     """The dataset in ``root`` (LA h5 layout or MSD folder); one-line errors for a missing, empty or
-    unrecognised folder. ``split_file`` / ``recorded`` / ``split_seed`` apply to MSD folders only."""
+    unrecognised folder. ``split_file`` / ``recorded`` / ``split_seed`` apply to MSD folders only;
+    ``num_classes`` (None: the declared labels, else binary) to both."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder not found: {root}")
     if is_msd_folder(root):
-        return MSDSource(root, split_file, split_seed, recorded)
+        return MSDSource(root, split_file, split_seed, recorded, num_classes)
     if any(os.path.exists(os.path.join(root, name)) for name in ("train.list", "test.list", CASES_DIR)):
         if split_file is not None:
             raise ValueError(f"--split applies to MSD folders; the LA h5 layout in {root} has train.list/test.list")
-        return LASource(root)
+        return LASource(root, num_classes)
     what = "is empty" if not os.listdir(root) else "is neither the LA h5 layout (train.list, test.list) nor an MSD folder (imagesTr/)"
     raise ValueError(f"data folder {root} {what}")
 
 
 class CaseDataset(Dataset):
-    """Item i: ``{"image": float32, "label": uint8 (zeros for an unlabeled case), "case": name}``
+    """Item i: ``{"image": float32, "label": uint8 classes (zeros for an unlabeled case), "case": name}``
     passed through ``transform``."""
 
     def __init__(self, source, cases: Sequence[str], transform: Optional[Callable[[dict], dict]] = None):

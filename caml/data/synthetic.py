@@ -15,7 +15,12 @@ Each case is an MRI-like volume with:
 A brightness threshold cannot separate the target from the distractors, so a model needs
 shape and context; volume shapes vary per case. Case ``i`` depends only on ``(seed, i)``.
 
-``python -m caml.data.synthetic --out DIR [--cases N] [--seed S]`` writes the dataset.
+``classes`` > 2 makes a multi-structure dataset from the same volumes: label 1 the atrium, then
+2 the ventricle-like chamber, 3 the right-atrium-like chamber, 4 the aorta-like vessel (the first
+``classes - 1`` of them; the small blobs stay unlabeled distractors), with a ``dataset.json`` that
+declares them. The default (binary) output is unchanged by the option.
+
+``python -m caml.data.synthetic --out DIR [--cases N] [--seed S] [--classes C]`` writes the dataset.
 """
 from __future__ import annotations
 
@@ -30,13 +35,16 @@ from scipy import ndimage
 
 from ..cli import Parser, check_out_folder, int_at_least, run
 from .la_h5 import case_path, write_case
+from .labels import DATASET_JSON
 
-__all__ = ["DEFAULT_MIN_SHAPE", "DEFAULT_MAX_SHAPE", "make_case", "generate_synthetic_la", "ensure_synthetic_la"]
+__all__ = ["DEFAULT_MIN_SHAPE", "DEFAULT_MAX_SHAPE", "STRUCTURES", "make_case", "generate_synthetic_la",
+           "ensure_synthetic_la"]
 
 DEFAULT_MIN_SHAPE = (96, 96, 64)
 DEFAULT_MAX_SHAPE = (128, 128, 80)
 META_NAME = "synthetic.json"
 GENERATOR_VERSION = 1
+STRUCTURES = ("left atrium", "left ventricle", "right atrium", "aorta")  # labels 1 .. 4 with classes > 2
 
 
 def _upsample(coarse: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -93,8 +101,11 @@ def _tube(rng, shape, start, direction, length, radius0, radius1, curl=0.12) -> 
     return mask
 
 
-def make_case(rng: np.random.Generator, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic case: (image float32 [W, H, D] z-scored, label uint8 [W, H, D])."""
+def make_case(rng: np.random.Generator, shape: Sequence[int], classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic case: (image float32 [W, H, D] z-scored, label uint8 [W, H, D] 0 .. classes - 1,
+    class c the structure ``STRUCTURES[c - 1]``)."""
+    if not 2 <= classes <= len(STRUCTURES) + 1:
+        raise ValueError(f"classes must be 2 .. {len(STRUCTURES) + 1}, got {classes}")
     shape = tuple(int(s) for s in shape)
     size = np.asarray(shape, np.float32)
     grid = _grid(shape)
@@ -124,15 +135,18 @@ def make_case(rng: np.random.Generator, shape: Sequence[int]) -> tuple[np.ndarra
     # Distractors: two chambers pressed against the target (like the left ventricle and the right
     # atrium, each with its own wall), a long vessel (like the aorta), small bright blobs.
     distractor = np.zeros(shape, bool)
+    structures = [target]  # in label order (STRUCTURES)
     side = rng.choice([-1.0, 1.0])
     for offset in (np.array([u(-0.6, 0.2), u(-1.7, -1.3), u(-0.9, -0.4)]),
                    np.array([side * u(1.5, 1.9), u(-0.6, 0.3), u(-0.5, 0.5)])):
         chamber_level = _ellipsoid_level(grid, center + radii * offset, radii * u(0.75, 1.2, 3))
-        distractor |= chamber_level < 1.0
+        structures.append(chamber_level < 1.0)
+        distractor |= structures[-1]
         wall |= (chamber_level >= 1.0) & (chamber_level < 1.0 + u(0.15, 0.3))
     vessel_start = np.array([center[0] + u(-0.5, 0.5) * radii[0], center[1] + u(1.2, 1.6) * radii[1], 0.0])
-    distractor |= _tube(rng, shape, vessel_start, np.array([u(-0.2, 0.2), u(-0.2, 0.2), 1.0]), size[2] * 1.2,
-                        u(5.0, 8.0) * tube_scale, u(4.0, 6.0) * tube_scale, curl=0.05)
+    structures.append(_tube(rng, shape, vessel_start, np.array([u(-0.2, 0.2), u(-0.2, 0.2), 1.0]), size[2] * 1.2,
+                            u(5.0, 8.0) * tube_scale, u(4.0, 6.0) * tube_scale, curl=0.05))
+    distractor |= structures[-1]
     for _ in range(int(rng.integers(2, 5))):
         distractor |= _ellipsoid_level(grid, size * u(0.1, 0.9, 3), size * u(0.03, 0.07, 3)) < 1.0
     distractor &= ~target
@@ -149,7 +163,10 @@ def make_case(rng: np.random.Generator, shape: Sequence[int]) -> tuple[np.ndarra
     image *= np.exp(0.25 * _smooth_field(rng, shape, (3, 3, 3)))
     image += u(0.08, 0.16) * rng.standard_normal(shape, dtype=np.float32)
     image = (image - image.mean()) / image.std()
-    return image.astype(np.float32), target.astype(np.uint8)
+    label = np.zeros(shape, np.uint8)
+    for c in range(classes - 1, 0, -1):  # the atrium last: it wins where structures overlap, as in the image
+        label[structures[c - 1]] = c
+    return image.astype(np.float32), label
 
 
 def _case_shape(rng: np.random.Generator, min_shape, max_shape) -> tuple[int, int, int]:
@@ -167,12 +184,13 @@ def _check_shapes(min_shape, max_shape) -> tuple[tuple[int, ...], tuple[int, ...
 
 def generate_synthetic_la(out: str, cases: int = 20, seed: int = 0, test_cases: Optional[int] = None,
                           min_shape: Sequence[int] = DEFAULT_MIN_SHAPE,
-                          max_shape: Sequence[int] = DEFAULT_MAX_SHAPE) -> str:
+                          max_shape: Sequence[int] = DEFAULT_MAX_SHAPE, classes: int = 2) -> str:
     """Writes ``cases`` synthetic cases to ``out`` in the LA h5 layout; returns ``out``.
 
     The last ``test_cases`` cases (default: a fifth, at least one) form ``test.list``, the others
     ``train.list``. Each case's shape is drawn in ``[min_shape, max_shape]`` (inclusive).
-    ``synthetic.json`` records the parameters; it and the lists are written last.
+    ``synthetic.json`` records the parameters; it and the lists are written last (after the
+    ``dataset.json`` of ``classes`` > 2).
     """
     min_shape, max_shape = _check_shapes(min_shape, max_shape)
     test_cases = max(1, round(cases / 5)) if test_cases is None else int(test_cases)
@@ -181,18 +199,24 @@ def generate_synthetic_la(out: str, cases: int = 20, seed: int = 0, test_cases: 
     names = [f"synth_{i:03d}" for i in range(cases)]
     for i, name in enumerate(names):
         rng = np.random.default_rng([seed, i])
-        write_case(out, name, *make_case(rng, _case_shape(rng, min_shape, max_shape)))
+        write_case(out, name, *make_case(rng, _case_shape(rng, min_shape, max_shape), classes))
+    if classes > 2:
+        with open(os.path.join(out, DATASET_JSON), "w") as f:
+            json.dump({"name": "synthetic heart structures",
+                       "labels": {"0": "background", **{str(c): STRUCTURES[c - 1] for c in range(1, classes)}}}, f,
+                      indent=2)
     for split, split_names in (("train", names[:-test_cases]), ("test", names[-test_cases:])):
         with open(os.path.join(out, f"{split}.list"), "w") as f:
             f.write("".join(n + "\n" for n in split_names))
     with open(os.path.join(out, META_NAME), "w") as f:
-        json.dump(_meta(cases, seed, test_cases, min_shape, max_shape), f, indent=2)
+        json.dump(_meta(cases, seed, test_cases, min_shape, max_shape, classes), f, indent=2)
     return out
 
 
-def _meta(cases, seed, test_cases, min_shape, max_shape) -> dict:
-    return {"generator": "caml.data.synthetic", "version": GENERATOR_VERSION, "cases": cases, "seed": seed,
+def _meta(cases, seed, test_cases, min_shape, max_shape, classes: int = 2) -> dict:
+    meta = {"generator": "caml.data.synthetic", "version": GENERATOR_VERSION, "cases": cases, "seed": seed,
             "test_cases": test_cases, "min_shape": list(min_shape), "max_shape": list(max_shape)}
+    return meta if classes == 2 else {**meta, "classes": classes}  # the binary record as it always was
 
 
 def ensure_synthetic_la(out: str, cases: int = 20, seed: int = 0, test_cases: Optional[int] = None,
@@ -223,12 +247,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--test-cases", type=int_at_least(1), default=None, help="cases in test.list (default: a fifth)")
     parser.add_argument("--min-shape", type=int_at_least(16), nargs=3, default=DEFAULT_MIN_SHAPE, metavar=("W", "H", "D"))
     parser.add_argument("--max-shape", type=int_at_least(16), nargs=3, default=DEFAULT_MAX_SHAPE, metavar=("W", "H", "D"))
+    parser.add_argument("--classes", type=int, choices=range(2, len(STRUCTURES) + 2), default=2, metavar="C",
+                        help=f"classes, background included (default 2: the atrium alone; up to "
+                        f"{len(STRUCTURES) + 1}: also {', '.join(STRUCTURES[1:])})")
 
     def body():
         args = parser.parse_args(argv)
         out = check_out_folder(args.out)
         start = time.perf_counter()
-        generate_synthetic_la(out, args.cases, args.seed, args.test_cases, args.min_shape, args.max_shape)
+        generate_synthetic_la(out, args.cases, args.seed, args.test_cases, args.min_shape, args.max_shape,
+                              args.classes)
         print(f"wrote {args.cases} synthetic cases to {out} in {time.perf_counter() - start:.1f} s")
 
     return run(PROG, body)
