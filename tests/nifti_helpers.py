@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from caml.data.synthetic import make_case
+from caml.data.synthetic import STRUCTURES, make_case
 
 SPACING = (1.5, 1.0, 2.0)
 
@@ -29,21 +29,25 @@ def save(path, array, affine=None) -> None:
     nib.save(nib.Nifti1Image(np.asarray(array), affine_of() if affine is None else affine), str(path))
 
 
-def write_msd_folder(root, labeled=6, unlabeled=2, seed=0, shape=(32, 32, 16), dataset_json=True) -> str:
+def write_msd_folder(root, labeled=6, unlabeled=2, seed=0, shape=(32, 32, 16), dataset_json=True,
+                     label_values=(0, 1)) -> str:
     """``labeled`` cases with labels and ``unlabeled`` without, synthetic LA-like volumes (raw intensities,
-    not normalised: the reader z-scores them), spacing ``SPACING``."""
+    not normalised: the reader z-scores them), spacing ``SPACING``. More than two ``label_values``: the
+    synthetic structures (:data:`caml.data.synthetic.STRUCTURES`) written with these values (class c as
+    ``label_values[c]``) and declared nnU-Net v2 style (``{"background": 0, "left atrium": v1, ...}``)."""
     root = str(root)
     os.makedirs(os.path.join(root, "imagesTr"), exist_ok=True)
     os.makedirs(os.path.join(root, "labelsTr"), exist_ok=True)
     for i in range(labeled + unlabeled):
         rng = np.random.default_rng([seed, i])
-        image, label = make_case(rng, shape)
+        image, label = make_case(rng, shape, len(label_values))
         name = f"heart_{i:03d}"
         save(os.path.join(root, "imagesTr", f"{name}.nii.gz"), (image * 100 + 500).astype(np.int16))
         if i < labeled:
-            save(os.path.join(root, "labelsTr", f"{name}.nii.gz"), label.astype(np.uint8))
+            save(os.path.join(root, "labelsTr", f"{name}.nii.gz"), np.asarray(label_values)[label].astype(np.uint8))
     if dataset_json:
+        labels = ({"0": "background", "1": "left atrium"} if len(label_values) == 2 else
+                  dict(zip(("background",) + STRUCTURES, label_values)))
         with open(os.path.join(root, "dataset.json"), "w") as f:
-            json.dump({"name": "tiny heart", "labels": {"0": "background", "1": "left atrium"},
-                       "numTraining": labeled}, f)
+            json.dump({"name": "tiny heart", "labels": labels, "numTraining": labeled}, f)
     return root

@@ -93,8 +93,11 @@ def test_folder_bad_input(tmp_path):
     with pytest.raises(ValueError, match="dataset.json"):
         MSDFolder(str(root))
     (root / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "a", "2": "b"}}))
-    with pytest.raises(ValueError, match="binary"):
-        MSDFolder(str(root))
+    folder = MSDFolder(str(root))  # three declared labels: the all-2 label is class 2 now
+    assert folder.label_set.values == (0, 1, 2)
+    folder.check("values")
+    with pytest.raises(ValueError, match=r"unexpected values \[0.5\]"):  # undeclared values are still refused
+        folder.check("float")
     (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "atrium": 1}}))  # nnU-Net v2 form
     assert MSDFolder(str(root)).label_set.values == (0, 1)
 
