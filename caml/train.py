@@ -9,10 +9,12 @@ takes its own batches of ``--batch-size``, the memory bank is gathered across th
 The run folder (``--out``) holds ``config.json``, ``checkpoints/last.pt`` (atomic, every
 ``--checkpoint-every`` iterations and at the end; ``--resume`` continues from it exactly),
 ``train_log.csv``, ``val_log.csv``, ``tb/`` (TensorBoard, when installed), ``metrics.json`` (final
-test-split evaluation: mean and per-case Dice, Jaccard, 95HD, ASD) and PNG plots (``losses.png``,
-``val_dice.png``, ``overlays.png``) and ``split.json`` (the train / test / unlabeled cases, which
-``python -m caml.evaluate`` reads back). ``--data`` takes the LA h5 layout or an MSD folder (``imagesTr/``,
-``labelsTr/``; its labeled cases split into train and test by ``--split-seed`` or ``--split FILE``).
+test-split evaluation: mean and per-case Dice, Jaccard, 95HD, ASD; with several classes per class
+too) and PNG plots (``losses.png``, ``val_dice.png``, ``overlays.png``) and ``split.json`` (the
+train / test / unlabeled cases, which ``python -m caml.evaluate`` reads back). ``--data`` takes the
+LA h5 layout or an MSD folder (``imagesTr/``, ``labelsTr/``; its labeled cases split into train and
+test by ``--split-seed`` or ``--split FILE``). The classes are those the data's ``dataset.json``
+declares, else ``--num-classes`` (default 2).
 """
 from __future__ import annotations
 

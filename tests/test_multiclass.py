@@ -277,7 +277,8 @@ def test_value_map_trains_as_contiguous_classes(msd4, tmp_path):
     logs = []
     for name, data in (("brats", msd4), ("contiguous", contiguous)):
         assert _train("--data", data, "--out", tmp_path / name, "--no-eval") == 0
-        logs.append([{k: v for k, v in row.items() if k != "seconds"} for row in _csv(tmp_path / name / "train_log.csv")])
+        rows = _csv(tmp_path / name / "train_log.csv")
+        logs.append([{k: v for k, v in row.items() if k != "seconds"} for row in rows])
     assert logs[0] == logs[1] and len(logs[0]) == 2
 
 

@@ -6,9 +6,9 @@
   seeded split (``make_split``) or a split file; images with no label are unlabeled training cases.
 
 A source's ``train_cases`` lists its labeled training cases first (``labeled_train`` of them), then
-the unlabeled ones; its ``label_set`` (:mod:`caml.data.labels`) says which label values its files hold
-and the class each one is (``load`` returns class indices); ``split_record()`` is what a run folder records (``split.json``) so that
-``caml.evaluate`` scores the same test cases. A split file is JSON ``{"train": [...], "test": [...]}``
+the unlabeled ones; its ``label_set`` (:mod:`caml.data.labels`) says which label values its files
+hold and the class each one is (``load`` returns class indices); ``split_record()`` is what a run
+folder records (``split.json``) so that ``caml.evaluate`` scores the same test cases. A split file is JSON ``{"train": [...], "test": [...]}``
 (a run folder's ``split.json`` is one).
 """
 from __future__ import annotations
