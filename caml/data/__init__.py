@@ -4,13 +4,14 @@
 ``caml.data.synthetic`` and the preparation of the raw LA challenge data in ``caml.data.prepare_la``
 (both also CLIs: ``python -m caml.data.synthetic``, ``python -m caml.data.prepare_la``)."""
 from .la_h5 import LAHeartH5, case_path, load_case, read_case_list, write_case
+from .labels import LabelSet, dataset_labels
 from .msd import MSDFolder, read_nifti, write_nifti
 from .sampler import TwoStreamBatchSampler, grouper, iterate_eternally, iterate_once
 from .source import CaseDataset, make_split, open_source
 from .transforms import CenterCrop, Compose, RandomCrop, RandomRotFlip, ToTensor
 
 __all__ = [
-    "LAHeartH5", "case_path", "load_case", "read_case_list", "write_case",
+    "LAHeartH5", "case_path", "load_case", "read_case_list", "write_case", "LabelSet", "dataset_labels",
     "MSDFolder", "read_nifti", "write_nifti", "CaseDataset", "make_split", "open_source",
     "TwoStreamBatchSampler", "grouper", "iterate_eternally", "iterate_once",
     "CenterCrop", "Compose", "RandomCrop", "RandomRotFlip", "ToTensor",
