@@ -211,4 +211,5 @@ def _means(rows, names: Sequence[str]) -> dict[str, float]:
 
 
 def _has_nan_distance(values: dict) -> bool:
-    return any(math.isnan(v["hd95"]) for v in values.get("classes", {"": values}).values())
+    per_class = values["classes"].values() if "classes" in values else [values]
+    return any(math.isnan(v["hd95"]) for v in per_class)

@@ -82,6 +82,8 @@ class Trainer:
         self.data_root = self._data_root()
         self.source, self.batches = self._open_data(resume)
         self.labels = self.source.label_set
+        if saved is not None:
+            self._check_saved_labels(saved)
         self.model = CAML3d(1, self.labels.num_classes, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
                             has_dropout=cfg.dropout).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -113,6 +115,13 @@ class Trainer:
             raise UsageError(f"checkpoint was written by {written_by} process(es); resume with the same number "
                              f"(got {self.processes.world})")
         return checkpoint
+
+    def _check_saved_labels(self, checkpoint: dict) -> None:
+        """The data's labels are those the checkpoint was trained on (older checkpoints: binary)."""
+        saved = checkpoint.get("labels", {"values": [0, 1]})["values"]
+        if saved != list(self.labels.values):
+            raise UsageError(f"--resume: the run was trained on the label values {saved}, but the data in "
+                             f"{self.data_root} now has {list(self.labels.values)}")
 
     def _data_root(self) -> str:
         """``cfg.data``, or the preset's synthetic dataset in the cache (made by rank 0 if missing)."""

@@ -341,3 +341,17 @@ def test_evaluate_labels_disagree_with_the_data(structures, tmp_path, capsys):
     torch.save(CAML3d(n_filters=2, feat_dim=8).state_dict(), official)  # two classes, as the official LA model
     assert error(official).endswith(f"checkpoint {official} predicts 2 classes, but 4 labels [0, 1, 2, 4] are "
                                     f"declared in {other / 'dataset.json'}")
+
+
+def test_resume_refuses_changed_labels(structures, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(structures, data)
+    run = tmp_path / "run"
+    assert _train("--data", data, "--out", run, "--no-eval") == 0
+    capsys.readouterr()
+    declared = json.load(open(data / "dataset.json"))
+    declared["labels"]["4"] = "aorta"  # the data now declares one class more
+    (data / "dataset.json").write_text(json.dumps(declared))
+    rc, line = _errors(capsys, train.main, ["--resume", "--out", str(run), "--max-iters", "3", "--no-eval"])
+    assert rc == 2 and line == (f"python -m caml.train: error: --resume: the run was trained on the label values "
+                                f"[0, 1, 2, 3], but the data in {data} now has [0, 1, 2, 3, 4]")
