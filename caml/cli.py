@@ -111,9 +111,10 @@ def device_from_flag(flag: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def print_metrics(metrics: dict, folder: str, label: str) -> None:
-    """The per-case and mean metrics as a table on stdout, then ``<label>: <folder>``."""
+def print_metrics(metrics: dict, folder: str, label: str, more: Optional[dict] = None) -> None:
+    """The per-case (or per-run) and mean metrics as a table on stdout, then the rows of ``more``
+    (name -> metrics) and ``<label>: <folder>``."""
     print(f"{'case':<24}{'dice':>8}{'jaccard':>9}{'hd95':>8}{'asd':>8}")
-    for name, values in [*metrics["cases"].items(), ("mean", metrics)]:
+    for name, values in [*metrics["cases"].items(), ("mean", metrics), *(more or {}).items()]:
         print(f"{name:<24}{values['dice']:>8.4f}{values['jaccard']:>9.4f}{values['hd95']:>8.2f}{values['asd']:>8.2f}")
     print(f"{label}: {folder}")
