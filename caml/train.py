@@ -225,8 +225,8 @@ def config_from_args(args: argparse.Namespace, saved=None, where: Optional[str] 
     if saved is None:
         preset = given.get("preset", from_file.get("preset", "small"))
         if preset not in PRESETS:
-            origin = f"--config {args.config}: key preset" if "preset" not in given and from_file else "--preset"
-            raise UsageError(f"{origin} is an unknown preset (choose from {', '.join(PRESETS)}), got {preset!r}")
+            origin = f"--config {args.config}: key preset: " if "preset" not in given else ""
+            raise UsageError(f"{origin}unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
         cfg = preset_config(preset)
     else:
         if from_file:

@@ -164,11 +164,13 @@ def validation_cases(source, count: int, labeled: int) -> list[str]:
     """The ``count`` validation cases of a run (``--val``): the last of the source's labeled training
     cases, so that the first ``labeled`` train as they would without a validation split (only the
     unlabeled pool loses them). Raises ValueError if the labeled training cases are too few for both."""
+    if count == 0:
+        return []
     pool = source.train_cases[:source.labeled_train]
     if labeled + count > len(pool):
         raise ValueError(f"--val {count} with --labeled {labeled} needs {labeled + count} labeled training cases; "
                          f"{source.root} has {len(pool)}")
-    return pool[len(pool) - count:] if count else []
+    return pool[len(pool) - count:]
 
 
 class CaseDataset(Dataset):
