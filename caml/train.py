@@ -349,7 +349,7 @@ def _main(argv: Optional[Sequence[str]]) -> None:
             print_metrics(metrics, folder, "run folder")
             results[f"seed{cfg.seed}"] = {**metrics, "folder": folder}
     if several and results:
-        summary = summarize_runs(results)
+        summary = {"seeds": [cfg.seed for cfg in configs], **summarize_runs(results)}
         write_json(os.path.join(out, "summary.json"), summary)
         print_metrics({"cases": results, **summary["mean"]}, os.path.join(out, "summary.json"), "summary",
                       more={"std": summary["std"]})
