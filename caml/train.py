@@ -318,13 +318,27 @@ def _run_folder(out: str, seed: Optional[int], several: bool) -> str:
     return os.path.join(out, f"seed{seed}") if several else out
 
 
+def _default_out(args: argparse.Namespace) -> str:
+    """``runs/<preset>-<method>``, as the flags or else the --config file name them."""
+    from_file = _config_file(args)
+    preset, method = args.preset or from_file.get("preset", "small"), args.method or from_file.get("method", "caml")
+    return os.path.join("runs", f"{preset}-{method}")
+
+
+def _seed_runs_hint(folder: str) -> str:
+    """Where ``folder`` holds the runs of several seeds: how to resume them."""
+    seeds = sorted(int(name[4:]) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if name.startswith("seed") and name[4:].isdigit())
+    return f" (it holds the runs of seeds {' '.join(map(str, seeds))}: add --seed {' '.join(map(str, seeds))})" \
+        if seeds else ""
+
+
 def _main(argv: Optional[Sequence[str]]) -> None:
     args = parse_args(argv)
     seeds = seeds_of(args)
     if len(set(seeds)) < len(seeds):
         raise UsageError(f"--seed lists a seed twice: {' '.join(map(str, seeds))}")
-    out = args.out or os.path.join("runs", f"{args.preset or 'small'}-{args.method or 'caml'}")
-    out = check_out_folder(out)
+    out = check_out_folder(args.out or _default_out(args))
     several = len(seeds) > 1
     saved = {}
     if args.resume:
@@ -332,7 +346,8 @@ def _main(argv: Optional[Sequence[str]]) -> None:
             folder = _run_folder(out, seed, several)
             if not os.path.isfile(os.path.join(folder, "checkpoints", "last.pt")) or \
                     not os.path.isfile(os.path.join(folder, "config.json")):
-                raise UsageError(f"nothing to resume: {folder} has no checkpoints/last.pt and config.json")
+                raise UsageError(f"nothing to resume: {folder} has no checkpoints/last.pt and config.json"
+                                 f"{_seed_runs_hint(folder)}")
             saved[seed] = (read_json(os.path.join(folder, "config.json")), os.path.join(folder, "config.json"))
     configs = [config_from_args(args, *saved.get(seed, (None, None)), seed=seed) for seed in seeds]
     if args.print_config:

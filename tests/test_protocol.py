@@ -344,3 +344,7 @@ def test_several_seeds_and_their_summary(tmp_path, capsys):
         assert summary["std"][metric] == pytest.approx(expected_std)
     assert [summary["runs"][f"seed{s}"]["dice"] for s in (0, 1, 2)] == [r["dice"] for r in runs]
     assert "std" in said and "summary.json" in said
+    line = _error(capsys, "--resume", "--out", out)
+    assert "nothing to resume" in line and "add --seed 0 1 2" in line
+    assert train.main(["--resume", "--out", str(out), "--seed", "0", "1", "2", "--max-iters", "3", "--no-eval"]) == 0
+    assert [len(_rows(out / f"seed{s}" / "train_log.csv")) for s in (0, 1, 2)] == [3, 3, 3]
