@@ -289,6 +289,10 @@ def test_protocol_bad_input(tmp_path, capsys):
     assert "--val must be >= 0, got -1" in _error(capsys, *TINY, "--out", out, "--val", "-1")
     assert "--save-every must be >= 1, got 0" in _error(capsys, *TINY, "--out", out, "--save-every", "0")
     assert "--seed lists a seed twice: 1 2 1" in _error(capsys, *TINY, "--out", out, "--seed", "1", "2", "1")
+    # settings are named by their flags, also where the flag is not the field's name
+    assert "--embedding-dim must be >= 1, got 0" in _error(capsys, *TINY, "--out", out, "--embedding-dim", "0")
+    assert "--consistency-rampup must be >= 0, got -1.0" in _error(capsys, *TINY, "--out", out,
+                                                                    "--consistency-rampup", "-1")
     assert not out.exists()
 
 
