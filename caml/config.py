@@ -153,14 +153,14 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# The settings of python -m caml.train's flags (--name-with-dashes, or FLAG_NAMES); the others come from the
-# preset or a --config file.
-TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "labeled", "max_train_cases", "max_iters",
-               "batch_size", "labeled_bs", "patch_size", "n_filters", "feat_dim", "lr", "momentum", "weight_decay",
-               "lamda", "consistency", "consistency_o", "rampup_length", "rampup_interval", "temperature",
-               "memory_num", "num_filtered", "memory_cap", "eval_every", "eval_start", "checkpoint_every",
-               "num_workers", "device", "seed", "threads", "ops_backend", "memory_reshape", "occ_embedding",
-               "dropout", "val", "save_every", "select_on_test")
+# The settings of python -m caml.train's flags (--name-with-dashes); the others come from the preset.
+TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "labeled", "max_iters", "batch_size", "labeled_bs",
+               "patch_size", "n_filters", "lr", "memory_num", "num_filtered", "memory_cap", "eval_every",
+               "checkpoint_every", "num_workers", "device", "seed", "threads", "ops_backend", "memory_reshape",
+               "occ_embedding", "dropout")
+# The rest of the official train_caml.py's hyper-parameters, and the validation protocol's settings.
+TRAIN_FLAGS += ("max_train_cases", "feat_dim", "momentum", "weight_decay", "lamda", "consistency", "consistency_o",
+                "rampup_length", "rampup_interval", "temperature", "eval_start", "val", "save_every", "select_on_test")
 # The settings whose flag is not the field's name: the official script's names for them.
 FLAG_NAMES = {"feat_dim": "--embedding-dim", "rampup_length": "--consistency-rampup"}
 
