@@ -115,10 +115,11 @@ def _metric_columns(values: dict) -> str:
     return f"{values['dice']:>8.4f}{values['jaccard']:>9.4f}{values['hd95']:>8.2f}{values['asd']:>8.2f}"
 
 
-def print_metrics(metrics: dict, folder: str, label: str) -> None:
-    """The per-case and mean metrics as a table on stdout (several classes: a row per case and class,
-    ``mean`` the mean over the foreground classes), then ``<label>: <folder>``."""
-    rows = [*metrics["cases"].items(), ("mean", metrics)]
+def print_metrics(metrics: dict, folder: str, label: str, more: Optional[dict] = None) -> None:
+    """The per-case (or per-run) and mean metrics as a table on stdout (several classes: a row per case
+    and class, ``mean`` the mean over the foreground classes), then the rows of ``more`` (name -> metrics)
+    and ``<label>: <folder>``."""
+    rows = [*metrics["cases"].items(), ("mean", metrics), *(more or {}).items()]
     if "classes" not in metrics:
         print(f"{'case':<24}{'dice':>8}{'jaccard':>9}{'hd95':>8}{'asd':>8}")
         for name, values in rows:
@@ -126,6 +127,6 @@ def print_metrics(metrics: dict, folder: str, label: str) -> None:
     else:
         print(f"{'case':<24}{'class':<16}{'dice':>8}{'jaccard':>9}{'hd95':>8}{'asd':>8}")
         for name, values in rows:
-            for class_name, class_values in [*values["classes"].items(), ("mean", values)]:
+            for class_name, class_values in [*values.get("classes", {}).items(), ("mean", values)]:
                 print(f"{name:<24}{class_name[:15]:<16}{_metric_columns(class_values)}")
     print(f"{label}: {folder}")

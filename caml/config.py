@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,7 +26,8 @@ from .rampup import official_rampup_length
 MEMORY_RESHAPES = ("permuted", "official")
 OCC_EMBEDDINGS = ("raw", "normalized")
 
-__all__ = ["TrainConfig", "TRAIN_FLAGS", "PRESETS", "preset_config", "default_cache_dir"]
+__all__ = ["TrainConfig", "TRAIN_FLAGS", "PRESETS", "OFFICIAL_NAMES", "flag_of", "preset_config", "read_config_file",
+           "default_cache_dir"]
 
 
 @dataclass
@@ -65,6 +68,9 @@ class TrainConfig:
     eval_start: int = 800
     eval_batch: int = 4
     checkpoint_every: int = 500
+    val: int = 0  # validation cases held out of the labeled training pool; 0: none (validation monitors the test cases)
+    save_every: Optional[int] = None  # also keep checkpoints/iter_N.pt every N iterations
+    select_on_test: bool = False  # the official protocol: keep checkpoints/best_on_test.pt, selected on the test cases
     seed: int = 1337
     device: str = "auto"
     ops_backend: str = "auto"  # checked by caml.train against caml_ops (not here: no torch in this module)
@@ -92,13 +98,16 @@ class TrainConfig:
         cfg.validate(where)
         return cfg
 
-    def validate(self, where: Optional[str] = None) -> None:
+    def validate(self, where: Optional[str] = None, from_file: Optional[tuple[str, set]] = None) -> None:
         """Raises ValueError naming the first bad setting: by its flag (``--lr``) for settings from the
-        command line, else ``<where>: field <name>`` (a saved config)."""
+        command line, ``<file>: key <name>`` for those ``from_file`` (path, keys) gives, else
+        ``<where>: field <name>`` (a saved config)."""
 
         def fail(name: str, problem: str):
-            label = f"{where}: field {name}" if where else ("--" + name.replace("_", "-") if name in TRAIN_FLAGS
-                                                              else name)
+            if from_file is not None and name in from_file[1]:
+                label = f"{from_file[0]}: key {name}"
+            else:
+                label = f"{where}: field {name}" if where else (flag_of(name) if name in TRAIN_FLAGS else name)
             raise ValueError(f"{label} {problem}, got {getattr(self, name)!r}")
 
         for f in dataclasses.fields(self):  # types first: a hand-edited config may hold anything
@@ -149,7 +158,34 @@ def _is_int(value) -> bool:
 TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "labeled", "max_iters", "batch_size", "labeled_bs",
                "patch_size", "n_filters", "lr", "memory_num", "num_filtered", "memory_cap", "eval_every",
                "checkpoint_every", "num_workers", "device", "seed", "threads", "ops_backend", "memory_reshape",
-               "occ_embedding", "dropout", "num_classes", "ce_weight")
+               "occ_embedding", "dropout")
+# The rest of the official train_caml.py's hyper-parameters, and the validation protocol's settings.
+TRAIN_FLAGS += ("max_train_cases", "feat_dim", "momentum", "weight_decay", "lamda", "consistency", "consistency_o",
+                "rampup_length", "rampup_interval", "temperature", "eval_start", "val", "save_every", "select_on_test")
+# The settings whose flag is not the field's name: the official script's names for them.
+FLAG_NAMES = {"feat_dim": "--embedding-dim", "rampup_length": "--consistency-rampup"}
+
+
+def flag_of(name: str) -> str:
+    """The flag of a setting: ``lr`` -> ``--lr``, ``feat_dim`` -> ``--embedding-dim``."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+# The official train_caml.py's argparse names and what they are here: a setting's name, or (for those
+# that are no setting) the advice a user migrating from the official script needs.
+OFFICIAL_NAMES = {
+    "root_path": "data", "max_iteration": "max_iters", "max_samples": "max_train_cases", "labeled_bs": "labeled_bs",
+    "batch_size": "batch_size", "base_lr": "lr", "labelnum": "labeled", "gpu": "device", "consistency_o":
+    "consistency_o", "consistency_rampup": "rampup_length", "memory_num": "memory_num", "num_filtered":
+    "num_filtered", "embedding_dim": "feat_dim",
+    "exp": "use --out DIR (the run folder)",
+    "model": "leave it out: the model is CAML3d (the official caml3d_v1); --method supervised trains its ablation",
+    "deterministic": "leave it out: runs are seeded by --seed (batches, augmentations and weights)",
+}
+# Keys of a run folder's config.json that record the run rather than set it (read back, never applied).
+RECORD_KEYS = ("data_root", "world_size")
+
+
 _OPTIONAL = {f.name for f in dataclasses.fields(TrainConfig) if f.type.startswith("Optional[")}
 _KINDS = {f.name: f.type[len("Optional["):-1] if f.name in _OPTIONAL else f.type  # the annotations, as text
           for f in dataclasses.fields(TrainConfig)}
@@ -157,7 +193,7 @@ _AT_LEAST = {"split_seed": 0, "num_classes": 2, "labeled": 1, "max_train_cases":
              "n_filters": 1, "feat_dim": 1, "weight_decay": 0, "max_iters": 1, "lamda": 0, "consistency": 0, "consistency_o": 0,
              "rampup_length": 0, "rampup_interval": 1, "memory_num": 2, "num_filtered": 1, "memory_cap": 1,
              "ce_weight": 0, "eval_every": 1, "eval_start": 0, "eval_batch": 1, "checkpoint_every": 1, "seed": 0,
-             "num_workers": 0, "threads": 1}
+             "num_workers": 0, "threads": 1, "val": 0, "save_every": 1}
 
 
 _SMALL_SYNTHETIC = dict(cases=20, seed=0, test_cases=4, min_shape=[32, 32, 32], max_shape=[40, 40, 32])
@@ -194,6 +230,69 @@ def preset_config(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return TrainConfig(**PRESETS[name])
+
+
+def read_config_file(path: str) -> dict:
+    """The settings of a ``--config`` file: a JSON object (YAML with PyYAML installed, for ``.yaml`` /
+    ``.yml``) whose keys are TrainConfig's fields, as in a run folder's ``config.json`` (whose record keys
+    are accepted and left out). Relative ``data`` / ``split`` paths are relative to the file's folder.
+    Raises ValueError naming the file and the problem: an unknown key among them (types and ranges are
+    :meth:`TrainConfig.validate`'s)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config file not found: {path}")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read --config {path}: {_one_line(err)}") from None
+    values = _parse_yaml(text, path) if path.lower().endswith((".yaml", ".yml")) else _parse_json(text, path)
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings (key: value), got {type(values).__name__}")
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in names and key not in RECORD_KEYS:
+            raise ValueError(f"--config {path}: unknown key {key!r}{_key_hint(str(key), names)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    settings = {k: v for k, v in values.items() if k not in RECORD_KEYS}
+    for name in ("data", "split"):
+        if isinstance(settings.get(name), str):
+            settings[name] = os.path.join(folder, os.path.expanduser(settings[name]))
+    for name in ("patch_size", "eval_strides"):
+        if isinstance(settings.get(name), list):
+            settings[name] = tuple(settings[name])
+    return settings
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def _parse_json(text: str, path: str):
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"cannot read --config {path}: {_one_line(err)}") from None
+
+
+def _parse_yaml(text: str, path: str):
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError(f"--config {path}: a YAML file needs PyYAML (pip install pyyaml); or write it as JSON") \
+            from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"cannot read --config {path}: {_one_line(err)}") from None
+
+
+def _key_hint(key: str, names: list) -> str:
+    """Advice for an unknown config key: our name for an official one, else the nearest key, if any."""
+    if key in OFFICIAL_NAMES:
+        ours = OFFICIAL_NAMES[key]
+        return f" (the official train_caml.py's name: {'use key ' + repr(ours) if ours in names else ours})"
+    near = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 def default_cache_dir() -> str:

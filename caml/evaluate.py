@@ -1,15 +1,18 @@
 """Evaluate a checkpoint on a dataset's test cases: ``python -m caml.evaluate --checkpoint FILE --data DIR --out DIR``.
 
-The checkpoint is ours (``checkpoints/last.pt`` of ``caml.train``: model sizes, patch and strides from
-its config, the test cases from its recorded split, the label values from its recorded labels) or an
-official CAML one (a raw state_dict: sizes and classes from the weights, the label values those the
-data folder's dataset.json declares, else 0 .. C-1, the official patch 112 x 112 x 80 and strides
-18 / 18 / 4). Every test case is predicted by sliding windows (decoder 1, as the official test),
-optionally reduced to its largest connected component (``--largest-component``, the official
-``post_process``; per class for several classes), and scored: Dice, Jaccard, 95HD and ASD (in the
-header's spacing for NIfTI data, in voxels for the LA h5 layout, as the official numbers); with
-several classes per foreground class and their mean (``caml.metrics.SegmentationMetrics``). The
-checkpoint is evaluated as given: no model selection on the test cases.
+The checkpoint is ours (``checkpoints/last.pt``, ``best.pt``, ``iter_N.pt`` or ``best_on_test.pt`` of
+``caml.train``: model sizes, patch and strides from its config, the test cases from its recorded split,
+the label values from its recorded labels) or an official CAML one (a raw state_dict: sizes and classes
+from the weights, the label values those the data folder's dataset.json declares, else 0 .. C-1, the
+official patch 112 x 112 x 80 and strides 18 / 18 / 4). Every test case is predicted by sliding windows
+(decoder 1, as the official test), optionally reduced to its largest connected component
+(``--largest-component``, the official ``post_process``; per class for several classes), and scored:
+Dice, Jaccard, 95HD and ASD (in the header's spacing for NIfTI data, in voxels for the LA h5 layout, as
+the official numbers); with several classes per foreground class and their mean
+(``caml.metrics.SegmentationMetrics``). The checkpoint is evaluated as given, and the output names it
+(``checkpoint_selection``: last, best-on-validation, iter N, best-on-test or official): this command
+selects nothing on the test cases, and says so loudly of a checkpoint that ``caml.train
+--select-on-test`` selected on them.
 
 ``--out`` receives ``metrics.csv`` (per case, then the mean; with several classes a row per case and
 class, ``mean`` the mean over the foreground classes), ``metrics.json``, ``predictions/<case>.nii.gz``
@@ -72,7 +75,8 @@ def build_parser():
 def load_model(path: str) -> tuple[CAML3d, dict]:
     """The model of a checkpoint (ours or official) and what it says about itself: ``kind``,
     ``patch_size``, ``strides``, ``iteration``, ``max_iters``, ``split``, ``split_seed``, ``labels``
-    (the recorded :class:`LabelSet`; None for an official checkpoint)."""
+    (the recorded :class:`LabelSet`; None for an official checkpoint), ``saved_as`` (last, best,
+    best_on_test, iter or official) and ``selected`` (what selected it: iteration, dice)."""
     obj = load_checkpoint(path)
     ours = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
     try:
@@ -81,16 +85,19 @@ def load_model(path: str) -> tuple[CAML3d, dict]:
         raise ValueError(f"checkpoint {path} does not fit CAML3d: {one_line(err, 300)}") from None
     if not ours:
         return model, {"kind": "official", "patch_size": OFFICIAL_ROI_SIZE, "strides": OFFICIAL_STRIDES,
-                       "iteration": None, "max_iters": None, "split": None, "split_seed": 0, "labels": None}
+                       "iteration": None, "max_iters": None, "split": None, "split_seed": 0, "labels": None,
+                       "saved_as": "official", "selected": None}
     cfg = TrainConfig.from_json(obj["config"], f"checkpoint {path}: config")
     split = obj.get("split")
     run_split = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "split.json")
     if split is None and os.path.isfile(run_split):
         split = read_json(run_split)
     labels = LabelSet.from_json(obj["labels"]) if "labels" in obj else None  # older checkpoints: binary 0 / 1
+    saved_as = obj.get("saved_as", "last")  # checkpoints of earlier versions: last.pt only
+    selected = (obj.get("selection") or {}).get(saved_as)
     return model, {"kind": "caml.train", "patch_size": tuple(cfg.patch_size), "strides": tuple(cfg.eval_strides),
                    "iteration": obj.get("iteration"), "max_iters": cfg.max_iters, "split": split,
-                   "split_seed": cfg.split_seed, "labels": labels}
+                   "split_seed": cfg.split_seed, "labels": labels, "saved_as": saved_as, "selected": selected}
 
 
 def checkpoint_labels(model: CAML3d, info: dict, data: str, path: str) -> LabelSet:
@@ -108,11 +115,26 @@ def checkpoint_labels(model: CAML3d, info: dict, data: str, path: str) -> LabelS
     return labels
 
 
+def _selection(info: dict) -> str:
+    """The checkpoint's name in the output: last, best-on-validation, iter N, best-on-test or official."""
+    names = {"last": "last", "best": "best-on-validation", "best_on_test": "best-on-test", "official": "official"}
+    return names.get(info["saved_as"], f"iter {info['iteration']}")
+
+
 def _protocol(info: dict) -> str:
-    if info["kind"] == "official":
+    """What was scored, and whether anything was selected on the test cases."""
+    kind, selected = info["saved_as"], info["selected"]
+    at = f"iteration {info['iteration']} of {info['max_iters']}"
+    if kind == "best_on_test":
+        return (f"the checkpoint SELECTED ON THE TEST CASES by caml.train --select-on-test ({at}, test Dice "
+                f"{selected['dice']:.4f}), the official code's protocol: for like-for-like tables only; these test "
+                f"metrics are optimistic, not an estimate of the accuracy on new cases")
+    if kind == "official":
         what = "the given official checkpoint as is"
+    elif kind == "best":
+        what = f"the checkpoint selected on the validation cases ({at}, validation Dice {selected['dice']:.4f})"
     else:
-        what = f"the final checkpoint of the run (iteration {info['iteration']} of {info['max_iters']})"
+        what = f"the last checkpoint of the run ({at})" if kind == "last" else f"the checkpoint of {at}"
     return f"{what}; no model selection on the test cases was made"
 
 
@@ -212,6 +234,7 @@ def evaluate(args) -> dict:
         _write_csv(os.path.join(tmp, "metrics.csv"), summary)
         metrics = {**summary, "protocol": protocol, "test_cases_from": origin,
                    "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_kind": info["kind"],
+                   "checkpoint_selection": _selection(info),
                    "iteration": info["iteration"], "data": data, "layout": source.layout,
                    "largest_component": args.largest_component, "patch_size": list(patch), "strides": list(strides),
                    "distance_units": "voxels" if source.layout == "la_h5" else "header spacing (mm)"}

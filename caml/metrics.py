@@ -45,7 +45,8 @@ from scipy import ndimage
 
 Spacing = Optional[Union[float, Sequence[float]]]
 
-__all__ = ["METRICS", "dice", "jaccard", "hd95", "asd", "surface_distances", "case_metrics", "SegmentationMetrics"]
+__all__ = ["METRICS", "dice", "jaccard", "hd95", "asd", "surface_distances", "case_metrics", "SegmentationMetrics",
+           "summarize_runs"]
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
@@ -213,3 +214,20 @@ def _means(rows, names: Sequence[str]) -> dict[str, float]:
 def _has_nan_distance(values: dict) -> bool:
     per_class = values["classes"].values() if "classes" in values else [values]
     return any(math.isnan(v["hd95"]) for v in per_class)
+def _sample_std(values: list[float]) -> float:
+    """The sample standard deviation (n - 1) of the values that are not nan (nan if fewer than two are)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
+
+
+def summarize_runs(runs: dict[str, dict]) -> dict:
+    """Mean and sample standard deviation over runs (name -> their test metrics, e.g. one per seed) of
+    each metric's mean: ``{"runs": {name: {<metric>: value}}, "mean": {...}, "std": {...}, "n": {...}}``;
+    a run whose value is nan (no distance: an empty mask) is left out of that metric's numbers (``n``)."""
+    return {
+        "runs": {name: {k: m[k] for k in METRICS + ("folder",) if k in m} for name, m in runs.items()},
+        "mean": {k: _mean([m[k] for m in runs.values()]) for k in METRICS},
+        "std": {k: _sample_std([m[k] for m in runs.values()]) for k in METRICS},
+        "n": {k: sum(not math.isnan(m[k]) for m in runs.values()) for k in METRICS},
+        "std_is": "sample standard deviation (n - 1) over the runs",
+    }

@@ -18,7 +18,7 @@ from .checkpoint import load_checkpoint, remove_stale_temporaries, rng_state, sa
 from .cli import UsageError, one_line
 from .config import TrainConfig, default_cache_dir
 from .data.batches import TrainBatches
-from .data.source import open_source
+from .data.source import open_source, validation_cases
 from .data.synthetic import ensure_synthetic_la
 from .distributed import ProcessGroup
 from .inference import predict_classes
@@ -32,7 +32,13 @@ __all__ = ["Trainer", "TRAIN_FIELDS", "VAL_FIELDS"]
 
 TRAIN_FIELDS = ["iteration", "epoch", "loss", "loss_s", "loss_c", "loss_o", "lambda_c", "lambda_o", "lr", "seconds",
                 "occ_saturation"]
-VAL_FIELDS = ["iteration", "dice"]
+VAL_FIELDS = ["iteration", "dice"]  # dice: on the validation cases (--val), else on the test cases
+# The checkpoints selected during a run, by what selects them: on the validation cases, or (the official
+# protocol, --select-on-test) on the test cases.
+SELECTED = {"best": "best.pt", "best_on_test": "best_on_test.pt"}
+SELECTED_ON_TEST = ("selected on the TEST cases (--select-on-test, the official code's protocol): for like-for-like "
+                    "tables with methods that report their best test result during training; optimistic, not an "
+                    "estimate of the accuracy on new cases")
 LOSSES = ("loss", "loss_s", "loss_c", "loss_o")  # plotted and shown on the progress bar
 OVERLAY_CASES = 4
 
@@ -64,8 +70,8 @@ class Trainer:
     Made, it is set up: the data, the model, its optimizer, the memory bank and the objective, and
     with ``resume`` restored from ``checkpoints/last.pt``; rank 0 writes ``config.json`` and
     ``split.json`` and opens the logs. :meth:`step` trains on one batch, :meth:`validate` and
-    :meth:`checkpoint` run at their intervals, :meth:`finish` writes the plots and the final metrics;
-    :meth:`run` does it all. ``ops_backend`` is the caml_ops backend of the fused ops
+    :meth:`checkpoint` run at their intervals (validate keeps the selected checkpoints, ``SELECTED``),
+    :meth:`finish` writes the plots and the final metrics; :meth:`run` does it all. ``ops_backend`` is the caml_ops backend of the fused ops
     (:func:`caml.train.select_ops_backend` makes it from ``cfg.ops_backend``).
     """
 
@@ -96,6 +102,7 @@ class Trainer:
         self.objective = CAMLObjective(self.model, self.memory, cfg.labeled_bs, _loss_weights(cfg), cfg.method,
                                        ops_backend, amp_dtype)
         self.iteration = 0
+        self.selection = dict.fromkeys(SELECTED)  # kind -> {"iteration", "dice"} of its checkpoint so far
         if saved is not None:
             self.restore(saved)
         self.step_fn = processes.wrap(self.objective)  # after the restore: DDP broadcasts rank 0's weights
@@ -146,14 +153,20 @@ class Trainer:
         split_path = os.path.join(self.out, "split.json")
         # On resume the run's own split, even if the data folder has changed since.
         recorded = read_json(split_path) if resume and os.path.isfile(split_path) else None
+        if recorded is not None and recorded.get("val"):  # held out of the labeled training cases: put back
+            recorded = {**recorded, "train": recorded["train"] + recorded["val"]}
         try:
             source = open_source(self.data_root, self.cfg.split if recorded is None else None, self.cfg.split_seed,
                                  recorded, self.cfg.num_classes)
-            batches = TrainBatches(self.cfg, source, self.processes.rank)
+            self.val_cases = validation_cases(source, self.cfg.val, self.cfg.labeled)
+            batches = TrainBatches(self.cfg, source, self.processes.rank, self.val_cases)
             if self.processes.main:
-                source.check(source.test_cases)
+                source.check(source.test_cases + self.val_cases)
         except (FileNotFoundError, ValueError) as err:
             raise UsageError(one_line(err)) from None
+        record = source.split_record()
+        self.split_record = {**record, "train": [c for c in record["train"] if c not in self.val_cases],
+                             "val": self.val_cases}
         return source, batches
 
     def _open_run_folder(self, resume: bool) -> None:
@@ -161,13 +174,16 @@ class Trainer:
         write_json(os.path.join(out, "config.json"), {**self.cfg.to_json(), "data_root": self.data_root,
                                                       "world_size": self.processes.world,
                                                       "labels": self.labels.to_json()})
-        write_json(os.path.join(out, "split.json"), self.source.split_record())
-        if not resume:  # a new run replaces the folder's earlier one (its checkpoint could not be resumed)
-            for name in ("train_log.csv", "val_log.csv", os.path.join("checkpoints", "last.pt")):
+        write_json(os.path.join(out, "split.json"), self.split_record)
+        if not resume:  # a new run replaces the folder's earlier one (its checkpoints could not be resumed)
+            checkpoints = [os.path.join("checkpoints", name) for name in os.listdir(os.path.join(out, "checkpoints"))
+                           if name.endswith(".pt")]
+            for name in ["train_log.csv", "val_log.csv"] + checkpoints:
                 if os.path.exists(os.path.join(out, name)):
                     os.unlink(os.path.join(out, name))
         self.train_log = CSVLog(os.path.join(out, "train_log.csv"), TRAIN_FIELDS)
-        self.val_log = CSVLog(os.path.join(out, "val_log.csv"), VAL_FIELDS)
+        test_dice = ["test_dice"] if self.val_cases and self.cfg.select_on_test else []
+        self.val_log = CSVLog(os.path.join(out, "val_log.csv"), VAL_FIELDS + test_dice)
         self.train_log.truncate(self.iteration)
         self.val_log.truncate(self.iteration)
         self.board = TensorBoard(os.path.join(out, "tb"))
@@ -181,6 +197,7 @@ class Trainer:
             self.memory.load_state_dict(checkpoint["memory"])
         set_rng_state(checkpoint["rng"][self.processes.rank])
         self.iteration = int(checkpoint["iteration"])
+        self.selection.update(checkpoint.get("selection") or {})  # none in checkpoints of earlier versions
 
     # --- training ---
 
@@ -203,25 +220,52 @@ class Trainer:
             self.board.scalars(values, self.iteration, "train/")
         return values
 
-    def validate(self) -> Optional[float]:
-        """The test cases' mean Dice, logged (rank 0; the other ranks wait for it and get None)."""
-        dice = None
+    def validate(self) -> Optional[str]:
+        """Scores the validation cases (``--val``; else the test cases, for monitoring only), logs their
+        mean Dice and keeps the selected checkpoints that it improves (rank 0); returns what to report
+        (the other ranks wait for it and get None)."""
+        said = None
         if self.processes.main:
-            dice = self._evaluate(self._metrics(distances=False))[0]["dice"]
-            self.val_log.append({"iteration": self.iteration, "dice": dice})
+            dice = self._dice(self.val_cases or self.source.test_cases)
+            row = {"iteration": self.iteration, "dice": dice}
+            if self.val_cases:
+                said = f"validation Dice {dice:.4f} ({len(self.val_cases)} validation cases)" + self._keep("best", dice)
+            else:
+                said = f"test Dice {dice:.4f} (monitoring; no checkpoint is selected by it)"
+            if self.cfg.select_on_test:
+                row["test_dice"] = self._dice(self.source.test_cases) if self.val_cases else dice
+                said += f"; TEST Dice {row['test_dice']:.4f}" + self._keep("best_on_test", row["test_dice"])
+            self.val_log.append(row)
             self.board.scalars({"dice": dice}, self.iteration, "val/")
         self.processes.barrier()
-        return dice
+        return said
+
+    def _keep(self, kind: str, dice: float) -> str:
+        """Saves ``SELECTED[kind]`` if ``dice`` beats its record (the first of equals stays); says so."""
+        best = self.selection[kind]
+        if best is not None and dice <= best["dice"]:
+            return ""
+        self.selection[kind] = {"iteration": self.iteration, "dice": dice}
+        self.save_weights(SELECTED[kind], kind)
+        return f", best so far: saved checkpoints/{SELECTED[kind]}"
+
+    def _weights(self, saved_as: str) -> dict:
+        """What every checkpoint holds: the model, and what ``caml.evaluate`` needs to score it and name it."""
+        return {"iteration": self.iteration, "model": self.model.state_dict(), "config": self.cfg.to_json(),
+                "split": self.split_record, "labels": self.labels.to_json(), "saved_as": saved_as,
+                "selection": self.selection}
+
+    def save_weights(self, name: str, saved_as: str) -> None:
+        """Writes ``checkpoints/<name>`` (atomically): the weights to evaluate, not a state to resume."""
+        save_atomic(self._weights(saved_as), os.path.join(os.path.dirname(self.checkpoint_path), name))
 
     def checkpoint(self) -> None:
         """Writes ``checkpoints/last.pt`` (rank 0, atomically) with every rank's random states."""
         states = self.processes.all_gather_object(rng_state())
         if self.processes.main:
-            save_atomic({"iteration": self.iteration, "model": self.model.state_dict(),
-                         "optimizer": self.optimizer.state_dict(),
+            save_atomic({**self._weights("last"), "optimizer": self.optimizer.state_dict(),
                          "memory": self.memory.state_dict() if self.memory is not None else None, "rng": states,
-                         "config": self.cfg.to_json(), "world_size": self.processes.world,
-                         "split": self.source.split_record(), "labels": self.labels.to_json()}, self.checkpoint_path)
+                         "world_size": self.processes.world}, self.checkpoint_path)
         self.processes.barrier()
 
     def finish(self, evaluate: bool = True) -> Optional[dict]:
@@ -231,18 +275,46 @@ class Trainer:
         metrics = None
         if self.processes.main:
             plot_losses(self.train_log.rows(), list(LOSSES), os.path.join(self.out, "losses.png"))
+            selected = self._selected()
             if evaluate:
-                summary, overlays = self._evaluate(self._metrics())
+                summary, overlays = self._evaluate(self._metrics(), self.source.test_cases)
                 metrics = {**summary, "iteration": self.iteration, "method": self.cfg.method,
-                           "preset": self.cfg.preset, "train_seconds_this_session": round(train_seconds, 1)}
+                           "preset": self.cfg.preset, "train_seconds_this_session": round(train_seconds, 1),
+                           **selected}
                 write_json(os.path.join(self.out, "metrics.json"), metrics)
-                self.val_log.append({"iteration": self.iteration, "dice": metrics["dice"]})
-                self.board.scalars({"dice": metrics["dice"]}, self.iteration, "val/")
+                if not self.val_cases:  # the log holds the test cases' Dice: the final one too
+                    self.val_log.append({"iteration": self.iteration, "dice": metrics["dice"]})
+                    self.board.scalars({"dice": metrics["dice"]}, self.iteration, "val/")
                 plot_overlays(overlays, os.path.join(self.out, "overlays.png"), self.labels.num_classes)
             plot_validation(self.val_log.rows(), os.path.join(self.out, "val_dice.png"))
             self.board.close()
         self.processes.barrier()
         return metrics
+
+    def _selected(self) -> dict:
+        """The selected checkpoints for metrics.json (none without --val or --select-on-test), each said
+        on stdout; the test-selected one loudly."""
+        selected = {}
+        best, on_test = self.selection["best"], self.selection["best_on_test"]
+        if best is not None:
+            selected["best_on_validation"] = {**best, "checkpoint": "checkpoints/best.pt",
+                                              "validation_cases": len(self.val_cases)}
+            print(f"best on the validation cases: iteration {best['iteration']} (validation Dice {best['dice']:.4f}):"
+                  f" checkpoints/best.pt; the metrics below are the last iteration's", flush=True)
+        if on_test is not None:
+            selected["best_on_test"] = {**on_test, "checkpoint": "checkpoints/best_on_test.pt",
+                                        "protocol": SELECTED_ON_TEST}
+            print(f"BEST ON THE TEST CASES: iteration {on_test['iteration']} (test Dice {on_test['dice']:.4f}): "
+                  f"checkpoints/best_on_test.pt, {SELECTED_ON_TEST}", flush=True)
+        return selected
+
+    def _validates_now(self) -> bool:
+        """At the validation interval; and at the end where a checkpoint is selected (the last iterate is
+        a candidate; else the final evaluation scores it)."""
+        cfg = self.cfg
+        if self.iteration >= cfg.max_iters:
+            return bool(self.val_cases) or cfg.select_on_test
+        return self.iteration % cfg.eval_every == 0 and self.iteration >= cfg.eval_start
 
     def run(self, evaluate: bool = True) -> Optional[dict]:
         """Trains up to ``cfg.max_iters`` (validating and checkpointing on the way), then :meth:`finish`."""
@@ -257,10 +329,12 @@ class Trainer:
                 if main:
                     bar.set_postfix({k: f"{values[k]:.3f}" for k in LOSSES if k in values}, refresh=False)
                     bar.update(1)
-                if self.iteration % cfg.eval_every == 0 and cfg.eval_start <= self.iteration < cfg.max_iters:
-                    dice = self.validate()
+                if self._validates_now():
+                    said = self.validate()
                     if main:
-                        bar.write(f"iteration {self.iteration}: validation Dice {dice:.4f}")
+                        bar.write(f"iteration {self.iteration}: {said}")
+                if main and cfg.save_every is not None and self.iteration % cfg.save_every == 0:
+                    self.save_weights(f"iter_{self.iteration}.pt", "iter")
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iters:
                     self.checkpoint()
                 if self.iteration >= cfg.max_iters:
@@ -272,13 +346,17 @@ class Trainer:
         """Binary: the foreground's metrics; several classes: each foreground class's and their means."""
         return SegmentationMetrics(distances, None if self.labels.num_classes == 2 else self.labels.foreground)
 
-    def _evaluate(self, metrics: SegmentationMetrics) -> tuple[dict, list]:
-        """The test cases predicted by sliding windows and scored by ``metrics``: its summary, and the
-        first cases' ``(case, image, gt, pred, dice)`` for the overlays."""
+    def _dice(self, cases: list[str]) -> float:
+        """The mean Dice of ``cases`` (several classes: the mean over the foreground classes)."""
+        return self._evaluate(self._metrics(distances=False), cases)[0]["dice"]
+
+    def _evaluate(self, metrics: SegmentationMetrics, cases: list[str]) -> tuple[dict, list]:
+        """The cases predicted by sliding windows and scored by ``metrics``: its summary, and the first
+        cases' ``(case, image, gt, pred, dice)`` for the overlays."""
         cfg = self.cfg
         self.model.eval()
         overlays = []
-        for case in self.source.test_cases:
+        for case in cases:
             image, label = self.source.load(case)
             pred = predict_classes(self.model, image, cfg.patch_size, cfg.eval_strides, cfg.eval_batch,
                                    self.device, cfg.amp)[1]

@@ -2,6 +2,8 @@
 deterministic function of (seed, rank, epoch), so that a resumed run replays the same batches."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -33,17 +35,19 @@ def _stream_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
 
 
 class TrainBatches:
-    """The batches of ``cfg`` over a data source's training cases, for process ``rank``: each epoch's
-    sampler and augmentations (or worker seeds) are seeded afresh from (seed, rank, epoch)."""
+    """The batches of ``cfg`` over a data source's training cases but the ``held_out`` ones (validation
+    cases, labeled), for process ``rank``: each epoch's sampler and augmentations (or worker seeds) are
+    seeded afresh from (seed, rank, epoch)."""
 
-    def __init__(self, cfg: TrainConfig, source, rank: int):
+    def __init__(self, cfg: TrainConfig, source, rank: int, held_out: Sequence[str] = ()):
         self.cfg, self.rank = cfg, rank
-        train_cases = source.train_cases
+        held = set(held_out)
+        train_cases = [case for case in source.train_cases if case not in held]
         if cfg.max_train_cases is not None:
             train_cases = train_cases[: cfg.max_train_cases]
-        if cfg.labeled > source.labeled_train:
+        if cfg.labeled > source.labeled_train - len(held_out):
             raise UsageError(f"--labeled {cfg.labeled} asks for more labeled training cases than {source.root} has "
-                             f"({source.labeled_train})")
+                             f"({source.labeled_train - len(held_out)})")
         if cfg.labeled >= len(train_cases):
             raise UsageError(f"--labeled {cfg.labeled} leaves no unlabeled case: the training cases of {source.root} "
                              f"number {len(train_cases)}")

@@ -26,7 +26,8 @@ from .la_h5 import CASES_DIR, case_path, check_label, load_case, read_case_list
 from .labels import dataset_labels
 from .msd import MSDFolder, is_msd_folder
 
-__all__ = ["TEST_FRACTION", "open_source", "make_split", "read_split_file", "LASource", "MSDSource", "CaseDataset"]
+__all__ = ["TEST_FRACTION", "open_source", "make_split", "read_split_file", "validation_cases", "LASource", "MSDSource",
+           "CaseDataset"]
 
 TEST_FRACTION = 0.2
 
@@ -161,6 +162,19 @@ def open_source(root: str, split_file: Optional[str] = None, split_seed: int = 0
         return LASource(root, num_classes)
     what = "is empty" if not os.listdir(root) else "is neither the LA h5 layout (train.list, test.list) nor an MSD folder (imagesTr/)"
     raise ValueError(f"data folder {root} {what}")
+
+
+def validation_cases(source, count: int, labeled: int) -> list[str]:
+    """The ``count`` validation cases of a run (``--val``): the last of the source's labeled training
+    cases, so that the first ``labeled`` train as they would without a validation split (only the
+    unlabeled pool loses them). Raises ValueError if the labeled training cases are too few for both."""
+    if count == 0:
+        return []
+    pool = source.train_cases[:source.labeled_train]
+    if labeled + count > len(pool):
+        raise ValueError(f"--val {count} with --labeled {labeled} needs {labeled + count} labeled training cases; "
+                         f"{source.root} has {len(pool)}")
+    return pool[len(pool) - count:]
 
 
 class CaseDataset(Dataset):
