@@ -158,7 +158,7 @@ def _is_int(value) -> bool:
 TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "labeled", "max_iters", "batch_size", "labeled_bs",
                "patch_size", "n_filters", "lr", "memory_num", "num_filtered", "memory_cap", "eval_every",
                "checkpoint_every", "num_workers", "device", "seed", "threads", "ops_backend", "memory_reshape",
-               "occ_embedding", "dropout")
+               "occ_embedding", "dropout", "num_classes", "ce_weight")
 # The rest of the official train_caml.py's hyper-parameters, and the validation protocol's settings.
 TRAIN_FLAGS += ("max_train_cases", "feat_dim", "momentum", "weight_decay", "lamda", "consistency", "consistency_o",
                 "rampup_length", "rampup_interval", "temperature", "eval_start", "val", "save_every", "select_on_test")
@@ -183,7 +183,7 @@ OFFICIAL_NAMES = {
     "deterministic": "leave it out: runs are seeded by --seed (batches, augmentations and weights)",
 }
 # Keys of a run folder's config.json that record the run rather than set it (read back, never applied).
-RECORD_KEYS = ("data_root", "world_size")
+RECORD_KEYS = ("data_root", "world_size", "labels")
 
 
 _OPTIONAL = {f.name for f in dataclasses.fields(TrainConfig) if f.type.startswith("Optional[")}
