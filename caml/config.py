@@ -23,8 +23,10 @@ from .rampup import official_rampup_length
 # The choices of the switches between our behaviour and the official one (caml.losses checks them too).
 MEMORY_RESHAPES = ("permuted", "official")
 OCC_EMBEDDINGS = ("raw", "normalized")
+INTENSITY_SCHEMES = ("zscore", "ct")  # caml.data.intensity: per-channel z-score, CT window scaled to [0, 1]
 
-__all__ = ["TrainConfig", "TRAIN_FLAGS", "PRESETS", "preset_config", "default_cache_dir"]
+__all__ = ["TrainConfig", "TRAIN_FLAGS", "PRESETS", "INTENSITY_SCHEMES", "preset_config", "default_cache_dir",
+           "intensity_problem"]
 
 
 @dataclass
@@ -34,6 +36,11 @@ class TrainConfig:
     data: Optional[str] = None  # LA h5 folder; None: the preset's synthetic dataset in the cache
     split: Optional[str] = None  # MSD folder: a split file; None: a seeded split (split_seed) of the labeled cases
     split_seed: int = 0
+    fold: Optional[int] = None  # a split file of nnU-Net's folds (splits_final.json): the fold (its val: our test)
+    imagests_unlabeled: bool = False  # MSD folder: the images of imagesTs/ join the unlabeled pool
+    intensity: tuple[str, ...] = ("zscore",)  # MSD folder: normalisation of all channels, or of each
+    window: Optional[tuple[float, float]] = None  # the CT window (LOW, HIGH) of intensity "ct"
+    in_channels: Optional[int] = None  # image channels: set from the data by the trainer (None until then)
     synthetic: dict = field(default_factory=dict)  # cases, seed, test_cases, min_shape, max_shape
     labeled: int = 8
     max_train_cases: Optional[int] = None  # first N cases of train.list (official max_samples: 80)
@@ -85,7 +92,7 @@ class TrainConfig:
             raise ValueError(f"{where}: expected a JSON object of settings, got {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in values.items() if k in names})
-        for name in ("patch_size", "eval_strides"):
+        for name in ("patch_size", "eval_strides", "intensity", "window"):
             if isinstance(getattr(cfg, name), list):
                 setattr(cfg, name, tuple(getattr(cfg, name)))
         cfg.validate(where)
@@ -113,6 +120,11 @@ class TrainConfig:
             if kind == "tuple[int, int, int]" and not (isinstance(value, tuple) and len(value) == 3
                                                        and all(map(_is_int, value))):
                 fail(f.name, "must be three integers")
+            if kind == "tuple[float, float]" and not (isinstance(value, tuple) and len(value) == 2 and all(
+                    (_is_int(v) or isinstance(v, float)) and math.isfinite(v) for v in value)):
+                fail(f.name, "must be two finite numbers")
+            if kind == "tuple[str, ...]" and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                fail(f.name, "must be names")
         for name, minimum in _AT_LEAST.items():
             if getattr(self, name) is not None and getattr(self, name) < minimum:
                 fail(name, f"must be >= {minimum}")
@@ -138,21 +150,39 @@ class TrainConfig:
             fail("labeled_bs", f"must be smaller than the batch size {self.batch_size}")
         if self.labeled < self.labeled_bs:
             fail("labeled", f"is fewer than the labeled batch size {self.labeled_bs}")
+        if self.fold is not None and self.split is None:
+            fail("fold", "needs --split FILE (nnU-Net's splits_final.json)")
+        problem = intensity_problem(self.intensity, self.window)
+        if problem is not None:
+            fail(*problem)
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def intensity_problem(schemes: tuple, window: Optional[tuple]) -> Optional[tuple[str, str]]:
+    """(setting, problem) when intensity ``schemes`` and the CT ``window`` cannot work together, else None."""
+    if not schemes or any(scheme not in INTENSITY_SCHEMES for scheme in schemes):
+        return "intensity", f"must name schemes from {', '.join(INTENSITY_SCHEMES)} (one, or one per channel)"
+    if "ct" in schemes and window is None:
+        return "window", "LOW HIGH is needed by --intensity ct (the CT window, e.g. --window -125 275)"
+    if "ct" not in schemes and window is not None:
+        return "window", "applies to --intensity ct only"
+    if window is not None and not window[0] < window[1]:
+        return "window", "needs LOW < HIGH"
+    return None
+
+
 # The settings of python -m caml.train's flags (--name-with-dashes); the others come from the preset.
-TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "labeled", "max_iters", "batch_size", "labeled_bs",
-               "patch_size", "n_filters", "lr", "memory_num", "num_filtered", "memory_cap", "eval_every",
+TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "fold", "imagests_unlabeled", "intensity",
+               "window", "labeled", "max_iters", "batch_size", "labeled_bs", "patch_size", "n_filters", "lr", "memory_num", "num_filtered", "memory_cap", "eval_every",
                "checkpoint_every", "num_workers", "device", "seed", "threads", "ops_backend", "memory_reshape",
                "occ_embedding", "dropout")
 _OPTIONAL = {f.name for f in dataclasses.fields(TrainConfig) if f.type.startswith("Optional[")}
 _KINDS = {f.name: f.type[len("Optional["):-1] if f.name in _OPTIONAL else f.type  # the annotations, as text
           for f in dataclasses.fields(TrainConfig)}
-_AT_LEAST = {"split_seed": 0, "labeled": 1, "max_train_cases": 1, "batch_size": 2, "labeled_bs": 1, "n_filters": 1,
+_AT_LEAST = {"split_seed": 0, "fold": 0, "in_channels": 1, "labeled": 1, "max_train_cases": 1, "batch_size": 2, "labeled_bs": 1, "n_filters": 1,
              "feat_dim": 1, "weight_decay": 0, "max_iters": 1, "lamda": 0, "consistency": 0, "consistency_o": 0,
              "rampup_length": 0, "rampup_interval": 1, "memory_num": 2, "num_filtered": 1, "memory_cap": 1,
              "ce_weight": 0, "eval_every": 1, "eval_start": 0, "eval_batch": 1, "checkpoint_every": 1, "seed": 0,

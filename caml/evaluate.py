@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_patch_size_flag, check_out_folder,
-                  device_from_flag, int_at_least, one_line, print_metrics, run)
+from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_fold_flag, add_patch_size_flag,
+                  check_out_folder, device_from_flag, int_at_least, one_line, print_metrics, run)
 from .config import TrainConfig
+from .data.intensity import Intensity
 from .data.msd import require_nibabel, write_nifti
 from .data.source import open_source
 from .inference import OFFICIAL_ROI_SIZE, OFFICIAL_STRIDES, largest_component, predict_foreground
@@ -49,8 +50,9 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, help="checkpoints/last.pt of caml.train, or an official state_dict")
     p.add_argument("--data", required=True, help="LA h5 folder or MSD folder (imagesTr/, labelsTr/)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", default=None, help="MSD folder: JSON split file (default: the split recorded with the "
-                   "checkpoint, else the seeded split)")
+    p.add_argument("--split", default=None, help="MSD folder: JSON split file, or nnU-Net's splits_final.json with "
+                   "--fold (default: the split recorded with the checkpoint, else the seeded split)")
+    add_fold_flag(p)
     p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
     p.add_argument("--save-probs", action="store_true", help="also write the foreground probability maps")
     add_patch_size_flag(p)
@@ -64,7 +66,8 @@ def build_parser():
 
 def load_model(path: str) -> tuple[CAML3d, dict]:
     """The model of a checkpoint (ours or official) and what it says about itself: ``kind``,
-    ``patch_size``, ``strides``, ``iteration``, ``max_iters``, ``split``, ``split_seed``."""
+    ``patch_size``, ``strides``, ``iteration``, ``max_iters``, ``split``, ``split_seed``, ``intensity``
+    (the normalisation it was trained with; z-score for official checkpoints, as the LA data)."""
     obj = load_checkpoint(path)
     ours = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
     try:
@@ -73,7 +76,7 @@ def load_model(path: str) -> tuple[CAML3d, dict]:
         raise ValueError(f"checkpoint {path} does not fit CAML3d: {one_line(err, 300)}") from None
     if not ours:
         return model, {"kind": "official", "patch_size": OFFICIAL_ROI_SIZE, "strides": OFFICIAL_STRIDES,
-                       "iteration": None, "max_iters": None, "split": None, "split_seed": 0}
+                       "iteration": None, "max_iters": None, "split": None, "split_seed": 0, "intensity": Intensity()}
     cfg = TrainConfig.from_json(obj["config"], f"checkpoint {path}: config")
     split = obj.get("split")
     run_split = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "split.json")
@@ -81,7 +84,7 @@ def load_model(path: str) -> tuple[CAML3d, dict]:
         split = read_json(run_split)
     return model, {"kind": "caml.train", "patch_size": tuple(cfg.patch_size), "strides": tuple(cfg.eval_strides),
                    "iteration": obj.get("iteration"), "max_iters": cfg.max_iters, "split": split,
-                   "split_seed": cfg.split_seed}
+                   "split_seed": cfg.split_seed, "intensity": Intensity(cfg.intensity, cfg.window)}
 
 
 def _protocol(info: dict) -> str:
@@ -146,8 +149,13 @@ def evaluate(args) -> dict:
         raise UsageError(f"patch size must be three multiples of 16, got {patch}")
     data = os.path.abspath(args.data)
     split_file = os.path.abspath(args.split) if args.split else None
+    if args.fold is not None and split_file is None:
+        raise UsageError("--fold needs --split FILE (nnU-Net's splits_final.json)")
     recorded = info["split"] if info["split"] is not None and info["split"].get("layout") == "msd" else None
-    source = open_source(data, split_file, info["split_seed"], recorded)
+    source = open_source(data, split_file, info["split_seed"], recorded, args.fold, info["intensity"])
+    if source.in_channels != model.in_channels:
+        raise UsageError(f"--data {data} has {source.in_channels} image channel(s); the checkpoint's model takes "
+                         f"{model.in_channels}")
     source.check(source.test_cases)
     protocol, origin = _protocol(info), _test_origin(source, info, split_file)
     print(f"{len(source.test_cases)} test cases from {origin}; {protocol}", flush=True)

@@ -177,12 +177,13 @@ def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray,
                   path: str) -> None:
     """One row per case ``(name, image, gt, pred, dice)``: the axial (last-axis) slice with the most
     ground truth, then the middle slices along the other two axes; ground truth contour green,
-    prediction red."""
+    prediction red. A multi-channel image ``[C, W, H, D]`` shows its first channel."""
     if not cases:
         return
     plt = _pyplot()
     fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
     for row, (name, image, gt, pred, dice) in zip(axes, cases):
+        image = image[0] if image.ndim == 4 else image
         z = int(np.argmax(gt.reshape(-1, gt.shape[-1]).sum(0))) if gt.any() else gt.shape[-1] // 2
         cuts = [(np.s_[:, :, z], f"z={z}"), (np.s_[image.shape[0] // 2], "x mid"), (np.s_[:, image.shape[1] // 2], "y mid")]
         for ax, (cut, label) in zip(row, cuts):

@@ -11,8 +11,9 @@ The run folder (``--out``) holds ``config.json``, ``checkpoints/last.pt`` (atomi
 ``train_log.csv``, ``val_log.csv``, ``tb/`` (TensorBoard, when installed), ``metrics.json`` (final
 test-split evaluation: mean and per-case Dice, Jaccard, 95HD, ASD) and PNG plots (``losses.png``,
 ``val_dice.png``, ``overlays.png``) and ``split.json`` (the train / test / unlabeled cases, which
-``python -m caml.evaluate`` reads back). ``--data`` takes the LA h5 layout or an MSD folder (``imagesTr/``,
-``labelsTr/``; its labeled cases split into train and test by ``--split-seed`` or ``--split FILE``).
+``python -m caml.evaluate`` reads back). ``--data`` takes the LA h5 layout or an MSD / nnU-Net folder
+(``imagesTr/``, ``labelsTr/``; its labeled cases split into train and test by ``--split-seed`` or
+``--split FILE``, one or several image channels, ``--intensity`` per channel).
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ import torch
 import caml_ops
 from caml_ops._backend import fused_backends, resolve as resolve_backend
 
-from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_patch_size_flag, check_out_folder,
-                  print_metrics, run)
-from .config import MEMORY_RESHAPES, OCC_EMBEDDINGS, PRESETS, TRAIN_FLAGS, TrainConfig, preset_config
+from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_fold_flag, add_patch_size_flag,
+                  check_out_folder, print_metrics, run)
+from .config import (INTENSITY_SCHEMES, MEMORY_RESHAPES, OCC_EMBEDDINGS, PRESETS, TRAIN_FLAGS, TrainConfig,
+                     preset_config)
 from .distributed import ProcessGroup
 from .runlog import read_json
 from .trainer import Trainer
@@ -49,10 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help=f"configuration preset: {', '.join(PRESETS)} (default small)")
     p.add_argument("--method", default=None, help="caml (default) or supervised (lamda * supervised loss only)")
     p.add_argument("--data", default=None, help="LA h5 folder (train.list, test.list, 2018LA_Seg_Training Set/) or "
-                   "MSD folder (imagesTr/, labelsTr/); default for small/tiny: the synthetic dataset in the cache")
+                   "MSD / nnU-Net folder (imagesTr/, labelsTr/); default for small/tiny: the synthetic dataset in the "
+                   "cache")
     p.add_argument("--split", default=None, help="MSD folder: JSON split file {\"train\": [...], \"test\": [...]} "
-                   "(default: a seeded split of the labeled cases; recorded in the run folder as split.json)")
+                   "or nnU-Net's splits_final.json with --fold (default: a seeded split of the labeled cases; "
+                   "recorded in the run folder as split.json)")
     p.add_argument("--split-seed", type=int, default=None, help="MSD folder: seed of the train/test split (default 0)")
+    add_fold_flag(p)
+    p.add_argument("--imagests-unlabeled", action="store_true", default=None,
+                   help="MSD folder: the images of imagesTs/ join the unlabeled pool (never the test cases)")
+    p.add_argument("--intensity", nargs="+", default=None, metavar="SCHEME",
+                   help=f"MSD folder: intensity normalisation, {' or '.join(INTENSITY_SCHEMES)}, one for every "
+                   "channel or one per channel (default zscore: per channel over the volume; ct: clipped to "
+                   "--window, scaled to [0, 1])")
+    p.add_argument("--window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="the CT window of --intensity ct, e.g. -125 275 (HU)")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<method>)")
     p.add_argument("--labeled", type=int, default=None, help="labeled cases: the first N of train.list (MSD: of the "
                    "split's labeled training cases; the others join the unlabeled pool)")
@@ -94,8 +107,9 @@ def _given(args: argparse.Namespace) -> dict:
     for name in ("data", "split"):
         if name in given:
             given[name] = os.path.abspath(os.path.expanduser(given[name]))
-    if "patch_size" in given:
-        given["patch_size"] = tuple(given["patch_size"])
+    for name in ("patch_size", "intensity", "window"):
+        if name in given:
+            given[name] = tuple(given[name])
     if "dropout" in given:
         given["dropout"] = given["dropout"] == "on"
     if args.no_amp:

@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, remove_stale_temporaries, rng_state, sa
 from .cli import UsageError, one_line
 from .config import TrainConfig, default_cache_dir
 from .data.batches import TrainBatches
+from .data.intensity import Intensity
 from .data.source import open_source
 from .data.synthetic import ensure_synthetic_la
 from .distributed import ProcessGroup
@@ -82,7 +83,7 @@ class Trainer:
         _seed_globals(cfg.seed + processes.rank)
         self.data_root = self._data_root()
         self.source, self.batches = self._open_data(resume)
-        self.model = CAML3d(1, NUM_CLASSES, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
+        self.model = CAML3d(cfg.in_channels, NUM_CLASSES, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
                             has_dropout=cfg.dropout).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -133,13 +134,18 @@ class Trainer:
         return root
 
     def _open_data(self, resume: bool):
-        """The data source and the training batches; every case checked (the test cases by rank 0)."""
-        split_path = os.path.join(self.out, "split.json")
+        """The data source and the training batches; every case checked (the test cases by rank 0). Sets
+        ``cfg.in_channels`` from the data (a resumed run's data must have the channels it was trained on)."""
+        cfg, split_path = self.cfg, os.path.join(self.out, "split.json")
         # On resume the run's own split, even if the data folder has changed since.
         recorded = read_json(split_path) if resume and os.path.isfile(split_path) else None
         try:
-            source = open_source(self.data_root, self.cfg.split if recorded is None else None, self.cfg.split_seed,
-                                 recorded)
+            source = open_source(self.data_root, cfg.split if recorded is None else None, cfg.split_seed, recorded,
+                                 cfg.fold, Intensity(cfg.intensity, cfg.window), cfg.imagests_unlabeled)
+            if cfg.in_channels not in (None, source.in_channels):
+                raise ValueError(f"{self.data_root} has {source.in_channels} image channel(s); the run was trained "
+                                 f"on {cfg.in_channels}")
+            cfg.in_channels = source.in_channels
             batches = TrainBatches(self.cfg, source, self.processes.rank)
             if self.processes.main:
                 source.check(source.test_cases)
