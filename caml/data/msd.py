@@ -198,7 +198,8 @@ def _group_channels(files: dict[str, str], folder: str, declared: Optional[list]
         if missing:
             ending = os.path.basename(next(iter(channels.values())))[len(case) + 5:]
             raise ValueError(f"case {case}: channel file {case}_{missing[0]:04d}{ending} is missing from {folder} "
-                             f"(every case needs all {count} channels)")
+                             f"(every case needs all {count} channels"
+                             f"{' that dataset.json declares' if declared is not None else ''})")
         cases[case] = [channels[c] for c in range(count)]
     return cases
 
