@@ -334,7 +334,7 @@ def test_bad_4d_images(msd4d, tmp_path):
     folder = _folder(root, tmp_path)
     with pytest.raises(ValueError) as error:
         folder.check("case_005")
-    assert _one_line(error) == "case case_005 has 3 image channel(s), the folder's first case case_000 2"
+    assert _one_line(error) == "case case_005 has 3 image channel(s); the folder's first case case_000 has 2"
     save(os.path.join(root, "imagesTr", "case_000.nii.gz"), np.zeros(SHAPE + (3,), np.float32))
     with pytest.raises(ValueError) as error:
         _folder(root, tmp_path)

@@ -196,7 +196,7 @@ def _group_channels(files: dict[str, str], folder: str, declared: Optional[list]
                              f"{count} channel(s) {declared}")
         missing = [c for c in range(count) if c not in channels]
         if missing:
-            ending = os.path.basename(next(iter(channels.values())))[len(case) + 5:]
+            ending = os.path.basename(next(iter(channels.values())))[len(case) + len("_0000"):]
             raise ValueError(f"case {case}: channel file {case}_{missing[0]:04d}{ending} is missing from {folder} "
                              f"(every case needs all {count} channels"
                              f"{' that dataset.json declares' if declared is not None else ''})")
@@ -204,9 +204,9 @@ def _group_channels(files: dict[str, str], folder: str, declared: Optional[list]
     return cases
 
 
-def _image_files(folder: str, endings: tuple, channel_files: bool, declared: Optional[list]) -> dict[str, list[str]]:
+def _image_cases(files: dict[str, str], folder: str, channel_files: bool,
+                 declared: Optional[list]) -> dict[str, list[str]]:
     """case -> its image files (one per channel with nnU-Net naming, else one per case)."""
-    files = _scan(folder, endings)
     return _group_channels(files, folder, declared) if channel_files else {name: [path] for name, path in files.items()}
 
 
@@ -241,8 +241,9 @@ class MSDFolder:
         self.allowed_labels, self.meta = _allowed_labels(root)
         json_path = os.path.join(root, DATASET_JSON)
         self.channel_names, endings, training = _read_dataset_json(self.meta, json_path)
-        channel_files = _uses_channel_files(self.meta, _scan(images_dir, endings))
-        images = _image_files(images_dir, endings, channel_files, self.channel_names)
+        files = _scan(images_dir, endings)
+        channel_files = _uses_channel_files(self.meta, files)
+        images = _image_cases(files, images_dir, channel_files, self.channel_names)
         if not images:
             raise ValueError(f"{images_dir} holds no NIfTI images (*{' or *'.join(endings)})")
         label_files = _scan(labels_dir, endings) if os.path.isdir(labels_dir) else {}
@@ -270,7 +271,7 @@ class MSDFolder:
         folder = os.path.join(self.root, TEST_IMAGES_DIR)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"--imagests-unlabeled: {self.root} has no {TEST_IMAGES_DIR}/")
-        test_images = _image_files(folder, endings, channel_files, self.channel_names)
+        test_images = _image_cases(_scan(folder, endings), folder, channel_files, self.channel_names)
         clash = sorted(set(test_images) & set(self.images))
         if clash:
             raise ValueError(f"--imagests-unlabeled: case {clash[0]} is both in {IMAGES_DIR}/ and {TEST_IMAGES_DIR}/")
@@ -299,8 +300,8 @@ class MSDFolder:
         allowed values (so bad data fails before training)."""
         shape, _, _, channels = self._case_header(case)
         if channels != self.in_channels:
-            raise ValueError(f"case {case} has {channels} image channel(s), the folder's first case "
-                             f"{self.first_case} {self.in_channels}")
+            raise ValueError(f"case {case} has {channels} image channel(s); the folder's first case "
+                             f"{self.first_case} has {self.in_channels}")
         for path in self.images[case]:
             self.cache.digest(path)  # here, so that the data loader's workers inherit it
         if case in self.labels:
