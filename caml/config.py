@@ -175,18 +175,20 @@ def intensity_problem(schemes: tuple, window: Optional[tuple]) -> Optional[tuple
 
 
 # The settings of python -m caml.train's flags (--name-with-dashes); the others come from the preset.
-TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "fold", "imagests_unlabeled", "intensity",
-               "window", "labeled", "max_iters", "batch_size", "labeled_bs", "patch_size", "n_filters", "lr", "memory_num", "num_filtered", "memory_cap", "eval_every",
+TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "labeled", "max_iters", "batch_size", "labeled_bs",
+               "patch_size", "n_filters", "lr", "memory_num", "num_filtered", "memory_cap", "eval_every",
                "checkpoint_every", "num_workers", "device", "seed", "threads", "ops_backend", "memory_reshape",
-               "occ_embedding", "dropout")
+               "occ_embedding", "dropout",
+               "fold", "imagests_unlabeled", "intensity", "window")
 _OPTIONAL = {f.name for f in dataclasses.fields(TrainConfig) if f.type.startswith("Optional[")}
 _KINDS = {f.name: f.type[len("Optional["):-1] if f.name in _OPTIONAL else f.type  # the annotations, as text
           for f in dataclasses.fields(TrainConfig)}
-_AT_LEAST = {"split_seed": 0, "fold": 0, "in_channels": 1, "labeled": 1, "max_train_cases": 1, "batch_size": 2, "labeled_bs": 1, "n_filters": 1,
+_AT_LEAST = {"split_seed": 0, "labeled": 1, "max_train_cases": 1, "batch_size": 2, "labeled_bs": 1, "n_filters": 1,
              "feat_dim": 1, "weight_decay": 0, "max_iters": 1, "lamda": 0, "consistency": 0, "consistency_o": 0,
              "rampup_length": 0, "rampup_interval": 1, "memory_num": 2, "num_filtered": 1, "memory_cap": 1,
              "ce_weight": 0, "eval_every": 1, "eval_start": 0, "eval_batch": 1, "checkpoint_every": 1, "seed": 0,
-             "num_workers": 0, "threads": 1}
+             "num_workers": 0, "threads": 1,
+             "fold": 0, "in_channels": 1}
 
 
 _SMALL_SYNTHETIC = dict(cases=20, seed=0, test_cases=4, min_shape=[32, 32, 32], max_shape=[40, 40, 32])

@@ -95,11 +95,11 @@ def _protocol(info: dict) -> str:
     return f"{what}; no model selection on the test cases was made"
 
 
-def _test_origin(source, info: dict, split_file: Optional[str]) -> str:
+def _test_origin(source, info: dict, split_file: Optional[str], fold: Optional[int]) -> str:
     if source.layout == "la_h5":
         return "test.list"
     if split_file is not None:
-        return f"split file {split_file}"
+        return f"split file {split_file}" + ("" if fold is None else f" (the val cases of fold {fold})")
     if info["split"] is not None and info["split"].get("layout") == "msd":
         return "the split recorded with the checkpoint"
     return f"the seeded split (seed {info['split_seed']}; no split recorded with the checkpoint)"
@@ -157,7 +157,7 @@ def evaluate(args) -> dict:
         raise UsageError(f"--data {data} has {source.in_channels} image channel(s); the checkpoint's model takes "
                          f"{model.in_channels}")
     source.check(source.test_cases)
-    protocol, origin = _protocol(info), _test_origin(source, info, split_file)
+    protocol, origin = _protocol(info), _test_origin(source, info, split_file, args.fold)
     print(f"{len(source.test_cases)} test cases from {origin}; {protocol}", flush=True)
 
     require_nibabel()  # the predictions are NIfTI files: fail before the inference without it

@@ -109,6 +109,14 @@ def test_nnunet_folder_trains_and_evaluates(nnunet, nnunet_run, tmp_path, capsys
     assert metrics["dice"] == pytest.approx(run_metrics["dice"], abs=1e-6)
     assert (out / "predictions" / f"{split['test'][0]}.nii.gz").is_file()
 
+    splits = tmp_path / "splits_final.json"  # nnU-Net's folds: fold 1's val cases are scored
+    splits.write_text(json.dumps([{"train": CASES[2:6], "val": CASES[:2]}, {"train": CASES[:4], "val": CASES[4:6]}]))
+    rc = evaluate.main(["--checkpoint", f"{nnunet_run}/checkpoints/last.pt", "--data", nnunet, "--out",
+                        str(tmp_path / "fold"), "--threads", "1", "--split", str(splits), "--fold", "1"])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.load(open(tmp_path / "fold" / "metrics.json"))
+    assert list(metrics["cases"]) == CASES[4:6] and metrics["test_cases_from"].endswith("(the val cases of fold 1)")
+
 
 def test_msd_4d_folder_trains_with_ct_and_zscore_channels(msd4d, tmp_path, capsys):
     out = tmp_path / "run"
@@ -293,7 +301,8 @@ def test_bad_channel_files(nnunet, tmp_path):
     shutil.copy(os.path.join(nnunet, "imagesTr", "case_003_0001.nii.gz"), os.path.join(root, "imagesTr"))
     shutil.copy(os.path.join(nnunet, "dataset.json"), root)
 
-    shutil.copy(os.path.join(root, "imagesTr", "case_002_0001.nii.gz"), os.path.join(root, "imagesTr", "case_002_0002.nii.gz"))
+    images = os.path.join(root, "imagesTr")
+    shutil.copy(os.path.join(images, "case_002_0001.nii.gz"), os.path.join(images, "case_002_0002.nii.gz"))
     with pytest.raises(ValueError) as error:
         _folder(root, tmp_path)
     assert "case_002_0002.nii.gz: channel 2, but dataset.json declares 2 channel(s)" in _one_line(error)
@@ -303,7 +312,8 @@ def test_bad_channel_files(nnunet, tmp_path):
     folder = _folder(root, tmp_path)
     with pytest.raises(ValueError) as error:
         folder.check("case_004")
-    assert "case_004_0001.nii.gz: shape (32, 32, 15) differs from case_004_0000.nii.gz's (32, 32, 16)" in _one_line(error)
+    line = _one_line(error)
+    assert "case_004_0001.nii.gz: shape (32, 32, 15) differs from case_004_0000.nii.gz's (32, 32, 16)" in line
     with pytest.raises(ValueError, match="channels of case case_004 must have one shape"):
         folder.load("case_004")
 
@@ -410,3 +420,5 @@ def test_bad_flags_are_one_line(nnunet, nnunet_run, tmp_path, capsys):
     line = error(evaluate.main, "--checkpoint", f"{nnunet_run}/checkpoints/last.pt", "--data", single, "--out",
                  tmp_path / "eval", code=2)
     assert "has 1 image channel(s); the checkpoint's model takes 2" in line and not (tmp_path / "eval").exists()
+    assert "--fold needs --split FILE" in error(evaluate.main, "--checkpoint", f"{nnunet_run}/checkpoints/last.pt",
+                                                "--data", nnunet, "--out", tmp_path / "eval", "--fold", "0", code=2)

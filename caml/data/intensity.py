@@ -60,7 +60,8 @@ class Intensity:
 
     def settings(self) -> dict:
         """What the normalised voxels depend on (part of the decoded-volume cache's key)."""
-        return {"schemes": list(self.schemes), "window": None if self.window is None else [float(v) for v in self.window]}
+        window = None if self.window is None else [float(v) for v in self.window]
+        return {"schemes": list(self.schemes), "window": window}
 
     def __call__(self, channels: Sequence[np.ndarray], where: str) -> np.ndarray:
         """The channels normalised: ``[X, Y, Z]`` for one channel, ``[C, X, Y, Z]`` for several (float32)."""
