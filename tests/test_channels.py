@@ -20,6 +20,7 @@ from caml.data.msd import MSDFolder
 from caml.data.source import open_source
 from caml.data.synthetic import generate_synthetic_la
 from caml.evaluate import load_model
+from caml.inference import predict_foreground
 
 from .nifti_helpers import nibabel, save, two_channel_case, write_msd4d_folder, write_msd_folder, write_nnunet_folder
 from .training_fixtures import TINY, _env, cache  # noqa: F401  (fixtures)
@@ -124,13 +125,24 @@ def test_msd_4d_folder_trains_with_ct_and_zscore_channels(msd4d, tmp_path, capsy
                              "--window", "-100", "600"]) == 0
     config = json.load(open(out / "config.json"))
     assert config["in_channels"] == 2 and config["intensity"] == ["ct", "zscore"] and config["window"] == [-100, 600]
-    # caml.evaluate normalises as the run did: the checkpoint's settings, the same scores
-    assert load_model(str(out / "checkpoints" / "last.pt"))[1]["intensity"] == Intensity(("ct", "zscore"), (-100, 600))
+    # caml.evaluate normalises as the run did (the checkpoint's settings): its probabilities are the model's
+    # on the CT-windowed image, not on a z-scored one
+    model, info = load_model(str(out / "checkpoints" / "last.pt"))
+    assert info["intensity"] == Intensity(("ct", "zscore"), (-100, 600))
     assert evaluate.main(["--checkpoint", str(out / "checkpoints" / "last.pt"), "--data", msd4d, "--out",
-                          str(tmp_path / "eval"), "--threads", "1"]) == 0
+                          str(tmp_path / "eval"), "--threads", "1", "--save-probs"]) == 0
+    capsys.readouterr()
+    split = json.load(open(out / "split.json"))
+    case = split["test"][0]
+    probs = np.asarray(nibabel().load(str(tmp_path / "eval" / "probabilities" / f"{case}.nii.gz")).dataobj)
+    model.eval()
+    for intensity, same in ((info["intensity"], True), (Intensity(), False)):
+        image = open_source(msd4d, recorded=split, intensity=intensity).load(case)[0]
+        expected = predict_foreground(model, image, info["patch_size"], info["strides"], 4, torch.device("cpu"),
+                                      False)[0][1].numpy()
+        assert np.allclose(probs, expected, rtol=0, atol=1e-6) == same
     run_dice = json.load(open(out / "metrics.json"))["dice"]
     assert json.load(open(tmp_path / "eval" / "metrics.json"))["dice"] == pytest.approx(run_dice, abs=1e-6)
-    capsys.readouterr()
 
 
 # --- intensity ---
