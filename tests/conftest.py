@@ -9,13 +9,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture(scope="session")
-def _session_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("caml_cache"))
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(_session_cache, monkeypatch):
-    """Tests never write to the user's cache (synthetic datasets, decoded volumes); modules that need
-    their own cache set CAML_CACHE again in their fixtures."""
-    monkeypatch.setenv("CAML_CACHE", _session_cache)
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Tests never write to the user's cache (synthetic datasets, decoded volumes), module-scoped fixtures
+    included; modules that need their own cache set CAML_CACHE again in their fixtures."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAML_CACHE", str(tmp_path_factory.mktemp("caml_cache")))
+        yield
