@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["UsageError", "Interrupted", "Parser", "run", "one_line", "check_out_folder", "int_at_least",
-           "add_device_flag", "add_patch_size_flag", "device_from_flag", "print_metrics"]
+           "add_device_flag", "add_patch_size_flag", "add_fold_flag", "device_from_flag", "print_metrics"]
 
 DEVICES = "auto, cpu, cuda or cuda:N"
 
@@ -89,6 +89,11 @@ def add_device_flag(parser: argparse.ArgumentParser, default: Optional[str]) -> 
 
 def add_patch_size_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("W", "H", "D"))
+
+
+def add_fold_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fold", type=int, default=None, metavar="K", help="with --split splits_final.json (nnU-Net's "
+                        "folds): fold K, whose train cases are the labeled training cases and val cases the test cases")
 
 
 def device_from_flag(flag: str, local_rank: int = 0) -> torch.device:

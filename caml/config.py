@@ -25,9 +25,12 @@ from .rampup import official_rampup_length
 # The choices of the switches between our behaviour and the official one (caml.losses checks them too).
 MEMORY_RESHAPES = ("permuted", "official")
 OCC_EMBEDDINGS = ("raw", "normalized")
+# The settings held as tuples (JSON and YAML give lists).
+TUPLE_FIELDS = ("patch_size", "eval_strides", "intensity", "window")
+INTENSITY_SCHEMES = ("zscore", "ct")  # caml.data.intensity: per-channel z-score, CT window scaled to [0, 1]
 
-__all__ = ["TrainConfig", "TRAIN_FLAGS", "PRESETS", "OFFICIAL_NAMES", "flag_of", "preset_config", "read_config_file",
-           "default_cache_dir"]
+__all__ = ["TrainConfig", "TRAIN_FLAGS", "PRESETS", "OFFICIAL_NAMES", "INTENSITY_SCHEMES", "flag_of", "preset_config",
+           "read_config_file", "default_cache_dir", "intensity_problem"]
 
 
 @dataclass
@@ -37,6 +40,11 @@ class TrainConfig:
     data: Optional[str] = None  # LA h5 folder; None: the preset's synthetic dataset in the cache
     split: Optional[str] = None  # MSD folder: a split file; None: a seeded split (split_seed) of the labeled cases
     split_seed: int = 0
+    fold: Optional[int] = None  # a split file of nnU-Net's folds (splits_final.json): the fold (its val: our test)
+    imagests_unlabeled: bool = False  # MSD folder: the images of imagesTs/ join the unlabeled pool
+    intensity: tuple[str, ...] = ("zscore",)  # MSD folder: normalisation of all channels, or of each
+    window: Optional[tuple[float, float]] = None  # the CT window (LOW, HIGH) of intensity "ct"
+    in_channels: Optional[int] = None  # image channels: set from the data by the trainer (None until then)
     synthetic: dict = field(default_factory=dict)  # cases, seed, test_cases, min_shape, max_shape
     num_classes: Optional[int] = None  # background included; None: the labels dataset.json declares, else 2
     labeled: int = 8
@@ -92,7 +100,7 @@ class TrainConfig:
             raise ValueError(f"{where}: expected a JSON object of settings, got {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in values.items() if k in names})
-        for name in ("patch_size", "eval_strides"):
+        for name in TUPLE_FIELDS:
             if isinstance(getattr(cfg, name), list):
                 setattr(cfg, name, tuple(getattr(cfg, name)))
         cfg.validate(where)
@@ -123,6 +131,11 @@ class TrainConfig:
             if kind == "tuple[int, int, int]" and not (isinstance(value, tuple) and len(value) == 3
                                                        and all(map(_is_int, value))):
                 fail(f.name, "must be three integers")
+            if kind == "tuple[float, float]" and not (isinstance(value, tuple) and len(value) == 2 and all(
+                    (_is_int(v) or isinstance(v, float)) and math.isfinite(v) for v in value)):
+                fail(f.name, "must be two finite numbers")
+            if kind == "tuple[str, ...]" and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                fail(f.name, "must be names")
         for name, minimum in _AT_LEAST.items():
             if getattr(self, name) is not None and getattr(self, name) < minimum:
                 fail(name, f"must be >= {minimum}")
@@ -148,10 +161,28 @@ class TrainConfig:
             fail("labeled_bs", f"must be smaller than the batch size {self.batch_size}")
         if self.labeled < self.labeled_bs:
             fail("labeled", f"is fewer than the labeled batch size {self.labeled_bs}")
+        if self.fold is not None and self.split is None:
+            fail("fold", "needs --split FILE (nnU-Net's splits_final.json)")
+        problem = intensity_problem(self.intensity, self.window)
+        if problem is not None:
+            fail(*problem)
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def intensity_problem(schemes: tuple, window: Optional[tuple]) -> Optional[tuple[str, str]]:
+    """(setting, problem) when intensity ``schemes`` and the CT ``window`` cannot work together, else None."""
+    if not schemes or any(scheme not in INTENSITY_SCHEMES for scheme in schemes):
+        return "intensity", f"must name schemes from {', '.join(INTENSITY_SCHEMES)} (one, or one per channel)"
+    if "ct" in schemes and window is None:
+        return "window", "LOW HIGH is needed by --intensity ct (the CT window, e.g. --window -125 275)"
+    if "ct" not in schemes and window is not None:
+        return "window", "applies to --intensity ct only"
+    if window is not None and not window[0] < window[1]:
+        return "window", "needs LOW < HIGH"
+    return None
 
 
 # The settings of python -m caml.train's flags (--name-with-dashes); the others come from the preset.
@@ -162,6 +193,8 @@ TRAIN_FLAGS = ("preset", "method", "data", "split", "split_seed", "labeled", "ma
 # The rest of the official train_caml.py's hyper-parameters, and the validation protocol's settings.
 TRAIN_FLAGS += ("max_train_cases", "feat_dim", "momentum", "weight_decay", "lamda", "consistency", "consistency_o",
                 "rampup_length", "rampup_interval", "temperature", "eval_start", "val", "save_every", "select_on_test")
+# The data's: nnU-Net folds, MSD imagesTs as unlabeled images, intensity normalisation per channel.
+TRAIN_FLAGS += ("fold", "imagests_unlabeled", "intensity", "window")
 # The settings whose flag is not the field's name: the official script's names for them.
 FLAG_NAMES = {"feat_dim": "--embedding-dim", "rampup_length": "--consistency-rampup"}
 
@@ -190,10 +223,10 @@ _OPTIONAL = {f.name for f in dataclasses.fields(TrainConfig) if f.type.startswit
 _KINDS = {f.name: f.type[len("Optional["):-1] if f.name in _OPTIONAL else f.type  # the annotations, as text
           for f in dataclasses.fields(TrainConfig)}
 _AT_LEAST = {"split_seed": 0, "num_classes": 2, "labeled": 1, "max_train_cases": 1, "batch_size": 2, "labeled_bs": 1,
-             "n_filters": 1, "feat_dim": 1, "weight_decay": 0, "max_iters": 1, "lamda": 0, "consistency": 0, "consistency_o": 0,
-             "rampup_length": 0, "rampup_interval": 1, "memory_num": 2, "num_filtered": 1, "memory_cap": 1,
+             "n_filters": 1, "feat_dim": 1, "weight_decay": 0, "max_iters": 1, "lamda": 0, "consistency": 0,
+             "consistency_o": 0, "rampup_length": 0, "rampup_interval": 1, "memory_num": 2, "num_filtered": 1, "memory_cap": 1,
              "ce_weight": 0, "eval_every": 1, "eval_start": 0, "eval_batch": 1, "checkpoint_every": 1, "seed": 0,
-             "num_workers": 0, "threads": 1, "val": 0, "save_every": 1}
+             "num_workers": 0, "threads": 1, "val": 0, "save_every": 1, "fold": 0, "in_channels": 1}
 
 
 _SMALL_SYNTHETIC = dict(cases=20, seed=0, test_cases=4, min_shape=[32, 32, 32], max_shape=[40, 40, 32])
@@ -257,7 +290,7 @@ def read_config_file(path: str) -> dict:
     for name in ("data", "split"):
         if isinstance(settings.get(name), str):
             settings[name] = os.path.join(folder, os.path.expanduser(settings[name]))
-    for name in ("patch_size", "eval_strides"):
+    for name in TUPLE_FIELDS:
         if isinstance(settings.get(name), list):
             settings[name] = tuple(settings[name])
     return settings

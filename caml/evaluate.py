@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_patch_size_flag, check_out_folder,
-                  device_from_flag, int_at_least, one_line, print_metrics, run)
+from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_fold_flag, add_patch_size_flag,
+                  check_out_folder, device_from_flag, int_at_least, one_line, print_metrics, run)
 from .config import TrainConfig
+from .data.intensity import Intensity
 from .data.labels import DATASET_JSON, LabelSet, declared_labels
 from .data.msd import require_nibabel, write_nifti
 from .data.source import open_source
@@ -59,8 +60,9 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, help="checkpoints/last.pt of caml.train, or an official state_dict")
     p.add_argument("--data", required=True, help="LA h5 folder or MSD folder (imagesTr/, labelsTr/)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", default=None, help="MSD folder: JSON split file (default: the split recorded with the "
-                   "checkpoint, else the seeded split)")
+    p.add_argument("--split", default=None, help="MSD folder: JSON split file, or nnU-Net's splits_final.json with "
+                   "--fold (default: the split recorded with the checkpoint, else the seeded split)")
+    add_fold_flag(p)
     p.add_argument("--largest-component", action="store_true", help="keep the largest connected component")
     p.add_argument("--save-probs", action="store_true", help="also write the foreground probability maps")
     add_patch_size_flag(p)
@@ -76,7 +78,8 @@ def load_model(path: str) -> tuple[CAML3d, dict]:
     """The model of a checkpoint (ours or official) and what it says about itself: ``kind``,
     ``patch_size``, ``strides``, ``iteration``, ``max_iters``, ``split``, ``split_seed``, ``labels``
     (the recorded :class:`LabelSet`; None for an official checkpoint), ``saved_as`` (last, best,
-    best_on_test, iter or official) and ``selected`` (what selected it: iteration, dice)."""
+    best_on_test, iter or official), ``selected`` (what selected it: iteration, dice) and ``intensity``
+    (the normalisation it was trained with; z-score for official checkpoints, as the LA data)."""
     obj = load_checkpoint(path)
     ours = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
     try:
@@ -86,7 +89,7 @@ def load_model(path: str) -> tuple[CAML3d, dict]:
     if not ours:
         return model, {"kind": "official", "patch_size": OFFICIAL_ROI_SIZE, "strides": OFFICIAL_STRIDES,
                        "iteration": None, "max_iters": None, "split": None, "split_seed": 0, "labels": None,
-                       "saved_as": "official", "selected": None}
+                       "saved_as": "official", "selected": None, "intensity": Intensity()}
     cfg = TrainConfig.from_json(obj["config"], f"checkpoint {path}: config")
     split = obj.get("split")
     run_split = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "split.json")
@@ -97,7 +100,8 @@ def load_model(path: str) -> tuple[CAML3d, dict]:
     selected = (obj.get("selection") or {}).get(saved_as)
     return model, {"kind": "caml.train", "patch_size": tuple(cfg.patch_size), "strides": tuple(cfg.eval_strides),
                    "iteration": obj.get("iteration"), "max_iters": cfg.max_iters, "split": split,
-                   "split_seed": cfg.split_seed, "labels": labels, "saved_as": saved_as, "selected": selected}
+                   "split_seed": cfg.split_seed, "labels": labels, "saved_as": saved_as, "selected": selected,
+                   "intensity": Intensity(cfg.intensity, cfg.window)}
 
 
 def checkpoint_labels(model: CAML3d, info: dict, data: str, path: str) -> LabelSet:
@@ -138,11 +142,11 @@ def _protocol(info: dict) -> str:
     return f"{what}; no model selection on the test cases was made"
 
 
-def _test_origin(source, info: dict, split_file: Optional[str]) -> str:
+def _test_origin(source, info: dict, split_file: Optional[str], fold: Optional[int]) -> str:
     if source.layout == "la_h5":
         return "test.list"
     if split_file is not None:
-        return f"split file {split_file}"
+        return f"split file {split_file}" + ("" if fold is None else f" (the val cases of fold {fold})")
     if info["split"] is not None and info["split"].get("layout") == "msd":
         return "the split recorded with the checkpoint"
     return f"the seeded split (seed {info['split_seed']}; no split recorded with the checkpoint)"
@@ -199,11 +203,17 @@ def evaluate(args) -> dict:
         raise UsageError(f"patch size must be three multiples of 16, got {patch}")
     data = os.path.abspath(args.data)
     split_file = os.path.abspath(args.split) if args.split else None
+    if args.fold is not None and split_file is None:
+        raise UsageError("--fold needs --split FILE (nnU-Net's splits_final.json)")
     recorded = info["split"] if info["split"] is not None and info["split"].get("layout") == "msd" else None
     labels = checkpoint_labels(model, info, data, checkpoint)
-    source = open_source(data, split_file, info["split_seed"], recorded, labels.num_classes)
+    source = open_source(data, split_file, info["split_seed"], recorded, labels.num_classes, args.fold,
+                         info["intensity"])
+    if source.in_channels != model.in_channels:
+        raise UsageError(f"--data {data} has {source.in_channels} image channel(s); the checkpoint's model takes "
+                         f"{model.in_channels}")
     source.check(source.test_cases)
-    protocol, origin = _protocol(info), _test_origin(source, info, split_file)
+    protocol, origin = _protocol(info), _test_origin(source, info, split_file, args.fold)
     print(f"{len(source.test_cases)} test cases from {origin}; {protocol}", flush=True)
 
     require_nibabel()  # the predictions are NIfTI files: fail before the inference without it

@@ -187,13 +187,15 @@ def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray,
                   path: str, num_classes: int = 2) -> None:
     """One row per case ``(name, image, gt, pred, dice)`` (``gt`` and ``pred``: class maps): the axial
     (last-axis) slice with the most ground truth, then the middle slices along the other two axes; the
-    contours of each foreground class (:func:`_contour_styles`)."""
+    contours of each foreground class (:func:`_contour_styles`). A multi-channel image ``[C, W, H, D]``
+    shows its first channel."""
     if not cases:
         return
     plt = _pyplot()
     styles = _contour_styles(num_classes)
     fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
     for row, (name, image, gt, pred, dice) in zip(axes, cases):
+        image = image[0] if image.ndim == 4 else image
         foreground = gt > 0
         z = (int(np.argmax(foreground.reshape(-1, gt.shape[-1]).sum(0))) if foreground.any()
              else gt.shape[-1] // 2)

@@ -19,9 +19,10 @@ training cases), ``checkpoints/iter_N.pt`` (``--save-every``), ``checkpoints/bes
 test-split evaluation: mean and per-case Dice, Jaccard, 95HD, ASD; with several classes per class
 too) and PNG plots (``losses.png``, ``val_dice.png``, ``overlays.png``) and ``split.json`` (the
 train / test / unlabeled cases, which ``python -m caml.evaluate`` reads back). ``--data`` takes the
-LA h5 layout or an MSD folder (``imagesTr/``, ``labelsTr/``; its labeled cases split into train and
-test by ``--split-seed`` or ``--split FILE``). The classes are those the data's ``dataset.json``
-declares, else ``--num-classes`` (default 2).
+LA h5 layout or an MSD / nnU-Net folder (``imagesTr/``, ``labelsTr/``; its labeled cases split into
+train and test by ``--split-seed`` or ``--split FILE``, one or several image channels,
+``--intensity`` per channel). The classes are those the data's ``dataset.json`` declares, else
+``--num-classes`` (default 2).
 """
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ import torch
 import caml_ops
 from caml_ops._backend import fused_backends, resolve as resolve_backend
 
-from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_patch_size_flag, check_out_folder,
-                  print_metrics, run)
-from .config import (MEMORY_RESHAPES, OCC_EMBEDDINGS, OFFICIAL_NAMES, PRESETS, TRAIN_FLAGS, TrainConfig, flag_of,
-                     preset_config, read_config_file)
+from .cli import (Interrupted, Parser, UsageError, add_device_flag, add_fold_flag, add_patch_size_flag,
+                  check_out_folder, print_metrics, run)
+from .config import (INTENSITY_SCHEMES, MEMORY_RESHAPES, OCC_EMBEDDINGS, OFFICIAL_NAMES, PRESETS, TRAIN_FLAGS,
+                     TrainConfig, flag_of, preset_config, read_config_file)
 from .metrics import summarize_runs
 from .distributed import ProcessGroup
 from .runlog import read_json, write_json
@@ -62,13 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help=f"configuration preset: {', '.join(PRESETS)} (default small)")
     p.add_argument("--method", default=None, help="caml (default) or supervised (lamda * supervised loss only)")
     p.add_argument("--data", default=None, help="LA h5 folder (train.list, test.list, 2018LA_Seg_Training Set/) or "
-                   "MSD folder (imagesTr/, labelsTr/); default for small/tiny: the synthetic dataset in the cache [--root_path]")
+                   "MSD / nnU-Net folder (imagesTr/, labelsTr/); default for small/tiny: the synthetic dataset in the "
+                   "cache [--root_path]")
     p.add_argument("--split", default=None, help="MSD folder: JSON split file {\"train\": [...], \"test\": [...]} "
-                   "(default: a seeded split of the labeled cases; recorded in the run folder as split.json)")
+                   "or nnU-Net's splits_final.json with --fold (default: a seeded split of the labeled cases; "
+                   "recorded in the run folder as split.json)")
     p.add_argument("--split-seed", type=int, default=None, help="MSD folder: seed of the train/test split (default 0)")
     p.add_argument("--num-classes", type=int, default=None, help="classes, background included (default: the labels "
                    "the data folder's dataset.json declares, else 2; without dataset.json the label values are "
                    "0 .. N-1)")
+    add_fold_flag(p)
+    p.add_argument("--imagests-unlabeled", action="store_true", default=None,
+                   help="MSD folder: the images of imagesTs/ join the unlabeled pool (never the test cases)")
+    p.add_argument("--intensity", nargs="+", default=None, metavar="SCHEME",
+                   help=f"MSD folder: intensity normalisation, {' or '.join(INTENSITY_SCHEMES)}, one for every "
+                   "channel or one per channel (default zscore: per channel over the volume; ct: clipped to "
+                   "--window, scaled to [0, 1])")
+    p.add_argument("--window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="the CT window of --intensity ct, e.g. -125 275 (HU)")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<method>) [--exp]")
     p.add_argument("--labeled", type=int, default=None, help="labeled cases: the first N of train.list (MSD: of the "
                    "split's labeled training cases; the others join the unlabeled pool) [--labelnum]")
@@ -180,8 +192,9 @@ def _given(args: argparse.Namespace, seed: Optional[int]) -> dict:
     for name in ("data", "split"):
         if name in given:
             given[name] = os.path.abspath(os.path.expanduser(given[name]))
-    if "patch_size" in given:
-        given["patch_size"] = tuple(given["patch_size"])
+    for name in ("patch_size", "intensity", "window"):
+        if name in given:
+            given[name] = tuple(given[name])
     if "dropout" in given:
         given["dropout"] = given["dropout"] == "on"
     if args.no_amp:

@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, remove_stale_temporaries, rng_state, sa
 from .cli import UsageError, one_line
 from .config import TrainConfig, default_cache_dir
 from .data.batches import TrainBatches
+from .data.intensity import Intensity
 from .data.source import open_source, validation_cases
 from .data.synthetic import ensure_synthetic_la
 from .distributed import ProcessGroup
@@ -71,8 +72,9 @@ class Trainer:
     with ``resume`` restored from ``checkpoints/last.pt``; rank 0 writes ``config.json`` and
     ``split.json`` and opens the logs. :meth:`step` trains on one batch, :meth:`validate` and
     :meth:`checkpoint` run at their intervals (validate keeps the selected checkpoints, ``SELECTED``),
-    :meth:`finish` writes the plots and the final metrics; :meth:`run` does it all. ``ops_backend`` is the caml_ops backend of the fused ops
-    (:func:`caml.train.select_ops_backend` makes it from ``cfg.ops_backend``).
+    :meth:`finish` writes the plots and the final metrics; :meth:`run` does it all. ``ops_backend`` is
+    the caml_ops backend of the fused ops (:func:`caml.train.select_ops_backend` makes it from
+    ``cfg.ops_backend``).
     """
 
     def __init__(self, cfg: TrainConfig, out: str, processes: ProcessGroup, ops_backend: str = "auto",
@@ -90,7 +92,7 @@ class Trainer:
         self.labels = self.source.label_set
         if saved is not None:
             self._check_saved_labels(saved)
-        self.model = CAML3d(1, self.labels.num_classes, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
+        self.model = CAML3d(cfg.in_channels, self.labels.num_classes, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
                             has_dropout=cfg.dropout).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -149,17 +151,23 @@ class Trainer:
         return root
 
     def _open_data(self, resume: bool):
-        """The data source and the training batches; every case checked (the test cases by rank 0)."""
-        split_path = os.path.join(self.out, "split.json")
+        """The data source and the training batches; every case checked (the test cases by rank 0). Sets
+        ``cfg.in_channels`` from the data (a resumed run's data must have the channels it was trained on)."""
+        cfg, split_path = self.cfg, os.path.join(self.out, "split.json")
         # On resume the run's own split, even if the data folder has changed since.
         recorded = read_json(split_path) if resume and os.path.isfile(split_path) else None
         if recorded is not None and recorded.get("val"):  # held out of the labeled training cases: put back
             recorded = {**recorded, "train": recorded["train"] + recorded["val"]}
         try:
-            source = open_source(self.data_root, self.cfg.split if recorded is None else None, self.cfg.split_seed,
-                                 recorded, self.cfg.num_classes)
-            self.val_cases = validation_cases(source, self.cfg.val, self.cfg.labeled)
-            batches = TrainBatches(self.cfg, source, self.processes.rank, self.val_cases)
+            source = open_source(self.data_root, cfg.split if recorded is None else None, cfg.split_seed, recorded,
+                                 cfg.num_classes, cfg.fold, Intensity(cfg.intensity, cfg.window),
+                                 cfg.imagests_unlabeled)
+            if cfg.in_channels not in (None, source.in_channels):
+                raise ValueError(f"{self.data_root} has {source.in_channels} image channel(s); the run was trained "
+                                 f"on {cfg.in_channels}")
+            cfg.in_channels = source.in_channels
+            self.val_cases = validation_cases(source, cfg.val, cfg.labeled)
+            batches = TrainBatches(cfg, source, self.processes.rank, self.val_cases)
             if self.processes.main:
                 source.check(source.test_cases + self.val_cases)
         except (FileNotFoundError, ValueError) as err:

@@ -51,3 +51,47 @@ def write_msd_folder(root, labeled=6, unlabeled=2, seed=0, shape=(32, 32, 16), d
         with open(os.path.join(root, "dataset.json"), "w") as f:
             json.dump({"name": "tiny heart", "labels": labels, "numTraining": labeled}, f)
     return root
+
+
+def two_channel_case(seed: int, index: int, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(channel 0 int16, channel 1 float32 on another scale, label uint8) of a synthetic case: two
+    modalities of one anatomy, so per-channel normalisation is visible."""
+    image, label = make_case(np.random.default_rng([seed, index]), shape)
+    return (image * 100 + 500).astype(np.int16), (image * -3.0 + 40.0).astype(np.float32), label.astype(np.uint8)
+
+
+def _write_labels_and_json(root, labeled: int, shape, seed, meta: dict) -> None:
+    for i in range(labeled):
+        save(os.path.join(root, "labelsTr", f"case_{i:03d}.nii.gz"), two_channel_case(seed, i, shape)[2])
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump({"name": "tiny two-channel", "labels": {"background": 0, "target": 1}, "numTraining": labeled,
+                   **meta}, f)
+
+
+def write_nnunet_folder(root, labeled=6, unlabeled=2, seed=0, shape=(32, 32, 16), test_images=1) -> str:
+    """An nnU-Net v2 raw dataset of two channels: ``imagesTr/case_XXX_0000.nii.gz`` and ``_0001``,
+    ``labelsTr/case_XXX.nii.gz`` for the first ``labeled`` cases, ``imagesTs/test_XXX_000{0,1}.nii.gz``,
+    dataset.json with channel_names and file_ending."""
+    root = str(root)
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for i in range(labeled + unlabeled + test_images):
+        folder, name = ("imagesTr", f"case_{i:03d}") if i < labeled + unlabeled else ("imagesTs", f"test_{i:03d}")
+        for channel, array in enumerate(two_channel_case(seed, i, shape)[:2]):
+            save(os.path.join(root, folder, f"{name}_{channel:04d}.nii.gz"), array)
+    _write_labels_and_json(root, labeled, shape, seed,
+                           {"channel_names": {"0": "T2", "1": "ADC"}, "file_ending": ".nii.gz"})
+    return root
+
+
+def write_msd4d_folder(root, labeled=6, unlabeled=2, seed=0, shape=(32, 32, 16)) -> str:
+    """The cases of :func:`write_nnunet_folder` as MSD 4D images ``imagesTr/case_XXX.nii.gz`` [X, Y, Z, 2]
+    (float32: both channels' values exactly), dataset.json with ``modality``."""
+    root = str(root)
+    for folder in ("imagesTr", "labelsTr"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for i in range(labeled + unlabeled):
+        first, second, _ = two_channel_case(seed, i, shape)
+        save(os.path.join(root, "imagesTr", f"case_{i:03d}.nii.gz"), np.stack([first.astype(np.float32), second], -1))
+    _write_labels_and_json(root, labeled, shape, seed, {"modality": {"0": "T2", "1": "ADC"}})
+    return root

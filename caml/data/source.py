@@ -2,14 +2,18 @@
 
 - the LA h5 layout (``train.list``, ``test.list``, ``2018LA_Seg_Training Set/``): train and test are
   the lists; every training case has a label (``--labeled N`` keeps the first N labeled);
-- an MSD folder (``imagesTr/``, ``labelsTr/``): the labeled cases are split into train and test by a
-  seeded split (``make_split``) or a split file; images with no label are unlabeled training cases.
+- an MSD or nnU-Net folder (``imagesTr/``, ``labelsTr/``; :mod:`caml.data.msd`): the labeled cases are
+  split into train and test by a seeded split (``make_split``) or a split file; images with no label
+  (and, with ``imagests_unlabeled``, the images of ``imagesTs/``) are unlabeled training cases.
 
 A source's ``train_cases`` lists its labeled training cases first (``labeled_train`` of them), then
 the unlabeled ones; its ``label_set`` (:mod:`caml.data.labels`) says which label values its files
 hold and the class each one is (``load`` returns class indices); ``split_record()`` is what a run
-folder records (``split.json``) so that ``caml.evaluate`` scores the same test cases. A split file is JSON ``{"train": [...], "test": [...]}``
-(a run folder's ``split.json`` is one).
+folder records (``split.json``) so that ``caml.evaluate`` scores the same test cases; ``in_channels``
+is the images' channel count. A split file is JSON ``{"train": [...], "test": [...]}`` (a run folder's
+``split.json`` is one) or nnU-Net's ``splits_final.json``, a list of folds ``[{"train": [...],
+"val": [...]}, ...]``, of which ``fold`` picks one: its ``train`` cases are the labeled training cases
+and its ``val`` cases the test cases.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..cli import one_line
+from .intensity import Intensity
 from .la_h5 import CASES_DIR, case_path, check_label, load_case, read_case_list
 from .labels import dataset_labels
 from .msd import MSDFolder, is_msd_folder
@@ -34,6 +39,7 @@ TEST_FRACTION = 0.2
 
 class LASource:
     layout = "la_h5"
+    in_channels = 1
 
     def __init__(self, root: str, num_classes: Optional[int] = None):
         """The label values: declared in ``<root>/dataset.json``, else 0 .. ``num_classes`` - 1 (default 0 / 1)."""
@@ -84,8 +90,9 @@ def make_split(labeled: Sequence[str], seed: int, test_fraction: float = TEST_FR
     return {"train": order[n_test:], "test": sorted(order[:n_test])}
 
 
-def read_split_file(path: str, labeled: Sequence[str]) -> dict:
-    """``{"train", "test"}`` of a split file, checked against the folder's labeled cases."""
+def read_split_file(path: str, labeled: Sequence[str], fold: Optional[int] = None) -> dict:
+    """``{"train", "test"}`` of a split file (of its fold ``fold`` for nnU-Net's list of folds, whose
+    ``val`` cases become the test cases), checked against the folder's labeled cases."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split file not found: {path}")
     try:
@@ -93,7 +100,18 @@ def read_split_file(path: str, labeled: Sequence[str]) -> dict:
             split = json.load(f)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read split file {path}: {one_line(err)}") from None
-    return check_split(split, labeled, f"split file {path}")
+    if not isinstance(split, list):
+        if fold is not None:
+            raise ValueError(f"--fold applies to nnU-Net's splits_final.json (a list of folds); split file {path} "
+                             f"is one split")
+        return check_split(split, labeled, f"split file {path}")
+    if fold is None or not 0 <= fold < len(split):
+        raise ValueError(f"split file {path} holds {len(split)} nnU-Net fold(s): choose one with --fold K, "
+                         f"K from 0 to {len(split) - 1}" + ("" if fold is None else f" (got {fold})"))
+    chosen = split[fold]
+    if not isinstance(chosen, dict) or set(chosen) != {"train", "val"}:
+        raise ValueError(f"split file {path} fold {fold}: expected {{\"train\": [case, ...], \"val\": [case, ...]}}")
+    return check_split({"train": chosen["train"], "test": chosen["val"]}, labeled, f"split file {path} fold {fold}")
 
 
 def check_split(split, labeled: Sequence[str], what: str) -> dict:
@@ -116,13 +134,17 @@ class MSDSource:
     layout = "msd"
 
     def __init__(self, root: str, split_file: Optional[str] = None, split_seed: int = 0,
-                 recorded: Optional[dict] = None, num_classes: Optional[int] = None):
-        """The split: ``split_file`` if given, else ``recorded`` (a run's split record), else seeded."""
-        self.root, self.folder = root, MSDFolder(root, num_classes)
+                 recorded: Optional[dict] = None, num_classes: Optional[int] = None, fold: Optional[int] = None,
+                 intensity: Intensity = Intensity(), imagests_unlabeled: bool = False):
+        """The split: ``split_file`` (its ``fold`` for nnU-Net's folds) if given, else ``recorded`` (a run's
+        split record), else seeded. ``num_classes``, ``intensity`` and ``imagests_unlabeled``: see
+        :class:`MSDFolder`."""
+        self.root, self.folder = root, MSDFolder(root, num_classes, intensity, imagests_unlabeled)
         self.label_set = self.folder.label_set
+        self.in_channels = self.folder.in_channels
         labeled = self.folder.labeled
         if split_file is not None:
-            split = read_split_file(split_file, labeled)
+            split = read_split_file(split_file, labeled, fold)
         elif recorded is not None:
             split = check_split(recorded, labeled, f"the split recorded for {root}")
         else:
@@ -148,17 +170,22 @@ class MSDSource:
 
 
 def open_source(root: str, split_file: Optional[str] = None, split_seed: int = 0,
-                recorded: Optional[dict] = None, num_classes: Optional[int] = None):
+                recorded: Optional[dict] = None, num_classes: Optional[int] = None, fold: Optional[int] = None,
+                intensity: Intensity = Intensity(), imagests_unlabeled: bool = False):
     """The dataset in ``root`` (LA h5 layout or MSD folder); one-line errors for a missing, empty or
-    unrecognised folder. ``split_file`` / ``recorded`` / ``split_seed`` apply to MSD folders only;
-    ``num_classes`` (None: the declared labels, else binary) to both."""
+    unrecognised folder. ``num_classes`` (None: the declared labels, else binary) applies to both; the
+    other arguments (:class:`MSDSource`'s) to MSD folders only."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder not found: {root}")
     if is_msd_folder(root):
-        return MSDSource(root, split_file, split_seed, recorded, num_classes)
+        return MSDSource(root, split_file, split_seed, recorded, num_classes, fold, intensity, imagests_unlabeled)
     if any(os.path.exists(os.path.join(root, name)) for name in ("train.list", "test.list", CASES_DIR)):
-        if split_file is not None:
-            raise ValueError(f"--split applies to MSD folders; the LA h5 layout in {root} has train.list/test.list")
+        nifti_only = [flag for flag, given in (("--split", split_file is not None),
+                                               ("--intensity / --window", intensity != Intensity()),
+                                               ("--imagests-unlabeled", imagests_unlabeled)) if given]
+        if nifti_only:
+            raise ValueError(f"{nifti_only[0]} applies to MSD folders; the LA h5 layout in {root} has "
+                             f"train.list/test.list (and normalised images)")
         return LASource(root, num_classes)
     what = "is empty" if not os.listdir(root) else "is neither the LA h5 layout (train.list, test.list) nor an MSD folder (imagesTr/)"
     raise ValueError(f"data folder {root} {what}")
@@ -178,7 +205,8 @@ def validation_cases(source, count: int, labeled: int) -> list[str]:
 
 
 class CaseDataset(Dataset):
-    """Item i: ``{"image": float32, "label": uint8 classes (zeros for an unlabeled case), "case": name}``
+    """Item i: ``{"image": float32 [W, H, D] or [C, W, H, D], "label": uint8 classes [W, H, D] (zeros for
+    an unlabeled case), "case": name}``
     passed through ``transform``."""
 
     def __init__(self, source, cases: Sequence[str], transform: Optional[Callable[[dict], dict]] = None):
@@ -191,6 +219,6 @@ class CaseDataset(Dataset):
         case = self.cases[index]
         image, label = self.source.load(case)
         if label is None:
-            label = np.zeros(image.shape, np.uint8)
+            label = np.zeros(image.shape[-3:], np.uint8)
         sample = {"image": image, "label": label, "case": case}
         return self.transform(sample) if self.transform is not None else sample
