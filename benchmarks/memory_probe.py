@@ -31,6 +31,8 @@ def _reset_peak_rss() -> None:
 
 def measure(case: Case, pass_name: str) -> float:
     forward, inputs = build(case)
+    if case.impl == "compiled":  # the steady state's memory, not the compiler's
+        run_pass(case, forward, inputs, pass_name)
     loss = forward() if pass_name == "backward" else None
     if case.device == "cuda":
         torch.cuda.synchronize()

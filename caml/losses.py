@@ -15,6 +15,9 @@ Per step, on a batch whose first ``labeled_bs`` samples are labeled::
   (:mod:`caml.rampup`), ``lambda_o``
   likewise with ``consistency_o``; ``t`` is the 1-based iteration.
 
+The parts run in the profiler ranges ``caml.network``, ``caml.supervised``, ``caml.consistency``,
+``caml.memory_bank`` and ``caml.occ`` (``benchmarks/iteration.py --profile`` breaks an iteration down by them).
+
 Two switches of ``LossWeights`` select the official behaviour where ours differs or improves on it:
 ``memory_reshape="official"`` scrambles sub-model a's labeled embedding as the official
 ``.view(-1, C)`` does, ``occ_embedding="normalized"`` takes the OCC loss on L2-normalised features
@@ -33,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 import caml_ops
 
@@ -163,19 +167,23 @@ class CAMLObjective(nn.Module):
     def forward(self, volume: Tensor, label: Tensor, case_ids: Sequence[int] | Tensor,
                 iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
         w, lb = self.weights, self.labeled_bs
-        with self._autocast(volume.device):
+        with self._autocast(volume.device), record_function("caml.network"):
             logits_v, logits_a, embedding_v, embedding_a = self.model(volume)
         logits = [_full(logits_v), _full(logits_a)]
-        probs = [torch.softmax(x, dim=1) for x in logits]
         label_l = label[:lb]
 
-        loss_s = sum(self._supervised(x[:lb], p[:lb], label_l) for x, p in zip(logits, probs))
+        with record_function("caml.supervised"):
+            probs = [torch.softmax(x, dim=1) for x in logits]
+            loss_s = sum(self._supervised(x[:lb], p[:lb], label_l) for x, p in zip(logits, probs))
         parts = {"loss_s": loss_s}
         loss = w.lamda * loss_s
         if self.method == "caml":
-            loss_c = caml_ops.mutual_consistency_loss(logits, temperature=w.temperature, backend=self.backend)
-            self._update_memory(probs, embedding_v, embedding_a, label_l, case_ids)
-            loss_o, saturation = self._occ(probs, embedding_v, embedding_a, volume.device)
+            with record_function("caml.consistency"):
+                loss_c = caml_ops.mutual_consistency_loss(logits, temperature=w.temperature, backend=self.backend)
+            with record_function("caml.memory_bank"):
+                self._update_memory(probs, embedding_v, embedding_a, label_l, case_ids)
+            with record_function("caml.occ"):
+                loss_o, saturation = self._occ(probs, embedding_v, embedding_a, volume.device)
             ramp = w.ramp(iteration)
             lambda_c, lambda_o = w.consistency * ramp, w.consistency_o * ramp
             loss = loss + lambda_c * loss_c + lambda_o * loss_o

@@ -14,6 +14,7 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from caml_ops.nn import CrossSampleMutualAttention
 
@@ -51,7 +52,8 @@ class AuxiliaryEncoder(Encoder):
         self.inter_attention = cma.inter_attention
 
     def after_block_four(self, x4: Tensor) -> Tensor:
-        return self.inter_attention(self.intra_attention(x4))
+        with record_function("caml.cma"):
+            return self.inter_attention(self.intra_attention(x4))
 
 
 def _head(in_features: int, feat_dim: int) -> nn.Sequential:
