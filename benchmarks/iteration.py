@@ -48,9 +48,10 @@ LA_SIZE = dict(cases=16, seed=0, test_cases=2, min_shape=[112, 112, 80], max_sha
 TINY_SIZE = dict(cases=8, seed=0, test_cases=2, min_shape=[32, 32, 16], max_shape=[40, 40, 20])
 
 
-def _config(quick: bool, device: str, threads):
+def _config(quick: bool, device: str, threads, amp: bool):
     cfg = preset_config("tiny" if quick else "la")
     cfg.device, cfg.threads, cfg.num_workers = device, threads, 0 if quick else cfg.num_workers
+    cfg.amp = amp
     size = TINY_SIZE if quick else LA_SIZE
     cfg.data = os.path.join(default_cache_dir(), "iteration-tiny" if quick else "iteration-la")
     ensure_synthetic_la(cfg.data, **size)
@@ -101,21 +102,24 @@ def _step_function(arm: str, cfg, device: torch.device):
 
     from caml.losses import CAMLObjective
     from caml.memory import MemoryBank
+    from caml.precision import autocast_dtype
     from caml.trainer import build_model, loss_weights, optimisation_step
 
     model = build_model(cfg, device)
+    amp = autocast_dtype(device, cfg.amp)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if arm == "network":
         def step(batch, iteration):
             volume = batch["image"].to(device)
-            loss = sum(out.float().mean() for out in model(volume))
+            with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                outputs = model(volume)
+            loss = sum(out.float().mean() for out in outputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         return step
 
     memory = MemoryBank(cfg.labeled, 2, cfg.feat_dim, device, max_per_case=cfg.memory_cap, seed=cfg.seed)
-    amp = torch.bfloat16 if cfg.amp and device.type == "cuda" else None
     objective = CAMLObjective(model, memory, cfg.labeled_bs, loss_weights(cfg), "caml", "auto", amp)
 
     def step(batch, iteration):
@@ -141,10 +145,10 @@ def _profile(step, batch, iteration: int, device: torch.device) -> dict[str, flo
     return {**ranges, "iteration": total}
 
 
-def run_arm(arm: str, quick: bool, device: str, threads, iters: int, profile: bool) -> dict:
+def run_arm(arm: str, quick: bool, device: str, threads, iters: int, profile: bool, amp: bool) -> dict:
     if threads is not None:
         torch.set_num_threads(threads)
-    cfg = _config(quick, device, threads)
+    cfg = _config(quick, device, threads, amp)
     dev = torch.device(device)
     warm = cfg.labeled // cfg.labeled_bs
     if arm == "data":
@@ -176,7 +180,8 @@ def run_arm(arm: str, quick: bool, device: str, threads, iters: int, profile: bo
 def _child(arm: str, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--arm", arm, "--device", args.device,
                "--iters", str(args.iters)] + (["--threads", str(args.threads)] if args.threads else []) \
-        + (["--quick"] if args.quick else []) + (["--profile"] if args.profile else [])
+        + (["--quick"] if args.quick else []) + (["--profile"] if args.profile else []) \
+        + (["--no-amp"] if args.no_amp else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"arm": arm, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -218,11 +223,14 @@ def main() -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the table here")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--no-amp", action="store_true", help="ours in float32 everywhere (default: the run's bf16 "
+                   "autocast where the device has native bf16, caml.precision)")
     p.add_argument("--quick", action="store_true", help="tiny preset, one iteration per arm (CI)")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # one arm, in this process
     args = p.parse_args()
     if args.arm is not None:
-        print(json.dumps(run_arm(args.arm, args.quick, args.device, args.threads, args.iters, args.profile)))
+        print(json.dumps(run_arm(args.arm, args.quick, args.device, args.threads, args.iters, args.profile,
+                                 not args.no_amp)))
         return 0
     results = {}
     for arm in args.arms.split(","):
@@ -230,11 +238,13 @@ def main() -> int:
         print(json.dumps(results[arm]), flush=True)
     machine = (torch.cuda.get_device_name(0) if args.device == "cuda"
                else f"CPU, {os.cpu_count()} cores, threads {args.threads or torch.get_num_threads()}")
-    text = table(results, f"{machine}, torch {torch.__version__}")
+    precision = "float32" if args.no_amp else "ours with the run's autocast (caml.precision), official float32"
+    text = table(results, f"{machine}, torch {torch.__version__}, {precision}")
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "torch": torch.__version__, "results": results}, f, indent=1)
+            json.dump({"machine": machine, "torch": torch.__version__, "amp": not args.no_amp, "results": results}, f,
+                  indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")

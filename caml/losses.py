@@ -169,7 +169,9 @@ class CAMLObjective(nn.Module):
         w, lb = self.weights, self.labeled_bs
         with self._autocast(volume.device), record_function("caml.network"):
             logits_v, logits_a, embedding_v, embedding_a = self.model(volume)
-        logits = [_full(logits_v), _full(logits_a)]
+        # Channel-first logits: the model's channels-last ones make softmax / argmax over the classes a
+        # strided reduction (10x slower on a CPU), and the fused loss takes them contiguous anyway.
+        logits = [_full(logits_v).contiguous(), _full(logits_a).contiguous()]
         label_l = label[:lb]
 
         with record_function("caml.supervised"):
@@ -231,9 +233,9 @@ class CAMLObjective(nn.Module):
         voxel_mask = mask.flatten()
         with self._autocast(device):
             # Official: the heads (train mode) see every consistent voxel; the filter picks rows after.
-            feat_v = self.model.predict(_voxels(embedding_v[lb:]).flatten(0, 1)[voxel_mask], "v")
-            feat_a = self.model.predict(_voxels(embedding_a[lb:]).flatten(0, 1)[voxel_mask], "a")
-        feat_v, feat_a = _full(feat_v[rows]), _full(feat_a[rows])
+            feat_v = self.model.predict_rows(_voxels(embedding_v[lb:]).flatten(0, 1)[voxel_mask], "v", rows)
+            feat_a = self.model.predict_rows(_voxels(embedding_a[lb:]).flatten(0, 1)[voxel_mask], "a", rows)
+        feat_v, feat_a = _full(feat_v), _full(feat_a)
         memory = memory.to(feat_v.dtype)
         if w.occ_embedding == "normalized":  # gradients flow through the normalisation of the features
             feat_v, feat_a, memory = (F.normalize(x, dim=1) for x in (feat_v, feat_a, memory))

@@ -26,6 +26,7 @@ from .losses import CAMLObjective, LossWeights
 from .memory import MemoryBank
 from .metrics import SegmentationMetrics
 from .models import CAML3d
+from .precision import autocast_dtype
 from .runlog import CSVLog, TensorBoard, plot_losses, plot_overlays, plot_validation, read_json, write_json
 
 __all__ = ["Trainer", "build_model", "optimisation_step", "loss_weights", "TRAIN_FIELDS", "VAL_FIELDS"]
@@ -110,9 +111,8 @@ class Trainer:
         if cfg.method == "caml":
             self.memory = MemoryBank(cfg.labeled, NUM_CLASSES, cfg.feat_dim, self.device, max_per_case=cfg.memory_cap,
                                      seed=cfg.seed)
-        amp_dtype = torch.bfloat16 if cfg.amp and self.device.type == "cuda" else None
         self.objective = CAMLObjective(self.model, self.memory, cfg.labeled_bs, loss_weights(cfg), cfg.method,
-                                       ops_backend, amp_dtype)
+                                       ops_backend, autocast_dtype(self.device, cfg.amp))
         self.iteration = 0
         if saved is not None:
             self.restore(saved)
