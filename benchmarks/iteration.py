@@ -61,12 +61,8 @@ def _config(quick: bool, device: str, threads, amp: bool):
 
 
 def _batches(cfg, count: int) -> list[dict]:
-    batches = TrainBatches(cfg, open_source(cfg.data), rank=0)
-    out, epoch = [], 0
-    while len(out) < count:
-        out += list(batches.epoch(epoch))[: count - len(out)]
-        epoch += 1
-    return out
+    stream = TrainBatches(cfg, open_source(cfg.data), rank=0).stream()
+    return [next(stream) for _ in range(count)]
 
 
 def _sync(device: torch.device) -> None:
@@ -152,8 +148,7 @@ def run_arm(arm: str, quick: bool, device: str, threads, iters: int, profile: bo
     dev = torch.device(device)
     warm = cfg.labeled // cfg.labeled_bs
     if arm == "data":
-        batches = TrainBatches(cfg, open_source(cfg.data), rank=0)
-        loader = (batch for epoch in range(10**6) for batch in batches.epoch(epoch))
+        loader = TrainBatches(cfg, open_source(cfg.data), rank=0).stream()
         next(loader)  # the workers' start
         times = []
         for _ in range(max(iters, 8)):

@@ -255,23 +255,20 @@ class Trainer:
         """Trains up to ``cfg.max_iters`` (validating and checkpointing on the way), then :meth:`finish`."""
         cfg, main = self.cfg, self.processes.main
         bar = _progress(cfg.max_iters, self.iteration, main)
+        batches = self.batches.stream(self.iteration)  # a resumed run replays the same batches from here
         while self.iteration < cfg.max_iters:
-            epoch, done = divmod(self.iteration, len(self.batches))
-            for position, batch in enumerate(self.batches.epoch(epoch)):
-                if position < done:  # replaying a partly done epoch after a resume
-                    continue
-                values = self.step(batch, epoch)
+            batch = next(batches)
+            values = self.step(batch, int(batch["epoch"][0]))
+            if main:
+                bar.set_postfix({k: f"{values[k]:.3f}" for k in LOSSES if k in values}, refresh=False)
+                bar.update(1)
+            if self.iteration % cfg.eval_every == 0 and cfg.eval_start <= self.iteration < cfg.max_iters:
+                dice = self.validate()
                 if main:
-                    bar.set_postfix({k: f"{values[k]:.3f}" for k in LOSSES if k in values}, refresh=False)
-                    bar.update(1)
-                if self.iteration % cfg.eval_every == 0 and cfg.eval_start <= self.iteration < cfg.max_iters:
-                    dice = self.validate()
-                    if main:
-                        bar.write(f"iteration {self.iteration}: validation Dice {dice:.4f}")
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iters:
-                    self.checkpoint()
-                if self.iteration >= cfg.max_iters:
-                    break
+                    bar.write(f"iteration {self.iteration}: validation Dice {dice:.4f}")
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iters:
+                self.checkpoint()
+        del batches  # the loader's workers end here
         bar.close()
         return self.finish(evaluate)
 
