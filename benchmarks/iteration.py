@@ -1,11 +1,13 @@
 """A whole CAML training iteration, ours against the official ``train_caml.py`` loop body.
 
-    python benchmarks/iteration.py [--device cpu|cuda] [--iters 3] [--threads N] [--json FILE] [--profile]
+    python benchmarks/iteration.py [--device cpu|cuda] [--iters 3] [--threads N] [--precision P]
+                                   [--json FILE] [--markdown FILE] [--profile] [--quick]
 
 At the paper's configuration (preset ``la``: patch 112 x 112 x 80, batch 2 labeled + 2 unlabeled,
-n_filters 16, 8 labeled cases, memory_num 256, num_filtered 12800, float32 on the CPU, the run's
-bf16 autocast on CUDA) on the synthetic dataset at the LA volumes' size, each arm in a fresh process
-(so its peak memory is its own) on the same batches:
+n_filters 16, 8 labeled cases, memory_num 256, num_filtered 12800) on the synthetic dataset at the LA
+volumes' size, ours in ``--precision`` ``run`` (the run's default: float32 on a CPU, bf16 autocast on
+CUDA), ``float32`` or ``bf16``, each arm in a fresh process (so its peak memory is its own) on the
+same batches:
 
 - ``official``: the official loop body (``official.official_train_step``): host ``y_ori`` / ``y_pseudo``
   buffers, the numpy memory bank copied every step, ``nn.TransformerEncoderLayer`` CMA, sort-based
@@ -48,10 +50,14 @@ LA_SIZE = dict(cases=16, seed=0, test_cases=2, min_shape=[112, 112, 80], max_sha
 TINY_SIZE = dict(cases=8, seed=0, test_cases=2, min_shape=[32, 32, 16], max_shape=[40, 40, 20])
 
 
-def _config(quick: bool, device: str, threads, amp: bool):
+PRECISIONS = ("run", "float32", "bf16")
+
+
+def _config(quick: bool, device: str, threads, precision: str):
     cfg = preset_config("tiny" if quick else "la")
     cfg.device, cfg.threads, cfg.num_workers = device, threads, 0 if quick else cfg.num_workers
-    cfg.amp = amp
+    if precision != "run":  # else the run's defaults: bf16 autocast on CUDA, float32 on a CPU
+        cfg.amp = cfg.cpu_amp = precision == "bf16"
     size = TINY_SIZE if quick else LA_SIZE
     cfg.data = os.path.join(default_cache_dir(), "iteration-tiny" if quick else "iteration-la")
     ensure_synthetic_la(cfg.data, **size)
@@ -102,7 +108,7 @@ def _step_function(arm: str, cfg, device: torch.device):
     from caml.trainer import build_model, loss_weights, optimisation_step
 
     model = build_model(cfg, device)
-    amp = autocast_dtype(device, cfg.amp)
+    amp = autocast_dtype(device, cfg.amp, cfg.cpu_amp)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if arm == "network":
         def step(batch, iteration):
@@ -141,10 +147,10 @@ def _profile(step, batch, iteration: int, device: torch.device) -> dict[str, flo
     return {**ranges, "iteration": total}
 
 
-def run_arm(arm: str, quick: bool, device: str, threads, iters: int, profile: bool, amp: bool) -> dict:
+def run_arm(arm: str, quick: bool, device: str, threads, iters: int, profile: bool, precision: str) -> dict:
     if threads is not None:
         torch.set_num_threads(threads)
-    cfg = _config(quick, device, threads, amp)
+    cfg = _config(quick, device, threads, precision)
     dev = torch.device(device)
     warm = cfg.labeled // cfg.labeled_bs
     if arm == "data":
@@ -176,7 +182,7 @@ def _child(arm: str, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--arm", arm, "--device", args.device,
                "--iters", str(args.iters)] + (["--threads", str(args.threads)] if args.threads else []) \
         + (["--quick"] if args.quick else []) + (["--profile"] if args.profile else []) \
-        + (["--no-amp"] if args.no_amp else [])
+        + ["--precision", args.precision]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"arm": arm, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
@@ -218,14 +224,15 @@ def main() -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the table here")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--no-amp", action="store_true", help="ours in float32 everywhere (default: the run's bf16 "
-                   "autocast where the device has native bf16, caml.precision)")
+    p.add_argument("--precision", choices=PRECISIONS, default="run", help="ours (and the bare network) in the "
+                   "run's default precision (bf16 autocast on CUDA, float32 on a CPU), in float32, or under bf16 "
+                   "autocast (--cpu-amp on a CPU); the official loop is float32 always")
     p.add_argument("--quick", action="store_true", help="tiny preset, one iteration per arm (CI)")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # one arm, in this process
     args = p.parse_args()
     if args.arm is not None:
         print(json.dumps(run_arm(args.arm, args.quick, args.device, args.threads, args.iters, args.profile,
-                                 not args.no_amp)))
+                                 args.precision)))
         return 0
     results = {}
     for arm in args.arms.split(","):
@@ -233,13 +240,12 @@ def main() -> int:
         print(json.dumps(results[arm]), flush=True)
     machine = (torch.cuda.get_device_name(0) if args.device == "cuda"
                else f"CPU, {os.cpu_count()} cores, threads {args.threads or torch.get_num_threads()}")
-    precision = "float32" if args.no_amp else "ours with the run's autocast (caml.precision), official float32"
-    text = table(results, f"{machine}, torch {torch.__version__}, {precision}")
+    text = table(results, f"{machine}, torch {torch.__version__}, ours in precision '{args.precision}'")
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "torch": torch.__version__, "amp": not args.no_amp, "results": results}, f,
-                  indent=1)
+            json.dump({"machine": machine, "torch": torch.__version__, "precision": args.precision, "results": results},
+                  f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")

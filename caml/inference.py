@@ -113,9 +113,9 @@ def sliding_window_predict(
 def predict_foreground(model: torch.nn.Module, image: np.ndarray, roi_size: Sequence[int], strides: Sequence[int],
                        sw_batch_size: int, device: torch.device, amp: bool) -> tuple[torch.Tensor, np.ndarray]:
     """:func:`sliding_window_predict` of a model (in eval mode), with ``amp`` under bf16 autocast where the
-    device computes bf16 natively (:mod:`caml.precision`): ``(probs [num_classes, W, H, D] on the device,
-    foreground mask [W, H, D] numpy bool)``."""
-    dtype = autocast_dtype(device, amp)
+    device computes bf16 natively (a GPU, or a CPU with AVX512-BF16 / AMX: :mod:`caml.precision`):
+    ``(probs [num_classes, W, H, D] on the device, foreground mask [W, H, D] numpy bool)``."""
+    dtype = autocast_dtype(device, amp, cpu_amp=amp)
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         probs, labels = sliding_window_predict(image, model, roi_size, strides, sw_batch_size, device)
     return probs, labels.cpu().numpy() > 0

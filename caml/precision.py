@@ -1,9 +1,11 @@
 """Mixed precision of the network: bf16 autocast where the device computes bf16 natively.
 
-That is every CUDA GPU with bf16 (compute capability 8.0 and later) and CPUs with AVX512-BF16 or AMX
-(oneDNN's bf16 convolutions there run the V-Nets 2-3x faster than float32); on other CPUs bf16 is
-emulated and slower than float32, so the network stays in float32. The losses always take float32
-logits (:class:`caml.losses.CAMLObjective`).
+On CUDA (``TrainConfig.amp``, on by default) every GPU with bf16 (compute capability 8.0 and later).
+On a CPU only when asked (``TrainConfig.cpu_amp``, ``--cpu-amp``) and only on CPUs with AVX512-BF16
+or AMX, where oneDNN's bf16 convolutions run the V-Nets 2.5x faster than float32 (at the paper's
+size); elsewhere bf16 is emulated and slower than float32. It is off by default on CPUs: on the small
+preset it made one seed of five end 0.33 Dice lower (docs/design.md, "Speed"). The losses always take
+float32 logits (:class:`caml.losses.CAMLObjective`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
-    """bf16 with ``amp`` on a device with native bf16, else None (float32)."""
-    return torch.bfloat16 if amp and native_bf16(device) else None
+def autocast_dtype(device: torch.device, amp: bool, cpu_amp: bool = False) -> Optional[torch.dtype]:
+    """bf16 where asked (``amp`` on CUDA, ``cpu_amp`` on a CPU) and native, else None (float32)."""
+    asked = amp if device.type == "cuda" else cpu_amp
+    return torch.bfloat16 if asked and native_bf16(device) else None

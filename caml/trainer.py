@@ -26,7 +26,7 @@ from .losses import CAMLObjective, LossWeights
 from .memory import MemoryBank
 from .metrics import SegmentationMetrics
 from .models import CAML3d
-from .precision import autocast_dtype
+from .precision import autocast_dtype, native_bf16
 from .runlog import CSVLog, TensorBoard, plot_losses, plot_overlays, plot_validation, read_json, write_json
 
 __all__ = ["Trainer", "build_model", "optimisation_step", "loss_weights", "TRAIN_FIELDS", "VAL_FIELDS"]
@@ -111,8 +111,12 @@ class Trainer:
         if cfg.method == "caml":
             self.memory = MemoryBank(cfg.labeled, NUM_CLASSES, cfg.feat_dim, self.device, max_per_case=cfg.memory_cap,
                                      seed=cfg.seed)
+        if cfg.cpu_amp and self.device.type == "cpu" and not native_bf16(self.device):
+            raise UsageError("--cpu-amp: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 is slower "
+                             "than float32; train without it")
+        self.autocast = autocast_dtype(self.device, cfg.amp, cfg.cpu_amp)
         self.objective = CAMLObjective(self.model, self.memory, cfg.labeled_bs, loss_weights(cfg), cfg.method,
-                                       ops_backend, autocast_dtype(self.device, cfg.amp))
+                                       ops_backend, self.autocast)
         self.iteration = 0
         if saved is not None:
             self.restore(saved)
@@ -281,7 +285,7 @@ class Trainer:
         for case in self.source.test_cases:
             image, label = self.source.load(case)
             pred = predict_foreground(self.model, image, cfg.patch_size, cfg.eval_strides, cfg.eval_batch,
-                                      self.device, cfg.amp)[1]
+                                      self.device, self.autocast is not None)[1]
             gt = label > 0
             dice = metrics(case, pred, gt, self.source.geometry(case)[0])["dice"]
             if len(overlays) < OVERLAY_CASES:
