@@ -13,21 +13,24 @@ from typing import Callable
 import torch
 
 import caml_ops
+from caml_ops import reference
 
 from official import official_cma, official_mutual_consistency, official_occ_loss
 
 QUICK = os.environ.get("CAML_BENCH_QUICK", "0") == "1"
-IMPLS = ("fused", "reference", "official", "sdpa")
-# The implementations each op is compared with.
+IMPLS = ("fused", "reference", "official", "sdpa", "compiled")
+# The implementations each op is compared with. "compiled": torch.compile of the plain formula (what a user
+# would pick instead of a fused op), timed forward+backward after its compilation (timed apart).
 OP_IMPLS = {
-    "omni_correlation_loss": ("fused", "reference", "official"),
-    "mutual_consistency_loss": ("fused", "reference", "official"),
-    "intra_sample_attention": ("fused", "reference", "sdpa"),
-    "cross_sample_attention": ("fused", "reference", "sdpa"),
-    "cma": ("fused", "reference", "official"),
-    "dropout": ("fused", "official"),
+    "omni_correlation_loss": ("fused", "reference", "official", "compiled"),
+    "mutual_consistency_loss": ("fused", "reference", "official", "compiled"),
+    "intra_sample_attention": ("fused", "reference", "sdpa", "compiled"),
+    "cross_sample_attention": ("fused", "reference", "sdpa", "compiled"),
+    "cma": ("fused", "reference", "official", "compiled"),
+    "dropout": ("fused", "official", "compiled"),
     "train_step": ("fused", "reference"),
 }
+COMPILED_PASS = "forward+backward"
 # Implementations that hold B x H x L x L (or B x B per position) matrices are skipped where those would
 # pass this many bytes: the official intra attention at block three needs ~16 GB per matrix in float32.
 QUADRATIC_LIMIT = 2 * 2**30
@@ -77,6 +80,9 @@ def _occ(case: Case):
     if case.impl == "official":
         memory_host = memory.cpu().numpy()
         return lambda: official_occ_loss(feat_v, feat_a, memory_host), inputs
+    if case.impl == "compiled":
+        loss = torch.compile(reference.omni_correlation_loss, fullgraph=True)
+        return lambda: loss(feat_v, feat_a, memory), inputs
     backend = "auto" if case.impl == "fused" else "reference"
     return lambda: caml_ops.omni_correlation_loss(feat_v, feat_a, memory, backend=backend), inputs
 
@@ -87,6 +93,9 @@ def _consistency(case: Case):
     logits = [torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(s)]
     if case.impl == "official":
         return lambda: official_mutual_consistency(logits), logits
+    if case.impl == "compiled":
+        loss = torch.compile(plain_mutual_consistency, fullgraph=True)
+        return lambda: loss(logits), logits
     backend = "auto" if case.impl == "fused" else "reference"
     return lambda: caml_ops.mutual_consistency_loss(logits, backend=backend), logits
 
@@ -166,6 +175,9 @@ def _attention(case: Case):
             return _weighted_sum(out.permute(inverse), weight)
 
         return forward, (base,)
+    if case.impl == "compiled":
+        attend = torch.compile(plain_cross_sample_attention if cross else plain_intra_sample_attention, fullgraph=True)
+        return lambda: _weighted_sum(attend(*base.unbind(2), p), weight), (base,)
     op = caml_ops.cross_sample_attention if cross else caml_ops.intra_sample_attention
     backend = "auto" if case.impl == "fused" else "reference"
     return lambda: _weighted_sum(op(*base.unbind(2), dropout_p=p, backend=backend), weight), (base,)
@@ -176,13 +188,14 @@ def _cma(case: Case):
     dtype, device = getattr(torch, case.dtype), torch.device(case.device)
     x = torch.randn(batch, channels, *spatial, device=device, dtype=dtype).requires_grad_()
     weight = torch.randn_like(x)
-    if case.impl == "official":
+    if case.impl in ("official", "compiled"):
         block = official_cma(channels, p)
     else:
         backend = "auto" if case.impl == "fused" else "reference"
         block = caml_ops.nn.CrossSampleMutualAttention(channels, dropout=p, backend=backend)
     block = block.to(device, dtype).train()
-    return lambda: _weighted_sum(block(x), weight), (x, *block.parameters())
+    run = torch.compile(block) if case.impl == "compiled" else block
+    return lambda: _weighted_sum(run(x), weight), (x, *block.parameters())
 
 
 def _dropout(case: Case):
@@ -191,7 +204,33 @@ def _dropout(case: Case):
     x = torch.randn(rows, cols, device=case.device, dtype=getattr(torch, case.dtype)).requires_grad_()
     weight = torch.randn_like(x)
     drop = caml_ops.dropout if case.impl == "fused" else torch.nn.functional.dropout
+    if case.impl == "compiled":
+        drop = torch.compile(drop, fullgraph=True)
     return lambda: _weighted_sum(drop(x, p), weight), (x,)
+
+
+def plain_mutual_consistency(logits: list[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:
+    """The official mutual consistency's arithmetic on the device (no host buffers): what one compiles."""
+    probs = [torch.softmax(x, dim=1) for x in logits]
+    power = 1.0 / temperature
+    sharp = [p**power / (p**power + (1 - p) ** power) for p in probs]
+    return sum(torch.mean((p - q) ** 2) for s, p in enumerate(probs) for t, q in enumerate(sharp) if s != t)
+
+
+def _plain_attention(q, k, v, dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) with dropout, times v, on [..., n, d]."""
+    attn = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+    return torch.nn.functional.dropout(attn, dropout_p) @ v
+
+
+def plain_intra_sample_attention(q, k, v, dropout_p: float) -> torch.Tensor:
+    """[B, L, H, d]: attention over the L positions, in plain PyTorch."""
+    return _plain_attention(*(x.transpose(1, 2) for x in (q, k, v)), dropout_p).transpose(1, 2)
+
+
+def plain_cross_sample_attention(q, k, v, dropout_p: float) -> torch.Tensor:
+    """[B, L, H, d]: attention across the B samples at each position, in plain PyTorch."""
+    return _plain_attention(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), dropout_p).permute(2, 0, 1, 3)
 
 
 def feasible(case: Case) -> bool:
@@ -212,6 +251,8 @@ def feasible(case: Case) -> bool:
     per_matrix = 4 * heads * (batch * batch * length if case.op == "cross_sample_attention" else batch * length * length)
     # SDPA (and the official layer, which calls it) keeps memory linear on CUDA, and on CPU without dropout.
     linear = case.impl in ("sdpa", "official") and (case.device == "cuda" or (p == 0 and case.impl == "sdpa"))
+    if case.impl == "compiled" and case.op == "cma":  # the official layers, compiled: SDPA inside
+        linear = case.device == "cuda" or p == 0
     return linear or per_matrix <= QUADRATIC_LIMIT
 
 

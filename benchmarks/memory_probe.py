@@ -2,7 +2,8 @@
 nothing else the benchmark session allocated distorts it.
 
 Usage: python benchmarks/memory_probe.py '<case as JSON>' <pass>
-Prints the peak growth in MiB over the memory held once the inputs exist:
+Prints the peak growth in MiB over the memory held once the inputs exist and one
+pass has run (so a compiler's or a first call's allocations do not count):
 CPU: the peak RSS of the pass (VmHWM, reset just before it through
 /proc/self/clear_refs) minus the RSS before it; CUDA: max_memory_allocated.
 """
@@ -31,6 +32,8 @@ def _reset_peak_rss() -> None:
 
 def measure(case: Case, pass_name: str) -> float:
     forward, inputs = build(case)
+    # One pass first: the steady state's memory, not the compiler's or a first call's (thread pools, caches).
+    run_pass(case, forward, inputs, pass_name)
     loss = forward() if pass_name == "backward" else None
     if case.device == "cuda":
         torch.cuda.synchronize()

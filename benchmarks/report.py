@@ -9,7 +9,7 @@ import json
 import platform
 from collections import defaultdict
 
-IMPL_ORDER = ("fused", "reference", "official", "sdpa")
+IMPL_ORDER = ("fused", "reference", "official", "sdpa", "compiled")
 # The speed-up and memory saving are against the first of these an op was compared with.
 BASELINES = ("official", "sdpa", "reference")
 
@@ -33,17 +33,27 @@ def _ratio(num: float, den: float) -> str:
     return f"{num / den:.1f}x" if den > 0 and num == num else "n/a"  # num == num: not NaN
 
 
+def _compiled(impls: dict) -> str:
+    """The fused op's time and memory against torch.compile of the plain formula: "2.1x / 3.0x"."""
+    if "compiled" not in impls or "fused" not in impls:
+        return ""
+    (t_fused, m_fused), (t_compiled, m_compiled) = impls["fused"], impls["compiled"]
+    return f"{_ratio(t_compiled, t_fused)} / {_ratio(m_compiled, m_fused)}"
+
+
 def markdown(table: dict, machine: str) -> str:
     lines = [
         f"Machine: {machine}. Median time (ms) and peak memory growth (MiB) per pass; "
         "speed-up and memory saving of the fused op against the official CAML computation, "
         "else torch's SDPA (attention ops), else the reference backend (training step); "
+        "vs compiled: the fused op's speed-up / memory saving against torch.compile of the plain formula "
+        "(forward+backward, compilation excluded); "
         "a blank where an implementation is not run (quadratic memory past the benchmark's limit, or the "
         "reference attention with dropout, whose Philox mask in tensor arithmetic is no speed baseline).",
         "",
-        "| op | size | device | pass | fused ms | reference ms | official ms | SDPA ms | fused MiB "
-        "| reference MiB | official MiB | SDPA MiB | speed-up | memory saving |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| op | size | device | pass | fused ms | reference ms | official ms | SDPA ms | compiled ms | fused MiB "
+        "| reference MiB | official MiB | SDPA MiB | compiled MiB | speed-up | memory saving | vs compiled |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for (op, size, device, dtype, pass_name), impls in sorted(table.items()):
         times = [impls.get(i, (float("nan"),) * 2)[0] * 1e3 for i in IMPL_ORDER]
@@ -53,7 +63,7 @@ def markdown(table: dict, machine: str) -> str:
             f"| {op} | {size} | {device} {dtype} | {pass_name} | "
             + " | ".join(f"{t:.1f}" if t == t else "" for t in times) + " | "
             + " | ".join(f"{m:.0f}" if m == m else "" for m in mems)
-            + f" | {_ratio(times[base], times[0])} | {_ratio(mems[base], mems[0])} |"
+            + f" | {_ratio(times[base], times[0])} | {_ratio(mems[base], mems[0])} | {_compiled(impls)} |"
         )
     return "\n".join(lines) + "\n"
 

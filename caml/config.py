@@ -83,7 +83,8 @@ class TrainConfig:
     device: str = "auto"
     ops_backend: str = "auto"  # checked by caml.train against caml_ops (not here: no torch in this module)
     num_workers: int = 4
-    amp: bool = True  # bf16 autocast on CUDA (never on CPU)
+    amp: bool = True  # bf16 autocast on CUDA
+    cpu_amp: bool = False  # bf16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX) too: caml.precision
     threads: Optional[int] = None  # CPU threads per process (None: torch's default; DDP on CPU: cores / processes)
 
     def resolved_rampup(self) -> float:

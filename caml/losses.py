@@ -15,6 +15,9 @@ Per step, on a batch whose first ``labeled_bs`` samples are labeled::
   (:mod:`caml.rampup`), ``lambda_o``
   likewise with ``consistency_o``; ``t`` is the 1-based iteration.
 
+The parts run in the profiler ranges ``caml.network``, ``caml.supervised``, ``caml.consistency``,
+``caml.memory_bank`` and ``caml.occ`` (``benchmarks/iteration.py --profile`` breaks an iteration down by them).
+
 Two switches of ``LossWeights`` select the official behaviour where ours differs or improves on it:
 ``memory_reshape="official"`` scrambles sub-model a's labeled embedding as the official
 ``.view(-1, C)`` does, ``occ_embedding="normalized"`` takes the OCC loss on L2-normalised features
@@ -33,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 import caml_ops
 
@@ -163,19 +167,25 @@ class CAMLObjective(nn.Module):
     def forward(self, volume: Tensor, label: Tensor, case_ids: Sequence[int] | Tensor,
                 iteration: int) -> tuple[Tensor, dict[str, Tensor]]:
         w, lb = self.weights, self.labeled_bs
-        with self._autocast(volume.device):
+        with self._autocast(volume.device), record_function("caml.network"):
             logits_v, logits_a, embedding_v, embedding_a = self.model(volume)
-        logits = [_full(logits_v), _full(logits_a)]
-        probs = [torch.softmax(x, dim=1) for x in logits]
+        # Channel-first logits: the model's channels-last ones make softmax / argmax over the classes a
+        # strided reduction (10x slower on a CPU), and the fused loss takes them contiguous anyway.
+        logits = [_full(logits_v).contiguous(), _full(logits_a).contiguous()]
         label_l = label[:lb]
 
-        loss_s = sum(self._supervised(x[:lb], p[:lb], label_l) for x, p in zip(logits, probs))
+        with record_function("caml.supervised"):
+            probs = [torch.softmax(x, dim=1) for x in logits]
+            loss_s = sum(self._supervised(x[:lb], p[:lb], label_l) for x, p in zip(logits, probs))
         parts = {"loss_s": loss_s}
         loss = w.lamda * loss_s
         if self.method == "caml":
-            loss_c = caml_ops.mutual_consistency_loss(logits, temperature=w.temperature, backend=self.backend)
-            self._update_memory(probs, embedding_v, embedding_a, label_l, case_ids)
-            loss_o, saturation = self._occ(probs, embedding_v, embedding_a, volume.device)
+            with record_function("caml.consistency"):
+                loss_c = caml_ops.mutual_consistency_loss(logits, temperature=w.temperature, backend=self.backend)
+            with record_function("caml.memory_bank"):
+                self._update_memory(probs, embedding_v, embedding_a, label_l, case_ids)
+            with record_function("caml.occ"):
+                loss_o, saturation = self._occ(probs, embedding_v, embedding_a, volume.device)
             ramp = w.ramp(iteration)
             lambda_c, lambda_o = w.consistency * ramp, w.consistency_o * ramp
             loss = loss + lambda_c * loss_c + lambda_o * loss_o
@@ -195,7 +205,9 @@ class CAMLObjective(nn.Module):
     @torch.no_grad()
     def _update_memory(self, probs, embedding_v, embedding_a, label_l, case_ids) -> None:
         lb, channels = self.labeled_bs, embedding_a.shape[1]
-        correct = (probs[0][:lb].argmax(1) == label_l) & (probs[1][:lb].argmax(1) == label_l)
+        # max(...).indices, not argmax: the same first maximum, and over the classes axis argmax is a strided
+        # reduction 40x slower on a CPU.
+        correct = (probs[0][:lb].max(1).indices == label_l) & (probs[1][:lb].max(1).indices == label_l)
         features, labels = [], []
         for i in range(lb):
             mask = correct[i].flatten()
@@ -216,16 +228,16 @@ class CAMLObjective(nn.Module):
         w, lb = self.weights, self.labeled_bs
         memory, _ = self.memory.sample(w.memory_num)
         prob_v, pred_v = probs[0][lb:].max(dim=1)
-        pred_a = probs[1][lb:].argmax(dim=1)
+        pred_a = probs[1][lb:].max(dim=1).indices
         mask, rows, _ = filter_consistent(prob_v, pred_v, pred_a, w.num_filtered, probs[0].shape[1])
         if memory.shape[0] == 0 or rows.numel() == 0:
             return torch.zeros((), device=device), None
         voxel_mask = mask.flatten()
         with self._autocast(device):
             # Official: the heads (train mode) see every consistent voxel; the filter picks rows after.
-            feat_v = self.model.predict(_voxels(embedding_v[lb:]).flatten(0, 1)[voxel_mask], "v")
-            feat_a = self.model.predict(_voxels(embedding_a[lb:]).flatten(0, 1)[voxel_mask], "a")
-        feat_v, feat_a = _full(feat_v[rows]), _full(feat_a[rows])
+            feat_v = self.model.predict_rows(_voxels(embedding_v[lb:]).flatten(0, 1)[voxel_mask], "v", rows)
+            feat_a = self.model.predict_rows(_voxels(embedding_a[lb:]).flatten(0, 1)[voxel_mask], "a", rows)
+        feat_v, feat_a = _full(feat_v), _full(feat_a)
         memory = memory.to(feat_v.dtype)
         if w.occ_embedding == "normalized":  # gradients flow through the normalisation of the features
             feat_v, feat_a, memory = (F.normalize(x, dim=1) for x in (feat_v, feat_a, memory))

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-
+from torch.profiler import record_function
 
 from .checkpoint import load_checkpoint, remove_stale_temporaries, rng_state, save_atomic, set_rng_state
 from .cli import UsageError, one_line
@@ -27,9 +27,10 @@ from .losses import CAMLObjective, LossWeights
 from .memory import MemoryBank
 from .metrics import SegmentationMetrics
 from .models import CAML3d
+from .precision import autocast_dtype, native_bf16
 from .runlog import CSVLog, TensorBoard, plot_losses, plot_overlays, plot_validation, read_json, write_json
 
-__all__ = ["Trainer", "TRAIN_FIELDS", "VAL_FIELDS"]
+__all__ = ["Trainer", "build_model", "optimisation_step", "loss_weights", "TRAIN_FIELDS", "VAL_FIELDS"]
 
 TRAIN_FIELDS = ["iteration", "epoch", "loss", "loss_s", "loss_c", "loss_o", "lambda_c", "lambda_o", "lr", "seconds",
                 "occ_saturation"]
@@ -50,7 +51,7 @@ def _seed_globals(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _loss_weights(cfg: TrainConfig) -> LossWeights:
+def loss_weights(cfg: TrainConfig) -> LossWeights:
     return LossWeights(lamda=cfg.lamda, consistency=cfg.consistency, consistency_o=cfg.consistency_o,
                        rampup_length=cfg.resolved_rampup(), rampup_interval=cfg.rampup_interval,
                        temperature=cfg.temperature, memory_num=cfg.memory_num, num_filtered=cfg.num_filtered,
@@ -63,6 +64,28 @@ def _progress(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, disable=not enabled, ncols=110, dynamic_ncols=False,
                 file=sys.stderr, mininterval=1.0)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> CAML3d:
+    """The run's model on ``device``, its weights in the channels-last layout: the convolutions then run
+    in oneDNN's / cuDNN's channels-last kernels (1.9x faster for a V-Net 3x3x3 convolution on a CPU)."""
+    model = CAML3d(cfg.in_channels or 1, num_classes, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
+                   has_dropout=cfg.dropout)
+    return model.to(device, memory_format=torch.channels_last_3d)
+
+
+def optimisation_step(objective, optimizer: torch.optim.Optimizer, volume: torch.Tensor, label: torch.Tensor,
+                      case_ids, iteration: int) -> dict[str, torch.Tensor]:
+    """One step of a training iteration on a batch already on the device: the objective (a
+    :class:`caml.losses.CAMLObjective`, possibly under DDP), backward, the optimizer's step. Returns the
+    objective's detached loss parts (still on the device: reading them is the caller's host sync)."""
+    loss, parts = objective(volume, label, case_ids, iteration)
+    optimizer.zero_grad(set_to_none=True)
+    with record_function("caml.backward"):
+        loss.backward()
+    with record_function("caml.optimizer"):
+        optimizer.step()
+    return parts
 
 
 class Trainer:
@@ -92,17 +115,19 @@ class Trainer:
         self.labels = self.source.label_set
         if saved is not None:
             self._check_saved_labels(saved)
-        self.model = CAML3d(cfg.in_channels, self.labels.num_classes, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
-                            has_dropout=cfg.dropout).to(self.device)
+        self.model = build_model(cfg, self.labels.num_classes, self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.memory = None
         if cfg.method == "caml":
             self.memory = MemoryBank(cfg.labeled, self.labels.num_classes, cfg.feat_dim, self.device,
                                      max_per_case=cfg.memory_cap, seed=cfg.seed)
-        amp_dtype = torch.bfloat16 if cfg.amp and self.device.type == "cuda" else None
-        self.objective = CAMLObjective(self.model, self.memory, cfg.labeled_bs, _loss_weights(cfg), cfg.method,
-                                       ops_backend, amp_dtype)
+        if cfg.cpu_amp and self.device.type == "cpu" and not native_bf16(self.device):
+            raise UsageError("--cpu-amp: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 is slower "
+                             "than float32; train without it")
+        self.autocast = autocast_dtype(self.device, cfg.amp, cfg.cpu_amp)
+        self.objective = CAMLObjective(self.model, self.memory, cfg.labeled_bs, loss_weights(cfg), cfg.method,
+                                       ops_backend, self.autocast)
         self.iteration = 0
         self.selection = dict.fromkeys(SELECTED)  # kind -> {"iteration", "dice"} of its checkpoint so far
         if saved is not None:
@@ -214,10 +239,7 @@ class Trainer:
         self.model.train()
         volume = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
-        loss, parts = self.step_fn(volume, label, batch["idx"], self.iteration + 1)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        parts = optimisation_step(self.step_fn, self.optimizer, volume, label, batch["idx"], self.iteration + 1)
         self.iteration += 1
         values = {k: float(v) for k, v in parts.items()}
         if not math.isfinite(values["loss"]):
@@ -328,25 +350,22 @@ class Trainer:
         """Trains up to ``cfg.max_iters`` (validating and checkpointing on the way), then :meth:`finish`."""
         cfg, main = self.cfg, self.processes.main
         bar = _progress(cfg.max_iters, self.iteration, main)
+        batches = self.batches.stream(self.iteration)  # a resumed run replays the same batches from here
         while self.iteration < cfg.max_iters:
-            epoch, done = divmod(self.iteration, len(self.batches))
-            for position, batch in enumerate(self.batches.epoch(epoch)):
-                if position < done:  # replaying a partly done epoch after a resume
-                    continue
-                values = self.step(batch, epoch)
+            batch = next(batches)
+            values = self.step(batch, int(batch["epoch"][0]))
+            if main:
+                bar.set_postfix({k: f"{values[k]:.3f}" for k in LOSSES if k in values}, refresh=False)
+                bar.update(1)
+            if self._validates_now():
+                said = self.validate()
                 if main:
-                    bar.set_postfix({k: f"{values[k]:.3f}" for k in LOSSES if k in values}, refresh=False)
-                    bar.update(1)
-                if self._validates_now():
-                    said = self.validate()
-                    if main:
-                        bar.write(f"iteration {self.iteration}: {said}")
-                if main and cfg.save_every is not None and self.iteration % cfg.save_every == 0:
-                    self.save_weights(f"iter_{self.iteration}.pt", "iter")
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iters:
-                    self.checkpoint()
-                if self.iteration >= cfg.max_iters:
-                    break
+                    bar.write(f"iteration {self.iteration}: {said}")
+            if main and cfg.save_every is not None and self.iteration % cfg.save_every == 0:
+                self.save_weights(f"iter_{self.iteration}.pt", "iter")
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iters:
+                self.checkpoint()
+        del batches  # the loader's workers end here
         bar.close()
         return self.finish(evaluate)
 
@@ -367,7 +386,7 @@ class Trainer:
         for case in cases:
             image, label = self.source.load(case)
             pred = predict_classes(self.model, image, cfg.patch_size, cfg.eval_strides, cfg.eval_batch,
-                                   self.device, cfg.amp)[1]
+                                   self.device, self.autocast is not None)[1]
             dice = metrics(case, pred, label, self.source.geometry(case)[0])["dice"]
             if len(overlays) < OVERLAY_CASES:
                 overlays.append((case, image, label, pred, dice))

@@ -34,6 +34,12 @@ __all__ = [
 ATTENTIONS = ("inter", "intra")
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last_3d for a channels-last (and not also channel-first) 5-D tensor, else contiguous_format."""
+    channels_last = x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return torch.channels_last_3d if channels_last and not x.is_contiguous() else torch.contiguous_format
+
+
 class Dropout(nn.Dropout):
     """``nn.Dropout`` with the Philox mask of :func:`caml_ops.dropout`: no mask kept for the backward, and
     on CPU the mask costs a fraction of torch's Bernoulli sampling."""
@@ -136,11 +142,12 @@ class CrossSampleTransformerLayer(nn.Module):
             raise ValueError(
                 f"x must be [B, C, *spatial] with C = d_model = {self.d_model}, got shape {tuple(x.shape)}"
             )
-        # One copy into the token layout [B, L, C]; q, k, v and the FFN then work on it in place.
+        # The token layout [B, L, C] is a view of a channels-last x and one copy of a channel-first one; q, k,
+        # v and the FFN then work on it in place. The result comes back in x's layout.
         tokens = x.flatten(2).transpose(1, 2).contiguous()
         h = self.norm1(tokens + self.dropout1(self.self_attn(tokens)))
         h = self.norm2(h + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(h))))))
-        return h.transpose(1, 2).reshape(x.shape).contiguous()
+        return h.transpose(1, 2).reshape(x.shape).contiguous(memory_format=_memory_format(x))
 
     def extra_repr(self) -> str:
         return (

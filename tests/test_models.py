@@ -12,7 +12,7 @@ from torch import nn
 
 from caml.models import CAML3d, CAML3dOutput, Decoder, Encoder, load_checkpoint, read_state_dict
 
-from .helpers import assert_close_to_reference, fresh_seed
+from .helpers import assert_close_to_reference, assert_within_2x_torch_error, fresh_seed
 
 SHAPES_FILE = Path(__file__).parent / "data" / "caml3d_v1_state_dict_shapes.json"  # official keys and shapes
 SMALL = dict(n_filters=4, feat_dim=8)
@@ -203,6 +203,77 @@ def test_outputs_equal_the_official_structure(training):
         assert_close_to_reference(
             ours.predict(emb, "a"), official.prediction_head2(official.projection_head2(emb)), seed, "heads"
         )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("sub_model", ["v", "a"])
+def test_predict_rows_equals_the_heads_on_all_rows_then_rows(sub_model, momentum):
+    """predict_rows(x, s, rows) = predict(x, s)[rows] in training mode: values, the gradients of the
+    embeddings and of every head parameter, and the BatchNorm running statistics after two calls."""
+    seed = fresh_seed()
+    model = small_model().double().train()
+    for head in model._heads(sub_model):
+        head[1].momentum = momentum
+    twin = small_model().double().train()
+    twin.load_state_dict(model.state_dict())
+    for head in twin._heads(sub_model):
+        head[1].momentum = momentum
+    x = (torch.randn(301, 4, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    x_twin = x.detach().clone().requires_grad_()
+    rows = torch.randperm(301)[:37]
+    for _ in range(2):  # the second call sees the running statistics the first one updated
+        ours, plain = model.predict_rows(x, sub_model, rows), twin.predict(x_twin, sub_model)[rows]
+        assert_close_to_reference(ours, plain, seed, "rows")
+    grad = torch.randn_like(plain)
+    ours.backward(grad)
+    plain.backward(grad)
+    assert_close_to_reference(x.grad, x_twin.grad, seed, "grad embeddings")
+    params, twin_params = dict(model.named_parameters()), dict(twin.named_parameters())
+    for name in params:
+        if params[name].grad is not None or twin_params[name].grad is not None:
+            assert_close_to_reference(params[name].grad, twin_params[name].grad, seed, f"grad {name}")
+    buffers, twin_buffers = dict(model.named_buffers()), dict(twin.named_buffers())
+    for name in buffers:
+        torch.testing.assert_close(buffers[name], twin_buffers[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("sub_model", ["v", "a"])
+def test_project_with_running_stats_is_the_eval_mode_head(sub_model):
+    """project(..., running_stats=True) (BatchNorm folded into the first Linear) = the head in eval mode,
+    values and gradients, leaving the training mode and the running statistics as they were."""
+    seed = fresh_seed()
+    model = small_model().double().train()
+    head = model._heads(sub_model)[0]
+    with torch.no_grad():
+        head[1].running_mean.uniform_(-1, 1)
+        head[1].running_var.uniform_(0.5, 2)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    x = torch.randn(50, 4, dtype=torch.float64, requires_grad=True)
+    ours = model.project(x, sub_model, running_stats=True)
+    assert model.training and all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in buffers.items())
+    grad = torch.randn_like(ours)
+    (x_grad,) = torch.autograd.grad(ours, x, grad)
+    head.eval()
+    expected = head(x)
+    assert_close_to_reference(ours, expected, seed, "projection")
+    assert_close_to_reference(x_grad, torch.autograd.grad(expected, x, grad)[0], seed, "gradient")
+    assert_close_to_reference(model.project(x, sub_model), expected, seed, "eval mode")
+
+
+def test_predict_rows_float32_within_2x_of_pytorch_error():
+    """In float32 the statistics from the covariance err at most twice as much as the heads on all rows."""
+    seed = fresh_seed()
+    model = small_model().train()
+    x = torch.randn(20_000, 4) * 3 + 1
+    rows = torch.randperm(20_000)[:500]
+    reference = small_model().double().train()
+    reference.load_state_dict(model.state_dict())
+    expected = reference.predict(x.double(), "v")[rows]
+    plain = small_model().train()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert_within_2x_torch_error(model.predict_rows(x, "v", rows), plain.predict(x, "v")[rows], expected, seed,
+                                     "float32 rows")
 
 
 def test_checkpoint_round_trip(tmp_path):

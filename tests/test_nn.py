@@ -192,3 +192,20 @@ def test_loss_modules_equal_the_ops():
     expected = caml_ops.mutual_consistency_loss(logits, temperature=0.1, backend="reference")
     for args in (logits, [logits], [torch.stack(logits)]):
         assert_close_to_reference(module(*args), expected, seed, "mutual consistency")
+
+
+@pytest.mark.parametrize("attention", ["inter", "intra"])
+def test_layer_keeps_the_channels_last_layout(attention):
+    """A channels-last feature map (the trainer's model layout) comes back channels-last, with the values
+    and gradients of the channel-first one."""
+    layer = CrossSampleTransformerLayer(8, 2, 16, 0.0, attention).to(F64).train()
+    x = torch.randn(3, 8, 4, 3, 2, dtype=F64)
+    x_first, x_last = x.clone().requires_grad_(), x.to(memory_format=torch.channels_last_3d).requires_grad_()
+    y_first, y_last = layer(x_first), layer(x_last)
+    assert y_first.is_contiguous() and not y_last.is_contiguous()
+    assert y_last.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y_last, y_first, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(x)
+    y_first.backward(grad)
+    y_last.backward(grad)
+    torch.testing.assert_close(x_last.grad, x_first.grad, rtol=1e-12, atol=1e-12)

@@ -175,3 +175,30 @@ def test_ops_backend_cuda_means_cuda_kernels_where_they_exist_and_triton_for_the
     with pytest.raises(UsageError, match="--ops-backend cuda: backend 'cuda' runs on CUDA tensors"):
         select_ops_backend("cuda", torch.device("cpu"))
     assert select_ops_backend("reference", torch.device("cpu")) == "reference"
+
+
+def test_the_model_is_channels_last_and_cpu_amp_runs_bf16_only_where_native(tmp_path, monkeypatch, capsys):
+    """The trainer's model is channels-last; --cpu-amp puts the network under bf16 autocast on a CPU with
+    native bf16 and is refused, in one line, on one without (bf16 there is slower than float32)."""
+    from caml import precision, trainer
+
+    seen = {}
+    real_init = trainer.Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen["autocast"] = self.objective.autocast_dtype
+        seen["layout"] = self.model.encoder1.block_one.conv[0].weight.is_contiguous(
+            memory_format=torch.channels_last_3d)
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", spy)
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert main(TINY + ["--out", str(tmp_path / "bf16"), "--max-iters", "1", "--no-eval", "--cpu-amp"]) == 0
+    assert seen == {"autocast": torch.bfloat16, "layout": True}
+    assert main(TINY + ["--out", str(tmp_path / "f32"), "--max-iters", "1", "--no-eval"]) == 0
+    assert seen == {"autocast": None, "layout": True}
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset({"avx2"}))
+    capsys.readouterr()
+    assert main(TINY + ["--out", str(tmp_path / "refused"), "--max-iters", "1", "--cpu-amp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cpu-amp" in err[0] and "no native bf16" in err[0]

@@ -13,7 +13,9 @@ import os
 from typing import Any, Mapping, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from caml_ops.nn import CrossSampleMutualAttention
 
@@ -51,7 +53,8 @@ class AuxiliaryEncoder(Encoder):
         self.inter_attention = cma.inter_attention
 
     def after_block_four(self, x4: Tensor) -> Tensor:
-        return self.inter_attention(self.intra_attention(x4))
+        with record_function("caml.cma"):
+            return self.inter_attention(self.intra_attention(x4))
 
 
 def _head(in_features: int, feat_dim: int) -> nn.Sequential:
@@ -120,18 +123,48 @@ class CAML3d(nn.Module):
         even in training mode, as the official code projects the memory bank's features.
         """
         head = self._heads(sub_model)[0]
-        if not (running_stats and head.training):
+        linear1, norm, relu, linear2 = head
+        if not (running_stats or not norm.training) or not norm.track_running_stats:
             return head(embeddings)
-        head.eval()
-        try:
-            return head(embeddings)
-        finally:
-            head.train()
+        # BatchNorm with running statistics is affine: folded into the first Linear, one pass over N rows less.
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        shift = -norm.running_mean * scale
+        if norm.affine:
+            scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+        return linear2(relu(F.linear(embeddings, linear1.weight * scale[:, None], linear1.bias * scale + shift)))
 
     def predict(self, embeddings: Tensor, sub_model: str) -> Tensor:
         """Projection then prediction head of sub-model ``"v"`` or ``"a"``: [N, n_filters] -> [N, feat_dim]."""
         projection, prediction = self._heads(sub_model)
         return prediction(projection(embeddings))
+
+    def predict_rows(self, embeddings: Tensor, sub_model: str, rows: Tensor) -> Tensor:
+        """``predict(embeddings, sub_model)[rows]``, the heads' BatchNorm statistics (training mode) taken
+        over every row of ``embeddings`` as there, but the layers after the projection head's ReLU run on
+        ``rows`` only: the input of the prediction head's BatchNorm is affine in that ReLU's output ``a``
+        (two Linear layers), so its batch mean and variance over all rows follow from ``a``'s mean and
+        covariance (docs/design.md, "The OCC heads"). [N, n_filters], rows [M] -> [M, feat_dim]."""
+        projection, prediction = self._heads(sub_model)
+        linear1, norm1, relu1, linear2 = projection
+        linear3, norm2, relu2, linear4 = prediction
+        if not (norm1.training and norm2.training) or embeddings.shape[0] < 2:  # BatchNorm's own path and errors
+            return self.predict(embeddings, sub_model)[rows]
+        a = relu1(norm1(linear1(embeddings)))  # every row: the first BatchNorm's statistics need them
+        with torch.autocast(a.device.type, enabled=False):  # the statistics in float32 (float64 for float64)
+            a_full = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+            weight = linear3.weight.to(a_full.dtype) @ linear2.weight.to(a_full.dtype)
+            bias = linear3.weight.to(a_full.dtype) @ linear2.bias.to(a_full.dtype) + linear3.bias.to(a_full.dtype)
+            mean_a = a_full.mean(0)
+            centered = a_full - mean_a
+            cov = centered.T @ centered / a_full.shape[0]
+            mean = weight @ mean_a + bias
+            var = ((weight @ cov) * weight).sum(1)  # diag(W cov W^T): the biased batch variance, as BatchNorm's
+        _update_running_stats(norm2, mean, var, a.shape[0])
+        g = linear3(linear2(a[rows]))
+        h = (g.to(mean.dtype) - mean) * torch.rsqrt(var + norm2.eps)
+        if norm2.affine:
+            h = h * norm2.weight + norm2.bias
+        return linear4(relu2(h))
 
     def _heads(self, sub_model: str) -> tuple[nn.Module, nn.Module]:
         """(projection head, prediction head) of sub-model ``"v"`` (decoder 1) or ``"a"`` (decoder 2)."""
@@ -165,6 +198,19 @@ class CAML3d(nn.Module):
         model = cls(**{**sizes, **kwargs})
         model.load_state_dict(state, strict=True)
         return model
+
+
+@torch.no_grad()
+def _update_running_stats(norm: nn.BatchNorm1d, mean: Tensor, var: Tensor, count: int) -> None:
+    """What ``norm`` does to its running statistics in a training-mode call on a batch of ``count`` rows
+    with this batch mean and biased variance."""
+    if not norm.track_running_stats:
+        return
+    norm.num_batches_tracked.add_(1)
+    factor = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+    norm.running_mean.mul_(1 - factor).add_(mean.detach().to(norm.running_mean.dtype), alpha=factor)
+    unbiased = var.detach() * (count / (count - 1))
+    norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
 
 
 def _is_state_dict(obj: object) -> bool:
