@@ -33,7 +33,9 @@
 #                        result appended to bench.jsonl as it finishes; SIGINT at the limit (80 s)
 #                        so pytest-benchmark also writes bench.json; table.md from whichever exists
 #   5   bandwidth.txt    device-to-device copy bandwidth, limit 20 s
-# Worst case 5 + 170 + 70 + 40 + 80 + 20 = 385 s, but every limit is also cut to the time left before
+#   6   iteration.md     the whole training iteration against the official loop body (benchmarks/iteration.py),
+#                        limit 60 s: it runs in whatever time the stages before it left
+# Worst case 5 + 170 + 70 + 40 + 80 + 20 + 60 = 445 s, but every limit is also cut to the time left before
 # DEADLINE, so the whole call ends by ~350 s (under 6 minutes) even when every stage times out.
 set -uo pipefail
 OUT=${OUT:-/tmp/caml_device_check}
@@ -133,6 +135,12 @@ done
 
 # -- 5. bandwidth ------------------------------------------------------------------------------------------
 run_stage bandwidth 20 $PY benchmarks/gpu_bandwidth.py && cat "$OUT/bandwidth.log"
+
+# -- 6. the whole training iteration (paper configuration) ----------------------------------------------------
+# Ours (bf16 autocast, the run's default on CUDA), the official loop body (float32) and the bare network,
+# each 4 warm-up + 2 timed iterations in its own process; only the time left before DEADLINE (limit 60 s).
+run_stage iteration 60 $PY benchmarks/iteration.py --device cuda --iters 2 --arms caml,network,official \
+  --json "$OUT/iteration.json" --markdown "$OUT/iteration.md" && cat "$OUT/iteration.md"
 
 note "done: exit $status"
 exit $status

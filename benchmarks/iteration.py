@@ -48,8 +48,6 @@ ARMS = ("official", "caml", "network", "data")
 # The LA volumes are about 110-140 x 110-140 x 80-90 after the official crop.
 LA_SIZE = dict(cases=16, seed=0, test_cases=2, min_shape=[112, 112, 80], max_shape=[128, 128, 88])
 TINY_SIZE = dict(cases=8, seed=0, test_cases=2, min_shape=[32, 32, 16], max_shape=[40, 40, 20])
-
-
 PRECISIONS = ("run", "float32", "bf16")
 
 
@@ -129,7 +127,6 @@ def _step_function(arm: str, cfg, device: torch.device):
         volume, label = batch["image"].to(device), batch["label"].to(device)
         parts = optimisation_step(objective, optimizer, volume, label, batch["idx"], iteration)
         {k: float(v) for k, v in parts.items()}  # the trainer's per-iteration read of the losses
-    step.model = model
     return step
 
 

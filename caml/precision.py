@@ -2,10 +2,10 @@
 
 On CUDA (``TrainConfig.amp``, on by default) every GPU with bf16 (compute capability 8.0 and later).
 On a CPU only when asked (``TrainConfig.cpu_amp``, ``--cpu-amp``) and only on CPUs with AVX512-BF16
-or AMX, where oneDNN's bf16 convolutions run the V-Nets 2.5x faster than float32 (at the paper's
+or AMX, where oneDNN's bf16 convolutions run the V-Nets 2.6x faster than float32 (at the paper's
 size); elsewhere bf16 is emulated and slower than float32. It is off by default on CPUs: on the small
-preset it made one seed of five end 0.33 Dice lower (docs/design.md, "Speed"). The losses always take
-float32 logits (:class:`caml.losses.CAMLObjective`).
+preset it made one seed of five end 0.33 Dice lower (docs/design.md, "Speed of the training
+iteration"). The losses always take float32 logits (:class:`caml.losses.CAMLObjective`).
 """
 from __future__ import annotations
 
