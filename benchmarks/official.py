@@ -145,20 +145,9 @@ def official_train_step(model: nn.Module, optimizer, bank: OfficialMemoryBank, v
     outputs_v, outputs_a, embedding_v, embedding_a = model(volume)
     outputs = [outputs_v, outputs_a]
     num_classes = outputs_v.shape[1]
-    y_ori = torch.zeros((len(outputs),) + tuple(outputs_v.shape))
-    y_pseudo = torch.zeros((len(outputs),) + tuple(outputs_v.shape))
-    loss_s = 0
-    for i, out in enumerate(outputs):
-        prob_l = torch.softmax(out[:labeled_bs], dim=1)
-        loss_s = loss_s + official_binary_dice_loss(prob_l[:, 1], label[:labeled_bs] == 1)
-        prob = torch.softmax(out, dim=1)
-        y_ori[i] = prob
-        y_pseudo[i] = _official_sharpen(prob, temperature)
-    loss_c = 0
-    for i in range(len(outputs)):
-        for j in range(len(outputs)):
-            if i != j:
-                loss_c = loss_c + torch.mean((y_ori[i] - y_pseudo[j]) ** 2)
+    loss_s = sum(official_binary_dice_loss(torch.softmax(out[:labeled_bs], dim=1)[:, 1], label[:labeled_bs] == 1)
+                 for out in outputs)
+    loss_c = official_mutual_consistency(outputs, temperature)
 
     soft_v, soft_a = torch.softmax(outputs_v, dim=1), torch.softmax(outputs_a, dim=1)
     true_labels = label[:labeled_bs]

@@ -16,3 +16,11 @@ def _private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CAML_CACHE", str(tmp_path_factory.mktemp("caml_cache")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """A CLI run with --threads changes torch's thread count for the whole test process: restored after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -30,13 +30,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MSD_SHAPE = (28, 40, 16)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # --threads 1 changed it for this process
-
-
 @pytest.fixture(scope="module")
 def la(tmp_path_factory):
     syn = PRESETS["tiny"]["synthetic"]

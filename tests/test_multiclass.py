@@ -29,13 +29,6 @@ BRATS_VALUES = (0, 1, 2, 4)  # non-contiguous, as BraTS labels
 NAMES = STRUCTURES[:3]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # --threads 1 changed it for this process
-
-
 @pytest.fixture(scope="module")
 def structures(tmp_path_factory):
     """The synthetic data with background + 3 structures (LA h5 layout, dataset.json declaring them)."""

@@ -1,9 +1,9 @@
 """Fixtures of the tests that run caml.train / caml.evaluate on the tiny preset: a synthetic-data cache
-per test module, the reference ops (these tests are about training, whatever is built), threads restored."""
+per test module, the reference ops (these tests are about training, whatever is built); tests/conftest.py
+restores torch's thread count after each test."""
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--threads", "1", "--eval-every", "1000"]
@@ -18,6 +18,3 @@ def cache(tmp_path_factory):
 def _env(cache, monkeypatch):
     monkeypatch.setenv("CAML_CACHE", cache)
     monkeypatch.setenv("CAML_OPS_BACKEND", "reference")
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
