@@ -225,7 +225,8 @@ _KINDS = {f.name: f.type[len("Optional["):-1] if f.name in _OPTIONAL else f.type
           for f in dataclasses.fields(TrainConfig)}
 _AT_LEAST = {"split_seed": 0, "num_classes": 2, "labeled": 1, "max_train_cases": 1, "batch_size": 2, "labeled_bs": 1,
              "n_filters": 1, "feat_dim": 1, "weight_decay": 0, "max_iters": 1, "lamda": 0, "consistency": 0,
-             "consistency_o": 0, "rampup_length": 0, "rampup_interval": 1, "memory_num": 2, "num_filtered": 1, "memory_cap": 1,
+             "consistency_o": 0, "rampup_length": 0, "rampup_interval": 1, "memory_num": 2, "num_filtered": 1,
+             "memory_cap": 1,
              "ce_weight": 0, "eval_every": 1, "eval_start": 0, "eval_batch": 1, "checkpoint_every": 1, "seed": 0,
              "num_workers": 0, "threads": 1, "val": 0, "save_every": 1, "fold": 0, "in_channels": 1}
 

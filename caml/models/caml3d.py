@@ -143,7 +143,8 @@ class CAML3d(nn.Module):
         over every row of ``embeddings`` as there, but the layers after the projection head's ReLU run on
         ``rows`` only: the input of the prediction head's BatchNorm is affine in that ReLU's output ``a``
         (two Linear layers), so its batch mean and variance over all rows follow from ``a``'s mean and
-        covariance (docs/design.md, "The OCC heads"). [N, n_filters], rows [M] -> [M, feat_dim]."""
+        covariance (docs/design.md, "Speed of the training iteration").
+        [N, n_filters], rows [M] -> [M, feat_dim]."""
         projection, prediction = self._heads(sub_model)
         linear1, norm1, relu1, linear2 = projection
         linear3, norm2, relu2, linear4 = prediction
