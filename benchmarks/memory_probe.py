@@ -33,7 +33,7 @@ def _reset_peak_rss() -> None:
 def measure(case: Case, pass_name: str) -> float:
     forward, inputs = build(case)
     # One pass first: the steady state's memory, not the compiler's or a first call's (thread pools, caches).
-    run_pass(case, forward, inputs, pass_name)
+    run_pass(case, forward, inputs, pass_name, forward() if pass_name == "backward" else None)
     loss = forward() if pass_name == "backward" else None
     if case.device == "cuda":
         torch.cuda.synchronize()
