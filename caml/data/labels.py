@@ -20,7 +20,8 @@ import numpy as np
 from ..cli import one_line
 from .checks import unexpected_values
 
-__all__ = ["DATASET_JSON", "LabelSet", "label_classes", "declared_labels", "dataset_labels"]
+__all__ = ["DATASET_JSON", "LabelSet", "label_classes", "read_dataset_json", "declared_labels",
+           "dataset_labels"]
 
 DATASET_JSON = "dataset.json"
 BINARY_HINT = "binary by default: declare more classes in dataset.json's labels or give --num-classes"
@@ -77,21 +78,35 @@ class LabelSet:
         return np.asarray(self.values, dtype=dtype)[classes]
 
 
-def declared_labels(root: str) -> Optional[LabelSet]:
-    """The labels ``<root>/dataset.json`` declares, or None (no file, or no ``labels`` in it)."""
+def read_dataset_json(root: str) -> Optional[dict]:
+    """The content of ``<root>/dataset.json``, or None without one; a ValueError naming it if unreadable."""
     path = os.path.join(root, DATASET_JSON)
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            labels = json.load(f).get("labels")
-        if labels is None:
-            return None
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path}: {one_line(err, 200)}") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def declared_labels(root: str, meta: Optional[dict] = None) -> Optional[LabelSet]:
+    """The labels ``<root>/dataset.json`` declares (``meta``: its content when already read), or None (no
+    file, or no ``labels`` in it)."""
+    path = os.path.join(root, DATASET_JSON)
+    meta = read_dataset_json(root) if meta is None else meta
+    labels = None if meta is None else meta.get("labels")
+    if labels is None:
+        return None
+    try:
         if all(str(k).isdigit() for k in labels):  # MSD: {"0": "background", "1": "left atrium"}
             pairs = {int(k): str(v) for k, v in labels.items()}
         else:  # nnU-Net v2: {"background": 0, "left atrium": 1}
             pairs = {int(v): str(k) for k, v in labels.items()}
-    except (OSError, ValueError, TypeError, AttributeError) as err:
+    except (ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"cannot read {path}: {one_line(err, 200)}") from err
     if len(pairs) < 2 or min(pairs) != 0:
         raise ValueError(f"{path}: labels must declare background 0 and at least one class, got {sorted(pairs)}")
@@ -101,10 +116,10 @@ def declared_labels(root: str) -> Optional[LabelSet]:
     return LabelSet(tuple(sorted(pairs)), names, f"declared in {path}")
 
 
-def dataset_labels(root: str, num_classes: Optional[int] = None) -> LabelSet:
+def dataset_labels(root: str, num_classes: Optional[int] = None, meta: Optional[dict] = None) -> LabelSet:
     """The labels of the dataset in ``root``: the declared ones (``num_classes``, when given, must agree),
-    else ``0 .. num_classes - 1`` (binary without it)."""
-    declared = declared_labels(root)
+    else ``0 .. num_classes - 1`` (binary without it). ``meta``: dataset.json's content when already read."""
+    declared = declared_labels(root, meta)
     if declared is None:
         if num_classes is None:
             return LabelSet.contiguous(2, BINARY_HINT)

@@ -37,7 +37,7 @@ from ..config import default_cache_dir
 from .cache import VolumeCache
 from .checks import check_finite
 from .intensity import Intensity, zscore
-from .labels import DATASET_JSON, dataset_labels
+from .labels import DATASET_JSON, dataset_labels, read_dataset_json
 
 __all__ = ["IMAGES_DIR", "LABELS_DIR", "TEST_IMAGES_DIR", "is_msd_folder", "require_nibabel", "read_nifti",
            "read_header", "write_nifti", "zscore", "MSDFolder"]
@@ -136,20 +136,6 @@ def _scan(folder: str, endings=SUFFIXES) -> dict[str, str]:
     return files
 
 
-def _dataset_meta(path: str) -> Optional[dict]:
-    """The content of the folder's dataset.json (``path``), or None without one."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path}: {one_line(err, 200)}") from err
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    return meta
-
-
 def _read_dataset_json(meta: Optional[dict], path: str) -> tuple[Optional[list], tuple[str, ...], Optional[list]]:
     """(declared channel names or None, the image file endings, the ``training`` list or None) of the
     folder's dataset.json (``meta``: its content, None without one)."""
@@ -239,9 +225,9 @@ class MSDFolder:
         images_dir, labels_dir = os.path.join(root, IMAGES_DIR), os.path.join(root, LABELS_DIR)
         if not os.path.isdir(images_dir):
             raise FileNotFoundError(f"MSD folder {root} has no {IMAGES_DIR}/")
-        self.label_set = dataset_labels(root, num_classes)
+        self.meta = read_dataset_json(root)
+        self.label_set = dataset_labels(root, num_classes, self.meta)
         json_path = os.path.join(root, DATASET_JSON)
-        self.meta = _dataset_meta(json_path)
         self.channel_names, endings, training = _read_dataset_json(self.meta, json_path)
         files = _scan(images_dir, endings)
         channel_files = _uses_channel_files(self.meta, files)
