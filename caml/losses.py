@@ -65,24 +65,37 @@ def filter_consistent(prob_v: Tensor, pred_v: Tensor, pred_a: Tensor, num_filter
         pred_v, pred_a: [...] the two sub-models' predicted classes.
         num_filtered: voxels kept per class.
 
-    Returns ``(mask, rows, classes)``: ``mask`` [...] the voxels both sub-models agree on (the
-    "consistent set", row-major order); ``rows`` [M] indices into the consistent set: per class, its
-    voxels sorted by ``prob_v`` descending (stable), the first ``num_filtered``, classes in order,
-    a class kept only if it has more than one such voxel (as the official code); ``classes`` [M].
+    Returns ``(consistent, rows, classes)``: ``consistent`` [N] the voxels both sub-models agree on
+    (the "consistent set"), as indices into the flattened voxels, ascending; ``rows`` [M] indices
+    into the consistent set: per class, its voxels sorted by ``prob_v`` descending (stable), the
+    first ``num_filtered``, classes in order, a class kept only if it has more than one such voxel
+    (as the official code); ``classes`` [M].
     """
-    mask = pred_v == pred_a
-    labels, probs = pred_v[mask], prob_v[mask]
+    consistent = torch.nonzero((pred_v == pred_a).flatten()).squeeze(1)
+    labels, probs = pred_v.flatten()[consistent], prob_v.flatten()[consistent]
     rows, classes = [], []
     for c in range(num_classes):
         members = torch.nonzero(labels == c).squeeze(1)
-        order = torch.sort(probs[members], descending=True, stable=True).indices[:num_filtered]
+        order = _top_stable(probs[members], num_filtered)
         if order.numel() > 1:
             rows.append(members[order])
             classes.append(torch.full_like(order, c))
     if not rows:
-        empty = torch.empty(0, dtype=torch.int64, device=mask.device)
-        return mask, empty, empty
-    return mask, torch.cat(rows), torch.cat(classes)
+        empty = torch.empty(0, dtype=torch.int64, device=consistent.device)
+        return consistent, empty, empty
+    return consistent, torch.cat(rows), torch.cat(classes)
+
+
+def _top_stable(values: Tensor, k: int) -> Tensor:
+    """``torch.sort(values, descending=True, stable=True).indices[:k]`` without sorting all of
+    ``values``: the k-th largest value from ``topk``, every larger value, the first of the values
+    equal to it (in index order) up to k, and only those sorted."""
+    if values.numel() <= k:
+        return torch.sort(values, descending=True, stable=True).indices
+    kth = torch.topk(values, k, sorted=False).values.min()
+    above, tied = values > kth, values == kth
+    chosen = torch.nonzero(above | (tied & (torch.cumsum(tied, 0) <= k - above.sum()))).squeeze(1)
+    return chosen[torch.sort(values[chosen], descending=True, stable=True).indices]
 
 
 @torch.no_grad()
@@ -204,24 +217,25 @@ class CAMLObjective(nn.Module):
 
     @torch.no_grad()
     def _update_memory(self, probs, embedding_v, embedding_a, label_l, case_ids) -> None:
-        lb, channels = self.labeled_bs, embedding_a.shape[1]
+        lb, channels, num_classes = self.labeled_bs, embedding_a.shape[1], probs[0].shape[1]
         # max(...).indices, not argmax: the same first maximum, and over the classes axis argmax is a strided
         # reduction 40x slower on a CPU.
         correct = (probs[0][:lb].max(1).indices == label_l) & (probs[1][:lb].max(1).indices == label_l)
         features, labels = [], []
         for i in range(lb):
-            mask = correct[i].flatten()
+            # The voxels both sub-models predict correctly, class by class: the bank's order.
+            label = label_l[i].flatten()
+            members = torch.cat([torch.nonzero(correct[i].flatten() & (label == c)).squeeze(1)
+                                 for c in range(num_classes)])
+            # Official: sub-model a's embedding is read by .view(-1, C) without the permute, so row n
+            # is C consecutive elements of the channel-first buffer, not voxel n (docs/design.md).
+            rows_a = (_voxels(embedding_a[i: i + 1])[0] if self.weights.memory_reshape == "permuted"
+                      else embedding_a[i].reshape(-1, channels))
             with self._autocast(label_l.device):  # official: projected with running BatchNorm statistics
-                proj_v = self.model.project(_voxels(embedding_v[i: i + 1])[0][mask], "v", running_stats=True)
-                # Official: sub-model a's embedding is read by .view(-1, C) without the permute, so row n
-                # is C consecutive elements of the channel-first buffer, not voxel n (docs/design.md).
-                rows_a = (_voxels(embedding_a[i: i + 1])[0] if self.weights.memory_reshape == "permuted"
-                          else embedding_a[i].reshape(-1, channels))
-                proj_a = self.model.project(rows_a[mask], "a", running_stats=True)
-            features.append((_full(proj_v) + _full(proj_a)) / 2)
-            labels.append(label_l[i].flatten()[mask])
+                features.append(self.model.project_mean(_voxels(embedding_v[i: i + 1])[0], rows_a, members))
+            labels.append(label[members])
         ids = case_ids[:lb] if not isinstance(case_ids, Tensor) else case_ids[:lb].tolist()
-        self.memory.update(ids, features, labels)
+        self.memory.update(ids, features, labels, sorted_by_label=True)
 
     def _occ(self, probs, embedding_v, embedding_a, device) -> tuple[Tensor, Optional[Tensor]]:
         """``(loss_o, occ_saturation)``; the saturation is None when there is no OCC term."""
@@ -229,14 +243,13 @@ class CAMLObjective(nn.Module):
         memory, _ = self.memory.sample(w.memory_num)
         prob_v, pred_v = probs[0][lb:].max(dim=1)
         pred_a = probs[1][lb:].max(dim=1).indices
-        mask, rows, _ = filter_consistent(prob_v, pred_v, pred_a, w.num_filtered, probs[0].shape[1])
+        consistent, rows, _ = filter_consistent(prob_v, pred_v, pred_a, w.num_filtered, probs[0].shape[1])
         if memory.shape[0] == 0 or rows.numel() == 0:
             return torch.zeros((), device=device), None
-        voxel_mask = mask.flatten()
         with self._autocast(device):
             # Official: the heads (train mode) see every consistent voxel; the filter picks rows after.
-            feat_v = self.model.predict_rows(_voxels(embedding_v[lb:]).flatten(0, 1)[voxel_mask], "v", rows)
-            feat_a = self.model.predict_rows(_voxels(embedding_a[lb:]).flatten(0, 1)[voxel_mask], "a", rows)
+            feat_v = self.model.predict_rows(_voxels(embedding_v[lb:]).flatten(0, 1), "v", rows, consistent)
+            feat_a = self.model.predict_rows(_voxels(embedding_a[lb:]).flatten(0, 1), "a", rows, consistent)
         feat_v, feat_a = _full(feat_v), _full(feat_a)
         memory = memory.to(feat_v.dtype)
         if w.occ_embedding == "normalized":  # gradients flow through the normalisation of the features

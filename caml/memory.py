@@ -97,14 +97,19 @@ class MemoryBank:
 
     def _reserve(self, rows: int) -> None:
         if rows > self.features.shape[1]:
-            grown = self.features.new_empty((self.num_cases, rows, self.feat_dim))
+            # Geometric growth: a case's entries grow step by step while the model learns, and each growth
+            # copies the whole bank.
+            grown = self.features.new_empty((self.num_cases, max(rows, self.features.shape[1] * 3 // 2),
+                                             self.feat_dim))
             grown[:, : self.features.shape[1]] = self.features
             self.features = grown
 
     def update(self, case_ids: Sequence[int] | Tensor, features: Sequence[Tensor], labels: Sequence[Tensor],
-               sync: bool = True) -> None:
+               sync: bool = True, sorted_by_label: bool = False) -> None:
         """Replace the entries of ``case_ids[i]`` by ``features[i]`` [n_i, D] with ``labels[i]`` [n_i]
-        (detached; n_i may be 0). ``sync``: under ``torch.distributed``, gather every rank's updates first."""
+        (detached; n_i may be 0). ``sync``: under ``torch.distributed``, gather every rank's updates first.
+        ``sorted_by_label``: the caller promises every ``labels[i]`` is non-decreasing (the bank's order),
+        which saves a sort and a copy of the features."""
         case_ids = [int(i) for i in (case_ids.tolist() if isinstance(case_ids, Tensor) else case_ids)]
         if not len(case_ids) == len(features) == len(labels):
             raise ValueError(f"case_ids, features and labels must have one entry per case, got "
@@ -126,8 +131,7 @@ class MemoryBank:
         counts = torch.stack(bincounts) if bincounts else None
         self._reserve(max((f.shape[0] for f, _ in kept), default=0))
         for case, (f, lab), row in zip(case_ids, kept, counts if counts is not None else []):
-            order = torch.sort(lab, stable=True).indices
-            self.features[case, : f.shape[0]] = f[order]
+            self.features[case, : f.shape[0]] = f if sorted_by_label else f[torch.sort(lab, stable=True).indices]
             self._counts_dev[case] = row
         if counts is not None:  # one sync for all cases of the update
             for case, row in zip(case_ids, counts.tolist()):
@@ -173,7 +177,7 @@ class MemoryBank:
         for c, total in enumerate(self.class_totals()):
             if total < num_per_class:
                 continue
-            draw = torch.randperm(total, generator=self.generator, device=self.device)[:num_per_class]
+            draw = _distinct_draws(total, num_per_class, self.generator)
             counts = self._counts_dev[:, c]
             ends = torch.cumsum(counts, dim=0)  # position of each case's class-c run in the concatenation
             case = torch.searchsorted(ends, draw, right=True)
@@ -183,3 +187,22 @@ class MemoryBank:
         if not picked:
             return flat.new_empty((0, self.feat_dim)), torch.empty(0, dtype=torch.int64, device=self.device)
         return torch.cat(picked), torch.cat(picked_labels)
+
+
+def _distinct_draws(total: int, k: int, generator: torch.Generator) -> Tensor:
+    """k of ``range(total)`` uniformly without replacement, in random order (as ``randperm(total)[:k]``,
+    on the generator's device). On a CPU with ``total`` much larger than k (the background class: millions
+    of entries, 256 drawn) in O(k), not O(total): the distinct values of a stream of uniform draws in order
+    of first appearance are such a sample."""
+    device = generator.device
+    if device.type != "cpu" or total < 4 * k:  # randperm: cheap there, and on a GPU no host loop
+        return torch.randperm(total, generator=generator, device=device)[:k]
+    draws = torch.empty(0, dtype=torch.int64)
+    while True:
+        draws = torch.cat([draws, torch.randint(total, (k + k // 2,), generator=generator)])
+        values, inverse = torch.unique(draws, return_inverse=True)
+        if values.numel() >= k:
+            break
+    positions = torch.arange(draws.numel())
+    first = torch.full_like(values, draws.numel()).scatter_reduce(0, inverse, positions, "amin")
+    return values[torch.sort(first).indices[:k]]

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import caml_ops.reference
-from caml.losses import SATURATION_ROWS, CAMLObjective, LossWeights, dice_loss, filter_consistent, occ_saturation
+from caml.losses import (SATURATION_ROWS, CAMLObjective, LossWeights, _top_stable, dice_loss, filter_consistent,
+                         occ_saturation)
 from caml.rampup import official_rampup_length, sigmoid_rampup
 from caml.memory import MemoryBank
 from caml.models import CAML3d
@@ -64,25 +65,33 @@ def _reference_filter(prob_v, pred_v, pred_a, num_filtered, num_classes):
     return mask, selected
 
 
-@pytest.mark.parametrize("num_filtered", [1, 5, 1000])
+@pytest.mark.parametrize("num_filtered", [1, 5, 7, 13, 1000])
 def test_filter_consistent_matches_a_reference(num_filtered):
     torch.manual_seed(num_filtered)
     shape = (2, 4, 5, 3)
     prob_v = torch.rand(shape).round(decimals=1)  # ties on purpose
     pred_v, pred_a = torch.randint(0, 3, shape), torch.randint(0, 3, shape)
     pred_a[0, 0] = pred_v[0, 0]
-    mask, rows, classes = filter_consistent(prob_v, pred_v, pred_a, num_filtered, 3)
+    consistent, rows, classes = filter_consistent(prob_v, pred_v, pred_a, num_filtered, 3)
     ref_mask, ref = _reference_filter(prob_v, pred_v, pred_a, num_filtered, 3)
-    assert torch.equal(mask, ref_mask)
+    assert torch.equal(consistent, torch.nonzero(ref_mask.flatten()).squeeze(1))
     assert list(zip(rows.tolist(), classes.tolist())) == ref
+
+
+@pytest.mark.parametrize("k", [1, 2, 97, 998, 999, 5000])
+def test_top_stable_is_the_head_of_a_stable_descending_sort(k):
+    torch.manual_seed(k)
+    values = torch.rand(999).round(decimals=1)  # ties everywhere, at the k-th value too
+    expected = torch.sort(values, descending=True, stable=True).indices[:k]
+    assert torch.equal(_top_stable(values, k), expected)
 
 
 def test_filter_consistent_drops_single_voxel_classes():
     pred_v = torch.tensor([0, 0, 1, 2])
-    mask, rows, classes = filter_consistent(torch.rand(4), pred_v, pred_v.clone(), 10, 3)
-    assert classes.tolist() == [0, 0]
-    mask, rows, _ = filter_consistent(torch.rand(2), torch.tensor([0, 1]), torch.tensor([1, 0]), 10, 2)
-    assert rows.numel() == 0 and not mask.any()
+    consistent, rows, classes = filter_consistent(torch.rand(4), pred_v, pred_v.clone(), 10, 3)
+    assert classes.tolist() == [0, 0] and consistent.tolist() == [0, 1, 2, 3]
+    consistent, rows, _ = filter_consistent(torch.rand(2), torch.tensor([0, 1]), torch.tensor([1, 0]), 10, 2)
+    assert rows.numel() == 0 and consistent.numel() == 0
 
 
 # --- the objective against the official computation, restated ---

@@ -35,6 +35,31 @@ def test_update_stores_sorted_by_label_and_replaces():
     assert bank.class_totals() == [2, 1] and _rows(bank.case_entries(1)[0]) == _rows(f2)
 
 
+def test_presorted_update_stores_the_rows_as_given():
+    """sorted_by_label=True (labels already non-decreasing) stores the same entries as a sorted update."""
+    f, lab = _case(4, 6)
+    order = torch.sort(lab, stable=True).indices
+    sorted_bank, bank = MemoryBank(2, 2, 3), MemoryBank(2, 2, 3)
+    sorted_bank.update([0], [f[order]], [lab[order]], sorted_by_label=True)
+    bank.update([0], [f], [lab])
+    for ours, theirs in zip(sorted_bank.case_entries(0), bank.case_entries(0)):
+        assert torch.equal(ours, theirs)
+
+
+def test_growing_entries_reallocate_the_bank_geometrically():
+    """A case's entries growing row by row (as the correct voxels while the model learns) reallocate the
+    bank (a copy of every case's rows) a logarithmic number of times, the entries intact."""
+    bank = MemoryBank(num_cases=2, num_classes=2, feat_dim=3)
+    f_other, lab_other = _case(3, 2, offset=500)
+    bank.update([1], [f_other], [lab_other])
+    capacities = set()
+    for n in range(6, 200):
+        bank.update([0], [torch.randn(n, 3)], [torch.arange(n) % 2])
+        capacities.add(bank.features.shape[1])
+    assert len(capacities) <= 10
+    assert _rows(bank.case_entries(1)[0]) == _rows(f_other)
+
+
 def test_sampling_is_per_class_without_replacement_over_all_cases():
     bank = MemoryBank(num_cases=3, num_classes=2, feat_dim=3, seed=1)
     cases = [_case(5, 7, offset=0), _case(9, 3, offset=100), _case(2, 4, offset=200)]
@@ -72,6 +97,26 @@ def test_sampling_is_uniform_over_the_pooled_cases():
                                                                    torch.zeros(30, dtype=torch.long)])
     from_case1 = torch.stack([bank.sample(8)[0].sum() for _ in range(400)]).sum() / (8 * 400)
     assert abs(float(from_case1) - 0.75) < 0.03  # 30 of 40 rows come from case 1
+
+
+def test_large_classes_are_sampled_uniformly_without_replacement():
+    """A class much larger than the sample (drawn by the stream of distinct draws): every row equally
+    likely, never twice in one sample, the same draws for the same seed."""
+    def filled():
+        bank = MemoryBank(num_cases=2, num_classes=1, feat_dim=1, seed=5)
+        bank.update([0, 1], [torch.arange(300.0)[:, None], torch.arange(300.0, 500.0)[:, None]],
+                    [torch.zeros(300, dtype=torch.long), torch.zeros(200, dtype=torch.long)])
+        return bank
+
+    bank = filled()
+    hits = torch.zeros(500)
+    for _ in range(2000):
+        rows = bank.sample(16)[0][:, 0].long()
+        assert rows.unique().numel() == 16
+        hits[rows] += 1
+    expected = 2000 * 16 / 500  # 64 per row
+    assert float(((hits - expected) ** 2 / expected).sum()) < 600  # chi-square, 499 dof: p ~ 0.001
+    assert torch.equal(filled().sample(16)[0], filled().sample(16)[0])
 
 
 def test_cap_keeps_a_subset_per_case():

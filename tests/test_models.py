@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from caml.models import CAML3d, CAML3dOutput, Decoder, Encoder, load_checkpoint, read_state_dict
+from caml.models import head_statistics
 
 from .helpers import assert_close_to_reference, assert_within_2x_torch_error, fresh_seed
 
@@ -205,11 +206,15 @@ def test_outputs_equal_the_official_structure(training):
         )
 
 
+@pytest.mark.parametrize("chunk_rows", [32_768, 64], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("members", [False, True], ids=["all-rows", "members"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 @pytest.mark.parametrize("sub_model", ["v", "a"])
-def test_predict_rows_equals_the_heads_on_all_rows_then_rows(sub_model, momentum):
-    """predict_rows(x, s, rows) = predict(x, s)[rows] in training mode: values, the gradients of the
-    embeddings and of every head parameter, and the BatchNorm running statistics after two calls."""
+def test_predict_rows_equals_the_heads_on_all_rows_then_rows(sub_model, momentum, members, chunk_rows, monkeypatch):
+    """predict_rows(x, s, rows, members) = predict(x[members], s)[rows] in training mode: values, the
+    gradients of the embeddings and of every head parameter, and the BatchNorm running statistics after
+    two calls; the statistics in one chunk of rows or in several."""
+    monkeypatch.setattr(head_statistics, "CPU_CHUNK_ROWS", chunk_rows)
     seed = fresh_seed()
     model = small_model().double().train()
     for head in model._heads(sub_model):
@@ -218,11 +223,13 @@ def test_predict_rows_equals_the_heads_on_all_rows_then_rows(sub_model, momentum
     twin.load_state_dict(model.state_dict())
     for head in twin._heads(sub_model):
         head[1].momentum = momentum
-    x = (torch.randn(301, 4, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    x = (torch.randn(401, 4, dtype=torch.float64) * 2 + 0.5).requires_grad_()
     x_twin = x.detach().clone().requires_grad_()
+    batch = torch.randperm(401)[:301] if members else None
     rows = torch.randperm(301)[:37]
     for _ in range(2):  # the second call sees the running statistics the first one updated
-        ours, plain = model.predict_rows(x, sub_model, rows), twin.predict(x_twin, sub_model)[rows]
+        ours = model.predict_rows(x if members else x[:301], sub_model, rows, batch)
+        plain = twin.predict(x_twin[batch] if members else x_twin[:301], sub_model)[rows]
         assert_close_to_reference(ours, plain, seed, "rows")
     grad = torch.randn_like(plain)
     ours.backward(grad)
@@ -260,8 +267,29 @@ def test_project_with_running_stats_is_the_eval_mode_head(sub_model):
     assert_close_to_reference(model.project(x, sub_model), expected, seed, "eval mode")
 
 
-def test_predict_rows_float32_within_2x_of_pytorch_error():
+@pytest.mark.parametrize("chunk_rows", [32_768, 64], ids=["one-chunk", "chunks"])
+def test_project_mean_is_the_mean_of_the_running_stats_projections(chunk_rows, monkeypatch):
+    """project_mean(v, a, members) = (project(v[members], "v") + project(a[members], "a")) / 2 with the
+    running statistics, in training mode, the running statistics untouched."""
+    monkeypatch.setattr(head_statistics, "CPU_CHUNK_ROWS", chunk_rows)
+    seed = fresh_seed()
+    model = small_model().double().train()
+    with torch.no_grad():
+        for sub_model in ("v", "a"):
+            model._heads(sub_model)[0][1].running_mean.uniform_(-1, 1)
+            model._heads(sub_model)[0][1].running_var.uniform_(0.5, 2)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    v, a = torch.randn(500, 4, dtype=torch.float64), torch.randn(500, 4, dtype=torch.float64)
+    members = torch.randperm(500)[:333]
+    expected = (model.project(v[members], "v", running_stats=True) + model.project(a[members], "a", True)) / 2
+    assert_close_to_reference(model.project_mean(v, a, members), expected, seed, "features")
+    assert all(torch.equal(value, dict(model.named_buffers())[k]) for k, value in buffers.items())
+
+
+@pytest.mark.parametrize("chunk_rows", [32_768, 1000], ids=["one-chunk", "chunks"])
+def test_predict_rows_float32_within_2x_of_pytorch_error(chunk_rows, monkeypatch):
     """In float32 the statistics from the covariance err at most twice as much as the heads on all rows."""
+    monkeypatch.setattr(head_statistics, "CPU_CHUNK_ROWS", chunk_rows)
     seed = fresh_seed()
     model = small_model().train()
     x = torch.randn(20_000, 4) * 3 + 1

@@ -10,7 +10,7 @@ omni-correlation loss. Module names and shapes are the official ones: official c
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch.profiler import record_function
 
 from caml_ops.nn import CrossSampleMutualAttention
 
+from .head_statistics import compute_dtype, projection_statistics, row_chunks
 from .vnet import DEPTH, Decoder, Encoder, check_args
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -123,46 +124,66 @@ class CAML3d(nn.Module):
         even in training mode, as the official code projects the memory bank's features.
         """
         head = self._heads(sub_model)[0]
-        linear1, norm, relu, linear2 = head
-        if not (running_stats or not norm.training) or not norm.track_running_stats:
+        if not self._uses_running_stats(head, running_stats):
             return head(embeddings)
-        # BatchNorm with running statistics is affine: folded into the first Linear, one pass over N rows less.
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        shift = -norm.running_mean * scale
-        if norm.affine:
-            scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
-        return linear2(relu(F.linear(embeddings, linear1.weight * scale[:, None], linear1.bias * scale + shift)))
+        linear1, _, relu, linear2 = head
+        return linear2(relu(F.linear(embeddings, *_fold_running_stats(head))))
+
+    @torch.no_grad()
+    def project_mean(self, embeddings_v: Tensor, embeddings_a: Tensor, members: Tensor) -> Tensor:
+        """The memory bank's features of the voxels ``members`` (int64 [N] into both embeddings [V,
+        n_filters]): ``(project(v[members], "v") + project(a[members], "a")) / 2`` with BatchNorm's running
+        statistics, computed in chunks of rows (no [N, feat_dim] temporaries). -> [N, feat_dim] float32
+        (float64 for float64 embeddings), no gradient."""
+        heads = [self._heads(s)[0] for s in ("v", "a")]
+        if not all(self._uses_running_stats(head, True) for head in heads):  # no running statistics: as is
+            return (self.project(embeddings_v[members], "v", True) + self.project(embeddings_a[members], "a", True)) / 2
+        folded = [_fold_running_stats(head) for head in heads]
+        out = torch.empty((members.shape[0], self.feat_dim), dtype=compute_dtype(embeddings_v.dtype),
+                          device=embeddings_v.device)
+        chunks = zip(*(row_chunks(x, members, x.dtype) for x in (embeddings_v, embeddings_a)))
+        for (where, x_v), (_, x_a) in chunks:
+            projected = [linear2(relu(F.linear(x, *fold))) for x, fold, (_, _, relu, linear2)
+                         in zip((x_v, x_a), folded, heads)]
+            out[where] = (projected[0].to(out.dtype) + projected[1].to(out.dtype)) / 2
+        return out
+
+    @staticmethod
+    def _uses_running_stats(head: nn.Sequential, running_stats: bool) -> bool:
+        norm = head[1]
+        return (running_stats or not norm.training) and norm.track_running_stats
 
     def predict(self, embeddings: Tensor, sub_model: str) -> Tensor:
         """Projection then prediction head of sub-model ``"v"`` or ``"a"``: [N, n_filters] -> [N, feat_dim]."""
         projection, prediction = self._heads(sub_model)
         return prediction(projection(embeddings))
 
-    def predict_rows(self, embeddings: Tensor, sub_model: str, rows: Tensor) -> Tensor:
-        """``predict(embeddings, sub_model)[rows]``, the heads' BatchNorm statistics (training mode) taken
-        over every row of ``embeddings`` as there, but the layers after the projection head's ReLU run on
-        ``rows`` only: the input of the prediction head's BatchNorm is affine in that ReLU's output ``a``
-        (two Linear layers), so its batch mean and variance over all rows follow from ``a``'s mean and
-        covariance (docs/design.md, "Speed of the training iteration").
-        [N, n_filters], rows [M] -> [M, feat_dim]."""
+    def predict_rows(self, embeddings: Tensor, sub_model: str, rows: Tensor, members: Optional[Tensor] = None) -> Tensor:
+        """``predict(batch, sub_model)[rows]`` with ``batch = embeddings[members]`` (all of ``embeddings``
+        when ``members`` is None): the heads' BatchNorm statistics (training mode) are taken over every row
+        of the batch as there, but only the filtered ``rows`` go through the layers after the projection
+        head's ReLU. The input of the prediction head's BatchNorm is affine in that ReLU's output ``a``
+        (two Linear layers), so its batch mean and variance follow from ``a``'s mean and covariance,
+        which :func:`caml.models.head_statistics.projection_statistics` computes in chunks without
+        holding ``a`` or the batch (docs/design.md, "Speed of the training iteration").
+        embeddings [V, n_filters], rows [M] (indices into the batch), members [N] -> [M, feat_dim]."""
         projection, prediction = self._heads(sub_model)
-        linear1, norm1, relu1, linear2 = projection
+        linear1, norm1, _, linear2 = projection
         linear3, norm2, relu2, linear4 = prediction
-        if not (norm1.training and norm2.training) or embeddings.shape[0] < 2:  # BatchNorm's own path and errors
-            return self.predict(embeddings, sub_model)[rows]
-        a = relu1(norm1(linear1(embeddings)))  # every row: the first BatchNorm's statistics need them
-        with torch.autocast(a.device.type, enabled=False):  # the statistics in float32 (float64 for float64)
-            a_full = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
-            weight = linear3.weight.to(a_full.dtype) @ linear2.weight.to(a_full.dtype)
-            bias = linear3.weight.to(a_full.dtype) @ linear2.bias.to(a_full.dtype) + linear3.bias.to(a_full.dtype)
-            mean_a = a_full.mean(0)
-            centered = a_full - mean_a
-            cov = centered.T @ centered / a_full.shape[0]
-            mean = weight @ mean_a + bias
-            var = ((weight @ cov) * weight).sum(1)  # diag(W cov W^T): the biased batch variance, as BatchNorm's
-        _update_running_stats(norm2, mean, var, a.shape[0])
-        g = linear3(linear2(a[rows]))
-        h = (g.to(mean.dtype) - mean) * torch.rsqrt(var + norm2.eps)
+        count = embeddings.shape[0] if members is None else members.shape[0]
+        if not (norm1.training and norm2.training) or count < 2:  # BatchNorm's own path and errors
+            return self.predict(embeddings if members is None else embeddings[members], sub_model)[rows]
+        stats = projection_statistics(embeddings, linear1, norm1, rows, members)
+        _update_running_stats(norm1, stats.norm_mean, stats.norm_var, count)
+        dtype = stats.mean.dtype  # float32 under autocast (float64 for float64)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            weight = linear3.weight.to(dtype) @ linear2.weight.to(dtype)
+            bias = linear3.weight.to(dtype) @ linear2.bias.to(dtype) + linear3.bias.to(dtype)
+            mean = weight @ stats.mean + bias
+            var = ((weight @ stats.cov) * weight).sum(1)  # diag(W cov W^T): the biased variance, as BatchNorm's
+        _update_running_stats(norm2, mean, var, count)
+        g = linear3(linear2(stats.rows))
+        h = (g.to(dtype) - mean) * torch.rsqrt(var + norm2.eps)
         if norm2.affine:
             h = h * norm2.weight + norm2.bias
         return linear4(relu2(h))
@@ -212,6 +233,17 @@ def _update_running_stats(norm: nn.BatchNorm1d, mean: Tensor, var: Tensor, count
     norm.running_mean.mul_(1 - factor).add_(mean.detach().to(norm.running_mean.dtype), alpha=factor)
     unbiased = var.detach() * (count / (count - 1))
     norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
+
+
+def _fold_running_stats(head: nn.Sequential) -> tuple[Tensor, Tensor]:
+    """The weight and bias of a head's first Linear with its BatchNorm's running statistics folded in
+    (BatchNorm with fixed statistics is affine): one pass over the rows less."""
+    linear1, norm = head[0], head[1]
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    shift = -norm.running_mean * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+    return linear1.weight * scale[:, None], linear1.bias * scale + shift
 
 
 def _is_state_dict(obj: object) -> bool:
