@@ -126,7 +126,7 @@ def _step_function(arm: str, cfg, device: torch.device):
         model.train()
         volume, label = batch["image"].to(device), batch["label"].to(device)
         parts = optimisation_step(objective, optimizer, volume, label, batch["idx"], iteration)
-        {k: float(v) for k, v in parts.items()}  # the trainer's per-iteration read of the losses
+        torch.stack(list(parts.values())).tolist()  # the trainer's per-iteration read of the losses
     return step
 
 

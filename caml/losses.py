@@ -202,7 +202,9 @@ class CAMLObjective(nn.Module):
             ramp = w.ramp(iteration)
             lambda_c, lambda_o = w.consistency * ramp, w.consistency_o * ramp
             loss = loss + lambda_c * loss_c + lambda_o * loss_o
-            parts.update(loss_c=loss_c, loss_o=loss_o, lambda_c=torch.tensor(lambda_c), lambda_o=torch.tensor(lambda_o))
+            # The weights as device scalars (a fill, not a host copy): the parts are read in one transfer.
+            parts.update(loss_c=loss_c, loss_o=loss_o, lambda_c=torch.full((), lambda_c, device=volume.device),
+                         lambda_o=torch.full((), lambda_o, device=volume.device))
             if saturation is not None:
                 parts["occ_saturation"] = saturation
         parts["loss"] = loss

@@ -241,7 +241,7 @@ class Trainer:
         label = batch["label"].to(self.device, non_blocking=True)
         parts = optimisation_step(self.step_fn, self.optimizer, volume, label, batch["idx"], self.iteration + 1)
         self.iteration += 1
-        values = {k: float(v) for k, v in parts.items()}
+        values = dict(zip(parts, torch.stack(list(parts.values())).tolist()))  # one device-to-host copy
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"the loss is not finite at iteration {self.iteration}: {values}")
         if self.processes.main:
