@@ -1,6 +1,6 @@
 """caml-ops: fused kernels for semi-supervised 3D medical image segmentation (CAML)."""
 from . import nn
-from ._backend import BACKENDS, get_backend, set_backend
+from ._backend import BACKENDS, cpu_capability, get_backend, set_backend
 from .attention import cross_sample_attention, intra_sample_attention
 from .dropout import dropout
 from .mutual_consistency import mutual_consistency_loss
@@ -9,6 +9,7 @@ from .omni_correlation import omni_correlation, omni_correlation_loss
 __all__ = [
     "nn",
     "BACKENDS",
+    "cpu_capability",
     "get_backend",
     "set_backend",
     "cross_sample_attention",

@@ -73,6 +73,17 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 EXTENSION_HAS_CUDA = False
 
 
+def cpu_capability() -> str | None:
+    """The build of the C++ CPU kernels that runs: "AVX512" or "AVX2" on x86-64, the lower of what the CPU
+    supports and :func:`torch.backends.cpu.get_cpu_capability` (so ``ATEN_CPU_CAPABILITY=avx2`` forces
+    AVX2; AVX2 is the lowest build), "DEFAULT" on other architectures; None without caml_ops._C."""
+    try:
+        from caml_ops import _C
+    except ImportError:
+        return None
+    return _C.cpu_capability() if hasattr(_C, "cpu_capability") else None
+
+
 def declare(op: str, kernels: tuple[Kernel, ...], kernel_ops: tuple[str, ...]) -> None:
     """Declare `op`'s kernels; its `kernel_ops` (names in torch.ops.caml_ops) must be in caml_ops._C if it
     has C++ ones."""

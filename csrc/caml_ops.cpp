@@ -5,10 +5,20 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/dispatch.h"
+
+namespace {
+PyObject* cpu_capability(PyObject*, PyObject*) { return PyUnicode_FromString(caml_ops::cpu_capability_name()); }
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The build of the CPU kernels that runs: 'AVX512', 'AVX2' or 'DEFAULT' (csrc/cpu/dispatch.h)."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 // `import caml_ops._C` loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

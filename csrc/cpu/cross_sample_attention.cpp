@@ -31,10 +31,11 @@
 
 #include "../checks.h"
 #include "../philox.h"
-#include "../register.h"
+#include "dispatch.h"
 #include "vec_math.h"
 
 namespace caml_ops {
+inline namespace CPU_CAPABILITY {  // one build per capability: see dispatch.h
 namespace {
 
 using at::Tensor;
@@ -178,6 +179,8 @@ void backward_kernel(const Rows<T>& dout, const Rows<T>& q, const Rows<T>& k, co
   });
 }
 
+}  // namespace
+
 std::tuple<Tensor, Tensor> cross_sample_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                                           double scale, double dropout_p, const Tensor& rng_state) {
   const AttentionInputs in =
@@ -213,8 +216,8 @@ std::tuple<Tensor, Tensor, Tensor> cross_sample_attention_backward(const Tensor&
   return {dq, dk, dv};
 }
 
-}  // namespace
+}  // namespace CPU_CAPABILITY
 
-CAML_OPS_REGISTER_FORWARD_BACKWARD(CPU, cross_sample_attention)
+CAML_OPS_REGISTER_CPU_FORWARD_BACKWARD(cross_sample_attention)
 
 }  // namespace caml_ops

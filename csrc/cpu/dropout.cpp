@@ -12,18 +12,22 @@
 
 #include "../checks.h"
 #include "../philox.h"
+#include "dispatch.h"
 #include "philox_vec.h"
 #include "vec_math.h"
 
 namespace caml_ops {
+inline namespace CPU_CAPABILITY {  // one build per capability: see dispatch.h
 namespace {
 
 using at::Tensor;
 using namespace vecmath;
 
 constexpr int64_t kRowLen = DropoutWords::kRowLen;             // elements per row of the mask
-constexpr int64_t kChunk = DropoutWords::kPairRows * kRowLen;  // elements per draw
+constexpr int64_t kChunk = DropoutWords::kRows * kRowLen;  // elements per draw
 constexpr int64_t kGrainChunks = 256;                          // chunks per parallel task, at least
+
+}  // namespace
 
 Tensor dropout(const Tensor& x, double dropout_p, const Tensor& rng_state) {
   constexpr const char* op = "dropout";
@@ -42,7 +46,7 @@ Tensor dropout(const Tensor& x, double dropout_p, const Tensor& rng_state) {
     at::parallel_for(0, (n + kChunk - 1) / kChunk, kGrainChunks, [&](int64_t c0, int64_t c1) {
       uint32_t words[kChunk];
       for (int64_t c = c0; c < c1; ++c) {
-        draw.rows(static_cast<uint64_t>(c * DropoutWords::kPairRows), 0, words);
+        draw.rows(static_cast<uint64_t>(c * DropoutWords::kRows), 0, words);
         const int64_t i0 = c * kChunk, m = std::min(kChunk, n - i0);
         // x * Z, not a select: NaN and inf propagate as in torch's dropout.
         for (int64_t e = 0; e < m; e += kLanes<scalar_t>) {
@@ -55,8 +59,8 @@ Tensor dropout(const Tensor& x, double dropout_p, const Tensor& rng_state) {
   return out;
 }
 
-}  // namespace
+}  // namespace CPU_CAPABILITY
 
-TORCH_LIBRARY_IMPL(caml_ops, CPU, m) { m.impl("dropout", &dropout); }
+CAML_OPS_REGISTER_CPU(dropout)
 
 }  // namespace caml_ops

@@ -4,9 +4,9 @@
 // (any strides: transposed tiles and strided rows alike), B and C row-major
 // with leading dimensions ldb, ldc. The shapes are small and per tile, where
 // BLAS calls are slow. Blocks of kGemmRows rows x 2 vectors of columns (12
-// accumulators + 2 B vectors + 1 broadcast: 15 of the 16 AVX2 registers)
-// accumulate over K in order, by FMA, as MKL does; then times alpha, plus C
-// when accumulating.
+// accumulators + 2 B vectors + 1 broadcast: 15 of the 16 AVX2 registers; of
+// 32 with AVX-512, whose vectors are twice as wide) accumulate over K in order,
+// by FMA, as MKL does; then times alpha, plus C when accumulating.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -14,9 +14,11 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "simd.h"
 #include "vec_math.h"
 
 namespace caml_ops {
+inline namespace CPU_CAPABILITY {  // one copy per build: see csrc/cpu/dispatch.h
 // Internal linkage: each kernel file keeps the copy compiled with it. (With
 // external linkage the linker keeps one copy for both files, and which one,
 // inlined and contracted how, would decide bits.)
@@ -30,21 +32,21 @@ using at::vec::Vectorized;
 
 // The accumulators are native vectors in fully unrolled loops: otherwise GCC
 // keeps the arrays in memory and stores all of them on every step of the K loop.
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CAML_OPS_SIMD)
 template <typename T>
 struct NativeVec;
 template <>
 struct NativeVec<float> {
-  using type = __m256;
+  using type = simd::Fv;
 };
 template <>
 struct NativeVec<double> {
-  using type = __m256d;
+  using type = simd::Dv;
 };
 template <typename T>
 using Native = typename NativeVec<T>::type;
-inline __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
-inline __m256d fma(__m256d a, __m256d b, __m256d c) { return _mm256_fmadd_pd(a, b, c); }
+inline simd::Fv fma(simd::Fv a, simd::Fv b, simd::Fv c) { return CAML_MM(fmadd_ps)(a, b, c); }
+inline simd::Dv fma(simd::Dv a, simd::Dv b, simd::Dv c) { return CAML_MM(fmadd_pd)(a, b, c); }
 #else
 template <typename T>
 using Native = Vectorized<T>;
@@ -136,4 +138,5 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_m, int64_t a_l,
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 }  // namespace caml_ops

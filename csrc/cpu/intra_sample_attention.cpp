@@ -14,8 +14,8 @@
 // first). Chunks per (b, h) depend on the sizes only; partials are summed in
 // chunk order: deterministic, no float atomics, whatever the thread count.
 //
-// Dropout mask: csrc/philox.h on the [B, H, L] rows of L keys, drawn 128 words
-// at a time by philox_vec.h (AVX2); no RNG at all when dropout_p == 0.
+// Dropout mask: csrc/philox.h on the [B, H, L] rows of L keys, drawn 128 or 256
+// words at a time by philox_vec.h; no RNG at all when dropout_p == 0.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -29,12 +29,13 @@
 
 #include "../checks.h"
 #include "../philox.h"
-#include "../register.h"
+#include "dispatch.h"
 #include "gemm.h"
 #include "philox_vec.h"
 #include "vec_math.h"
 
 namespace caml_ops {
+inline namespace CPU_CAPABILITY {  // one build per capability: see dispatch.h
 namespace {
 
 using at::Tensor;
@@ -77,6 +78,7 @@ void forward_block(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, int
                    const DropoutWords& draw, T* out, T* lse, T* ws, uint32_t* words) {
   using V = Vectorized<T>;
   constexpr int64_t W = kLanes<T>;
+  static_assert(W <= DropoutWords::kColumnRows, "a vector of queries takes its words from one columns() block");
   constexpr int64_t ld = kBlock;  // leading dimension of the query-indexed tiles
   T* qt = ws;                     // [d, ld]: Q^T of the block
   T* st = qt + d * ld;            // [kBlock keys, ld]: S^T, then P^T (dropped, unnormalised)
@@ -110,7 +112,7 @@ void forward_block(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, int
       const V neg_m = V(T(0)) - m_new;
       V sum(T(0));
       for (int64_t j = 0; j < nk; j += DropoutWords::kColumnLen) {
-        // Words of keys j0 + j + r (r < 16) for queries i0 + i + c (c < 8, the lanes).
+        // Words of keys j0 + j + r (r < 16) for queries i0 + i + c (c < kColumnRows, the float lanes).
         if (dropout) draw.columns(static_cast<uint64_t>(bh * L + i0 + i), static_cast<uint64_t>(j0 + j), words);
         for (int64_t r = 0; r < std::min(DropoutWords::kColumnLen, nk - j); ++r) {
           T* s = st + (j + r) * ld + i;
@@ -222,9 +224,10 @@ void backward_chunk(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, co
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t row = bh * L + i0 + i;
           const V neg_lse(-lse[row]), d_i(D[row]);
-          // Words of keys j0 .. j0 + 63 for this query row and the next.
-          if (dropout && i % 2 == 0) draw.rows(static_cast<uint64_t>(row), static_cast<uint64_t>(j0), words);
-          const uint32_t* row_words = words + (i % 2) * kBlock;
+          // Words of keys j0 .. j0 + 63 for this query row and the next kRows - 1.
+          constexpr int64_t kRows = DropoutWords::kRows;
+          if (dropout && i % kRows == 0) draw.rows(static_cast<uint64_t>(row), static_cast<uint64_t>(j0), words);
+          const uint32_t* row_words = words + (i % kRows) * kBlock;
           for (int64_t t = 0; t < nvec; ++t) {
             T* s = sp + i * ld + t * W;
             T* dp = ds + i * ld + t * W;
@@ -248,6 +251,8 @@ void backward_chunk(const Heads<T>& Q, const Heads<T>& K, const Heads<T>& Vh, co
     }
   }
 }
+
+}  // namespace
 
 // ---------------------------------------------------------------- ops
 
@@ -318,7 +323,7 @@ std::tuple<Tensor, Tensor, Tensor> intra_sample_attention_backward(const Tensor&
     const int64_t ws_size = 2 * kGroup * d * kBlock + 2 * kBlock * kBlock;
     at::parallel_for(0, B * H * sh.chunks, 1, [&](int64_t t0, int64_t t1) {
       std::vector<scalar_t> ws(ws_size);
-      std::vector<uint32_t> words(DropoutWords::kPairRows * kBlock);
+      std::vector<uint32_t> words(DropoutWords::kRows * kBlock);
       const DropoutWords draw(drop.seed, drop.offset, static_cast<uint64_t>(L));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / sh.chunks, c = t % sh.chunks, b = bh / H, h = bh % H;
@@ -334,8 +339,8 @@ std::tuple<Tensor, Tensor, Tensor> intra_sample_attention_backward(const Tensor&
   return {grad_q, grad_k, grad_v};
 }
 
-}  // namespace
+}  // namespace CPU_CAPABILITY
 
-CAML_OPS_REGISTER_FORWARD_BACKWARD(CPU, intra_sample_attention)
+CAML_OPS_REGISTER_CPU_FORWARD_BACKWARD(intra_sample_attention)
 
 }  // namespace caml_ops

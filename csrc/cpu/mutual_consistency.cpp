@@ -36,10 +36,11 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../register.h"
+#include "dispatch.h"
 #include "vec_math.h"
 
 namespace caml_ops {
+inline namespace CPU_CAPABILITY {  // one build per capability: see dispatch.h
 namespace {
 
 using at::Tensor;
@@ -232,6 +233,8 @@ std::vector<Tensor> contiguous_all(const std::vector<Tensor>& logits) {
   return out;
 }
 
+}  // namespace
+
 Tensor mutual_consistency_loss_forward(at::TensorList logits_in, double temperature) {
   const LogitsShape sh = check_logits("mutual_consistency_loss_forward", kCpuKernel, logits_in, temperature);
   const std::vector<Tensor> logits = contiguous_all(logits_in.vec());
@@ -265,8 +268,8 @@ std::vector<Tensor> mutual_consistency_loss_backward(const Tensor& grad, at::Ten
   return grads;
 }
 
-}  // namespace
+}  // namespace CPU_CAPABILITY
 
-CAML_OPS_REGISTER_FORWARD_BACKWARD(CPU, mutual_consistency_loss)
+CAML_OPS_REGISTER_CPU_FORWARD_BACKWARD(mutual_consistency_loss)
 
 }  // namespace caml_ops

@@ -24,16 +24,17 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../register.h"
+#include "dispatch.h"
 #include "gemm.h"
 #include "vec_math.h"
 
 namespace caml_ops {
+inline namespace CPU_CAPABILITY {  // one build per capability: see dispatch.h
 namespace {
 
 using at::Tensor;
 using at::vec::Vectorized;
-using namespace vecmath;  // exp and log: the AVX2 polynomials shared with the other CPU kernels
+using namespace vecmath;  // exp and log: the AVX2 / AVX-512 polynomials shared with the other CPU kernels
 
 template <typename T>
 T row_max(const T* s, int64_t K) {
@@ -327,6 +328,8 @@ Tensor backward_input(const char* op, const Tensor& x, const char* name, at::Int
   return x.to(dtype).contiguous();
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------- ops
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> omni_correlation_loss_forward(const Tensor& feat_v_in,
@@ -465,9 +468,9 @@ std::tuple<Tensor, Tensor> omni_correlation_backward(const Tensor& grad_out_in, 
   return {grad_feat, grad_memory};
 }
 
-}  // namespace
+}  // namespace CPU_CAPABILITY
 
-CAML_OPS_REGISTER_FORWARD_BACKWARD(CPU, omni_correlation_loss)
-CAML_OPS_REGISTER_FORWARD_BACKWARD(CPU, omni_correlation)
+CAML_OPS_REGISTER_CPU_FORWARD_BACKWARD(omni_correlation_loss)
+CAML_OPS_REGISTER_CPU_FORWARD_BACKWARD(omni_correlation)
 
 }  // namespace caml_ops
