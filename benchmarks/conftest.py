@@ -23,3 +23,11 @@ def pytest_runtest_call(item):
     if _PARTIAL and bench is not None and getattr(bench, "stats", None) is not None:
         with open(_PARTIAL, "a") as f:
             f.write(json.dumps(bench.stats.as_dict(include_data=False), default=str) + "\n")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The build of the C++ CPU kernels the timings ran (AVX512 or AVX2; ATEN_CPU_CAPABILITY=avx2 forces AVX2)."""
+    import caml_ops
+
+    machine_info["caml_ops_cpu_capability"] = caml_ops.cpu_capability()

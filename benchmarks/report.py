@@ -99,6 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     table, info = load(args.results)
     machine = args.machine or f"{info.get('cpu', {}).get('brand_raw', platform.processor())}"
+    if info.get("caml_ops_cpu_capability"):
+        machine += f", CPU kernels: {info['caml_ops_cpu_capability']}"
     text = markdown(table, machine)
     if args.markdown:
         with open(args.markdown, "w") as f:
