@@ -101,9 +101,8 @@ def _step_function(arm: str, cfg, device: torch.device):
         return step
 
     from caml.losses import CAMLObjective
-    from caml.memory import MemoryBank
     from caml.precision import autocast_dtype
-    from caml.trainer import build_model, loss_weights, optimisation_step
+    from caml.trainer import build_memory, build_model, loss_weights, optimisation_step
 
     model = build_model(cfg, 2, device)
     amp = autocast_dtype(device, cfg.amp, cfg.cpu_amp)
@@ -119,7 +118,7 @@ def _step_function(arm: str, cfg, device: torch.device):
             optimizer.step()
         return step
 
-    memory = MemoryBank(cfg.labeled, 2, cfg.feat_dim, device, max_per_case=cfg.memory_cap, seed=cfg.seed)
+    memory = build_memory(cfg, 2, device)
     objective = CAMLObjective(model, memory, cfg.labeled_bs, loss_weights(cfg), "caml", "auto", amp)
 
     def step(batch, iteration):

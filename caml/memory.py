@@ -39,12 +39,16 @@ class MemoryBank:
         feat_dim: feature width D.
         device: where the bank lives (the model's device).
         max_per_case: optional cap on the stored features of one case (``None``: all of them).
+        rows_per_case: rows reserved per case up front (the bank grows past them when needed). A case
+            stores at most a patch's voxels: reserving that many spares the step the growth's copy of the
+            whole bank (on a CPU untouched rows take no memory).
         seed: seed of the sampling generator.
         dtype: storage dtype (float32, as the official numpy bank).
     """
 
     def __init__(self, num_cases: int, num_classes: int, feat_dim: int, device="cpu",
-                 max_per_case: Optional[int] = None, seed: int = 0, dtype: torch.dtype = torch.float32):
+                 max_per_case: Optional[int] = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 rows_per_case: int = 0):
         if num_cases < 1 or num_classes < 1 or feat_dim < 1:
             raise ValueError(f"num_cases, num_classes and feat_dim must be >= 1, got {num_cases}, "
                              f"{num_classes}, {feat_dim}")
@@ -55,7 +59,10 @@ class MemoryBank:
         self.max_per_case = max_per_case
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
-        self.features = torch.empty((num_cases, 0, feat_dim), dtype=dtype, device=self.device)
+        if rows_per_case < 0:
+            raise ValueError(f"rows_per_case must be >= 0, got {rows_per_case}")
+        self.reserved = rows_per_case if max_per_case is None else min(rows_per_case, max_per_case)
+        self.features = torch.empty((num_cases, self.reserved, feat_dim), dtype=dtype, device=self.device)
         self.counts = [[0] * num_classes for _ in range(num_cases)]  # host mirror: per case, per class
         self._counts_dev = torch.zeros((num_cases, num_classes), dtype=torch.int64, device=self.device)
 
@@ -88,7 +95,9 @@ class MemoryBank:
             raise ValueError(f"memory bank state of shape {tuple(features.shape)} / counts {tuple(counts.shape)} "
                              f"does not fit this bank ({self.num_cases} cases, {self.num_classes} classes, "
                              f"D = {self.feat_dim})")
-        self.features = features.to(self.device, self.dtype).contiguous()
+        self.features = torch.empty((self.num_cases, max(features.shape[1], self.reserved), self.feat_dim),
+                                    dtype=self.dtype, device=self.device)
+        self.features[:, : features.shape[1]] = features
         self.counts = [[int(v) for v in row] for row in counts.tolist()]
         self._counts_dev = counts.to(self.device, torch.int64)
         self.generator.set_state(state["generator"])

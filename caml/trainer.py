@@ -30,7 +30,7 @@ from .models import CAML3d
 from .precision import autocast_dtype, native_bf16
 from .runlog import CSVLog, TensorBoard, plot_losses, plot_overlays, plot_validation, read_json, write_json
 
-__all__ = ["Trainer", "build_model", "optimisation_step", "loss_weights", "TRAIN_FIELDS", "VAL_FIELDS"]
+__all__ = ["Trainer", "build_model", "build_memory", "optimisation_step", "loss_weights", "TRAIN_FIELDS", "VAL_FIELDS"]
 
 TRAIN_FIELDS = ["iteration", "epoch", "loss", "loss_s", "loss_c", "loss_o", "lambda_c", "lambda_o", "lr", "seconds",
                 "occ_saturation"]
@@ -72,6 +72,12 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> CAM
     model = CAML3d(cfg.in_channels or 1, num_classes, n_filters=cfg.n_filters, feat_dim=cfg.feat_dim,
                    has_dropout=cfg.dropout)
     return model.to(device, memory_format=torch.channels_last_3d)
+
+
+def build_memory(cfg: TrainConfig, num_classes: int, device: torch.device) -> MemoryBank:
+    """The run's memory bank, a patch's voxels reserved per labeled case (the most a case can store)."""
+    return MemoryBank(cfg.labeled, num_classes, cfg.feat_dim, device, max_per_case=cfg.memory_cap, seed=cfg.seed,
+                      rows_per_case=math.prod(cfg.patch_size))
 
 
 def optimisation_step(objective, optimizer: torch.optim.Optimizer, volume: torch.Tensor, label: torch.Tensor,
@@ -120,8 +126,7 @@ class Trainer:
                                          weight_decay=cfg.weight_decay)
         self.memory = None
         if cfg.method == "caml":
-            self.memory = MemoryBank(cfg.labeled, self.labels.num_classes, cfg.feat_dim, self.device,
-                                     max_per_case=cfg.memory_cap, seed=cfg.seed)
+            self.memory = build_memory(cfg, self.labels.num_classes, self.device)
         if cfg.cpu_amp and self.device.type == "cpu" and not native_bf16(self.device):
             raise UsageError("--cpu-amp: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 is slower "
                              "than float32; train without it")

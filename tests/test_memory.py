@@ -58,6 +58,12 @@ def test_growing_entries_reallocate_the_bank_geometrically():
         capacities.add(bank.features.shape[1])
     assert len(capacities) <= 10
     assert _rows(bank.case_entries(1)[0]) == _rows(f_other)
+    reserved = MemoryBank(num_cases=2, num_classes=2, feat_dim=3, rows_per_case=200)
+    reserved.load_state_dict(bank.state_dict())  # a resumed bank keeps its reserve
+    features = reserved.features
+    for n in range(6, 200):
+        reserved.update([0], [torch.randn(n, 3)], [torch.arange(n) % 2])
+    assert reserved.features is features and _rows(reserved.case_entries(1)[0]) == _rows(f_other)
 
 
 def test_sampling_is_per_class_without_replacement_over_all_cases():
@@ -156,6 +162,8 @@ def test_bad_updates_raise():
         bank.update([0], [torch.zeros(1, 3)], [torch.full((1,), 2)])
     with pytest.raises(ValueError, match="must match"):
         bank.update([0], [torch.zeros(2, 3)], [torch.zeros(1, dtype=torch.long)])
+    with pytest.raises(ValueError, match="rows_per_case must be >= 0"):
+        MemoryBank(num_cases=2, num_classes=2, feat_dim=3, rows_per_case=-1)
 
 
 def _gather_worker(rank: int, world: int, init_file: str, results) -> None:
