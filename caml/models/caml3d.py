@@ -126,7 +126,7 @@ class CAML3d(nn.Module):
         head = self._heads(sub_model)[0]
         if not self._uses_running_stats(head, running_stats):
             return head(embeddings)
-        linear1, _, relu, linear2 = head
+        _, _, relu, linear2 = head
         return linear2(relu(F.linear(embeddings, *_fold_running_stats(head))))
 
     @torch.no_grad()
@@ -137,7 +137,8 @@ class CAML3d(nn.Module):
         (float64 for float64 embeddings), no gradient."""
         heads = [self._heads(s)[0] for s in ("v", "a")]
         if not all(self._uses_running_stats(head, True) for head in heads):  # no running statistics: as is
-            return (self.project(embeddings_v[members], "v", True) + self.project(embeddings_a[members], "a", True)) / 2
+            v, a = (self.project(x[members], s, True) for x, s in ((embeddings_v, "v"), (embeddings_a, "a")))
+            return (v.to(compute_dtype(v.dtype)) + a.to(compute_dtype(a.dtype))) / 2
         folded = [_fold_running_stats(head) for head in heads]
         out = torch.empty((members.shape[0], self.feat_dim), dtype=compute_dtype(embeddings_v.dtype),
                           device=embeddings_v.device)
@@ -158,7 +159,8 @@ class CAML3d(nn.Module):
         projection, prediction = self._heads(sub_model)
         return prediction(projection(embeddings))
 
-    def predict_rows(self, embeddings: Tensor, sub_model: str, rows: Tensor, members: Optional[Tensor] = None) -> Tensor:
+    def predict_rows(self, embeddings: Tensor, sub_model: str, rows: Tensor,
+                     members: Optional[Tensor] = None) -> Tensor:
         """``predict(batch, sub_model)[rows]`` with ``batch = embeddings[members]`` (all of ``embeddings``
         when ``members`` is None): the heads' BatchNorm statistics (training mode) are taken over every row
         of the batch as there, but only the filtered ``rows`` go through the layers after the projection
