@@ -102,7 +102,7 @@ def _step_function(arm: str, cfg, device: torch.device):
 
     from caml.losses import CAMLObjective
     from caml.precision import autocast_dtype
-    from caml.trainer import build_memory, build_model, loss_weights, optimisation_step
+    from caml.trainer import build_memory, build_model, loss_weights, optimisation_step, read_parts
 
     model = build_model(cfg, 2, device)
     amp = autocast_dtype(device, cfg.amp, cfg.cpu_amp)
@@ -125,7 +125,7 @@ def _step_function(arm: str, cfg, device: torch.device):
         model.train()
         volume, label = batch["image"].to(device), batch["label"].to(device)
         parts = optimisation_step(objective, optimizer, volume, label, batch["idx"], iteration)
-        torch.stack(list(parts.values())).tolist()  # the trainer's per-iteration read of the losses
+        read_parts(parts)  # the trainer's per-iteration read of the losses
     return step
 
 

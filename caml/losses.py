@@ -42,6 +42,7 @@ import caml_ops
 
 from .config import MEMORY_RESHAPES, OCC_EMBEDDINGS
 from .memory import MemoryBank
+from .models.head_statistics import compute_dtype
 from .rampup import sigmoid_rampup
 
 __all__ = ["dice_loss", "filter_consistent", "occ_saturation", "LossWeights", "CAMLObjective"]
@@ -133,7 +134,7 @@ class LossWeights:
 
 def _full(x: Tensor) -> Tensor:
     """Half-precision results (under autocast) in float32; float32 / float64 as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.to(compute_dtype(x.dtype))
 
 
 def _voxels(embedding: Tensor) -> Tensor:

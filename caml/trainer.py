@@ -30,7 +30,8 @@ from .models import CAML3d
 from .precision import autocast_dtype, native_bf16
 from .runlog import CSVLog, TensorBoard, plot_losses, plot_overlays, plot_validation, read_json, write_json
 
-__all__ = ["Trainer", "build_model", "build_memory", "optimisation_step", "loss_weights", "TRAIN_FIELDS", "VAL_FIELDS"]
+__all__ = ["Trainer", "build_model", "build_memory", "optimisation_step", "read_parts", "loss_weights", "TRAIN_FIELDS",
+           "VAL_FIELDS"]
 
 TRAIN_FIELDS = ["iteration", "epoch", "loss", "loss_s", "loss_c", "loss_o", "lambda_c", "lambda_o", "lr", "seconds",
                 "occ_saturation"]
@@ -92,6 +93,11 @@ def optimisation_step(objective, optimizer: torch.optim.Optimizer, volume: torch
     with record_function("caml.optimizer"):
         optimizer.step()
     return parts
+
+
+def read_parts(parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The step's loss parts (device scalars) as floats, in one device-to-host copy."""
+    return dict(zip(parts, torch.stack(list(parts.values())).tolist()))
 
 
 class Trainer:
@@ -246,7 +252,7 @@ class Trainer:
         label = batch["label"].to(self.device, non_blocking=True)
         parts = optimisation_step(self.step_fn, self.optimizer, volume, label, batch["idx"], self.iteration + 1)
         self.iteration += 1
-        values = dict(zip(parts, torch.stack(list(parts.values())).tolist()))  # one device-to-host copy
+        values = read_parts(parts)
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"the loss is not finite at iteration {self.iteration}: {values}")
         if self.processes.main:
